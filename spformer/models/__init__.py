@@ -1,0 +1,3 @@
+from .spformer import SPFormer
+
+__all__ = ['SPFormer']

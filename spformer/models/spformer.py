@@ -1,0 +1,697 @@
+""" SPFormer: superpixel vision transformers
+
+A pixel stream (stride 4, narrow) and a superpixel token stream (one token per cell of
+cell x cell pixels, wide) run side by side. Superpixel cross-attention (SCA) lets every
+token gather the pixels of the 3x3 cells around it and every pixel soft-assign itself to
+the (at most) 9 tokens around it; ordinary ViT blocks then mix the tokens. Stage 2
+regenerates the superpixels against pixel features updated from stage 1's tokens.
+
+Papers:
+    `SPFormer: Enhancing Vision Transformer with Superpixel Representation`
+        - https://arxiv.org/abs/2401.02931
+    `Superpixel Transformers for Efficient Semantic Segmentation` (the SCA predecessor)
+        - https://arxiv.org/abs/2309.16889
+
+Architecture and the figures this implementation must reproduce: DESIGN.md section 1.
+Model names: ``spformer_{size}_sp{token stride}_{image size}``, e.g. ``spformer_small_sp16_224``
+has one superpixel token per 16x16 pixels (14x14 tokens) at 224 px.
+"""
+import math
+from functools import partial
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerScale, resample_abs_pos_embed, trunc_normal_
+from timm.layers import register_notrace_function, register_notrace_module
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import Block
+
+from spformer.kernels import pixel_attention, superpixel_association, superpixel_attention
+
+__all__ = ['SPFormer']
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, H, W, heads * d) channels-last -> (B, heads, H, W, d) view."""
+    B, H, W, C = x.shape
+    return x.view(B, H, W, num_heads, C // num_heads).permute(0, 3, 1, 2, 4)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, H, W, d) -> (B, H, W, heads * d)."""
+    B, M, H, W, d = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, H, W, M * d)
+
+
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply an NCHW conv to a channels-last (B, H, W, C) tensor, returning channels-last."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class SuperpixelCrossAttention(nn.Module):
+    """One SCA iteration (DESIGN.md 1.3): tokens gather pixels, pixels gather tokens.
+
+    Pixels are channels-last (B, H, W, pixel_dim), superpixels (B, h, w, embed_dim). Each of the
+    ``num_heads`` heads has its own 9-way association (multi-head association).
+    """
+
+    def __init__(
+            self,
+            pixel_dim: int,
+            embed_dim: int,
+            num_heads: int,
+            cell_size: int,
+            update_pixels: bool = True,
+            init_values: float = 1e-5,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            attn_backend: str = 'auto',
+    ):
+        super().__init__()
+        if pixel_dim % num_heads or embed_dim % num_heads:
+            raise ValueError(
+                f'sca_heads={num_heads} must divide pixel_dim={pixel_dim} and embed_dim={embed_dim}')
+        self.pixel_dim = pixel_dim
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.cell_size = cell_size
+        self.attn_backend = attn_backend
+        # Conditional position encodings: they feed the projections only.
+        self.pixel_pos = nn.Conv2d(pixel_dim, pixel_dim, 3, padding=1, groups=pixel_dim)
+        self.sp_pos = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        # 1x1 convs as Linear on channels-last; one LayerNorm over all q|k|v channels at once.
+        self.sp_qkv = nn.Linear(embed_dim, 3 * pixel_dim, bias=False)
+        self.sp_norm = norm_layer(3 * pixel_dim)
+        self.pixel_qkv = nn.Linear(pixel_dim, 2 * pixel_dim + embed_dim, bias=False)
+        self.pixel_norm = norm_layer(2 * pixel_dim + embed_dim)
+        self.sp_ls = LayerScale(embed_dim, init_values)
+        # The last iteration of a stage skips the pixel update, so it has no pixel LayerScale.
+        self.pixel_ls = LayerScale(pixel_dim, init_values) if update_pixels else None
+
+    def forward(
+            self, pixels: torch.Tensor, superpixels: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (pixels, superpixels, k_p, q_s); k_p . q_s are the superpixel-update logits."""
+        C_p, M, cell = self.pixel_dim, self.num_heads, self.cell_size
+        p = pixels + depthwise_conv(self.pixel_pos, pixels)
+        s = superpixels + depthwise_conv(self.sp_pos, superpixels)
+        q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
+        q_p, k_p, v_p = self.pixel_norm(self.pixel_qkv(p)).split([C_p, C_p, self.embed_dim], dim=-1)
+        q_s, k_p = split_heads(q_s, M), split_heads(k_p, M)
+
+        # Both updates read the old pixels and superpixels.
+        sp_update = superpixel_attention(q_s, k_p, split_heads(v_p, M), cell, backend=self.attn_backend)
+        superpixels = superpixels + self.sp_ls(merge_heads(sp_update))
+        if self.pixel_ls is not None:
+            pixel_update = pixel_attention(
+                split_heads(q_p, M), split_heads(k_s, M), split_heads(v_s, M), cell, backend=self.attn_backend)
+            pixels = pixels + self.pixel_ls(merge_heads(pixel_update))
+        return pixels, superpixels, k_p, q_s
+
+
+class PixelUpdate(nn.Module):
+    """Stage-end pixel update ("unfolding"): each pixel takes back its superpixels' tokens.
+
+    P <- P + gamma * sum_j softmax_j(k_p . q_s) proj(S)_j per head, with the logits of the
+    stage's last SCA iteration (DESIGN.md 1.2, step 3.4).
+    """
+
+    def __init__(
+            self,
+            pixel_dim: int,
+            embed_dim: int,
+            num_heads: int,
+            cell_size: int,
+            init_values: float = 1e-5,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            attn_backend: str = 'auto',
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.cell_size = cell_size
+        self.attn_backend = attn_backend
+        self.proj = nn.Linear(embed_dim, pixel_dim, bias=False)
+        self.norm = norm_layer(pixel_dim)
+        self.ls = LayerScale(pixel_dim, init_values)
+
+    def forward(self, pixels: torch.Tensor, superpixels: torch.Tensor, k_p: torch.Tensor, q_s: torch.Tensor):
+        v = split_heads(self.norm(self.proj(superpixels)), self.num_heads)
+        update = pixel_attention(k_p, q_s, v, self.cell_size, backend=self.attn_backend)
+        return pixels + self.ls(merge_heads(update))
+
+
+class SPFormerStage(nn.Module):
+    """SCA iterations -> absolute position embedding -> ViT blocks -> (pixel update)."""
+
+    def __init__(
+            self,
+            pixel_dim: int,
+            embed_dim: int,
+            grid_size: Tuple[int, int],
+            depth: int,
+            num_heads: int,
+            sca_heads: int,
+            sca_iters: int,
+            cell_size: int,
+            update_pixels: bool,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rates: Tuple[float, ...] = (),
+            init_values: float = 1e-5,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            attn_backend: str = 'auto',
+    ):
+        super().__init__()
+        self.sca = nn.ModuleList([
+            SuperpixelCrossAttention(
+                pixel_dim, embed_dim, sca_heads, cell_size,
+                update_pixels=i < sca_iters - 1,
+                init_values=init_values,
+                norm_layer=norm_layer,
+                attn_backend=attn_backend,
+            )
+            for i in range(sca_iters)
+        ])
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
+        self.blocks = nn.Sequential(*[
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path_rates[i],
+                norm_layer=norm_layer,
+            )
+            for i in range(depth)
+        ])
+        self.unfold = PixelUpdate(
+            pixel_dim, embed_dim, sca_heads, cell_size, init_values, norm_layer, attn_backend,
+        ) if update_pixels else None
+
+
+@register_notrace_function
+def _check_input(x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool):
+    """Fail early, naming the argument, instead of deep inside a reshape."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'x must be a 4-D image batch (B, {in_chans}, H, W), got {got}')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'x has {x.shape[1]} channels, expected in_chans={in_chans} (shape (B, {in_chans}, H, W))')
+    H, W = x.shape[2], x.shape[3]
+    if H % token_stride or W % token_stride or H == 0 or W == 0:
+        raise ValueError(
+            f'x has spatial size {H}x{W}; both sides must be positive multiples of the superpixel '
+            f'token stride {token_stride}')
+    if not dynamic and (H, W) != tuple(img_size):
+        raise ValueError(
+            f'x has spatial size {H}x{W} but the model was built for img_size={tuple(img_size)}; '
+            f'pass img_size=... or dynamic_img_size=True to timm.create_model for other sizes')
+
+
+class SPFormer(nn.Module):
+    """ SPFormer: pixel stem -> superpixel tokens -> stages of (SCA, ViT blocks) -> mean-pool head. """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            pixel_dim: int = 64,
+            embed_dim: int = 384,
+            depths: Tuple[int, ...] = (2, 10),
+            num_heads: int = 6,
+            sca_heads: int = 2,
+            sca_iters: int = 2,
+            stem_stride: int = 4,
+            cell_size: int = 4,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            init_values: float = 1e-5,
+            dynamic_img_size: bool = False,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            attn_backend: str = 'auto',
+    ):
+        """
+        Args:
+            img_size: Input image size the position embeddings are built for.
+            in_chans: Number of input image channels.
+            num_classes: Number of classifier classes (0 for no classifier).
+            global_pool: 'avg' (mean over superpixel tokens) or '' (no pooling).
+            pixel_dim: Channels C_p of the pixel stream.
+            embed_dim: Channels C of the superpixel tokens.
+            depths: ViT blocks per stage.
+            num_heads: ViT attention heads.
+            sca_heads: Superpixel cross-attention heads M (one association each).
+            sca_iters: SCA iterations at the start of every stage.
+            stem_stride: Stride of the pixel stream (4, or 8 for the coarse /32, /56 and 448-px models).
+            cell_size: Pixels per superpixel cell side; token stride = stem_stride * cell_size.
+            init_values: LayerScale init of the SCA and pixel updates.
+            dynamic_img_size: Accept any input whose sides are multiples of the token stride
+                (position embeddings resampled on the fly).
+            attn_backend: Backend of the local cross-attention op ('auto', 'torch', 'reference').
+        """
+        super().__init__()
+        assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        token_stride = stem_stride * cell_size
+        if img_size[0] % token_stride or img_size[1] % token_stride:
+            raise ValueError(f'img_size={img_size} must be a multiple of the token stride {token_stride}')
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.pixel_dim = pixel_dim
+        self.sca_heads = sca_heads
+        self.stem_stride = stem_stride
+        self.cell_size = cell_size
+        self.token_stride = token_stride
+        self.grid_size = (img_size[0] // token_stride, img_size[1] // token_stride)
+        self.dynamic_img_size = dynamic_img_size
+        self.num_prefix_tokens = 0
+        self.grad_checkpointing = False
+
+        self.stem = nn.Sequential()
+        self.stem.add_module('conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False))
+        self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim))
+        self.stem.add_module('act', nn.ReLU(inplace=True))
+        # Superpixel init: 1x1 conv + LayerNorm2d + GELU on the pixels, then cell average pooling.
+        self.sp_init = nn.Sequential()
+        self.sp_init.add_module('proj', nn.Linear(pixel_dim, embed_dim, bias=False))
+        self.sp_init.add_module('norm', norm_layer(embed_dim))
+        self.sp_init.add_module('act', nn.GELU())
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        self.stages = nn.ModuleList()
+        self.feature_info = [dict(num_chs=pixel_dim, reduction=stem_stride, module='pixels')]
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            self.stages.append(SPFormerStage(
+                pixel_dim=pixel_dim,
+                embed_dim=embed_dim,
+                grid_size=self.grid_size,
+                depth=depth,
+                num_heads=num_heads,
+                sca_heads=sca_heads,
+                sca_iters=sca_iters,
+                cell_size=cell_size,
+                update_pixels=i < len(depths) - 1,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop_rate=proj_drop_rate,
+                attn_drop_rate=attn_drop_rate,
+                drop_path_rates=dpr[first:first + depth],
+                init_values=init_values,
+                norm_layer=norm_layer,
+                attn_backend=attn_backend,
+            ))
+            self.feature_info += [
+                dict(num_chs=embed_dim, reduction=token_stride, module=f'stages.{i}.blocks.{j}')
+                for j in range(depth)]
+        self.depths = tuple(depths)
+
+        self.norm = nn.Identity()  # the head normalizes after pooling (fc_norm), as in DESIGN.md
+        self.fc_norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # --- timm interface -------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # 1-D parameters (norms, biases, LayerScales) are excluded by timm's optimizer factory.
+        return {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Layer-decay groups: stem, superpixel init and stage-1 SCA first, then blocks in order."""
+        return dict(
+            stem=r'^stem|^sp_init|^stages\.0\.(sca|pos_embed)',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.(?:sca|pos_embed)', (-1,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.unfold', (99999,)),
+                (r'^fc_norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # --- forward --------------------------------------------------------------------------
+
+    def _run(self, module: nn.Module, *args):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(module, *args)
+        return module(*args)
+
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Image -> channels-last pixels (B, H/s, W/s, C_p) and superpixels (B, h, w, C)."""
+        _check_input(x, self.in_chans, self.token_stride, self.img_size, self.dynamic_img_size)
+        pixels = self.stem(x).permute(0, 2, 3, 1)
+        B, H, W, _ = pixels.shape
+        c = self.cell_size
+        sp = self.sp_init(pixels)
+        superpixels = sp.reshape(B, H // c, c, W // c, c, self.embed_dim).mean(dim=(2, 4))
+        return pixels, superpixels
+
+    def _pos_embed(self, stage: SPFormerStage, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        if self.dynamic_img_size and tuple(grid) != self.grid_size:
+            pos = resample_abs_pos_embed(stage.pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0)
+        else:
+            pos = stage.pos_embed
+        return tokens + pos
+
+    def _stage_sca(self, stage: SPFormerStage, pixels: torch.Tensor, superpixels: torch.Tensor):
+        k_p = q_s = pixels  # placeholders, replaced by every SCA iteration
+        for sca in stage.sca:
+            pixels, superpixels, k_p, q_s = self._run(sca, pixels, superpixels)
+        return pixels, superpixels, k_p, q_s
+
+    def _forward_stages(
+            self,
+            x: torch.Tensor,
+            block_indices: Optional[Set[int]] = None,
+            stop_after_block: Optional[int] = None,
+            need_pixels: bool = False,
+    ):
+        """Shared body of every forward. Returns (tokens, grid, final pixels, block outputs, per-stage (k_p, q_s))."""
+        pixels, superpixels = self._stem(x)
+        B, h, w, C = superpixels.shape
+        block_outputs: List[torch.Tensor] = []
+        associations: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        tokens = superpixels.reshape(B, h * w, C)
+        block_idx = 0
+        for i, stage in enumerate(self.stages):
+            pixels_final = all(later.unfold is None for later in self.stages[i:])
+            if stop_after_block is not None and block_idx > stop_after_block and (pixels_final or not need_pixels):
+                break
+            stage_pixels = pixels
+            _, superpixels, k_p, q_s = self._stage_sca(stage, pixels, superpixels)
+            associations.append((k_p, q_s))
+            tokens = self._pos_embed(stage, superpixels.reshape(B, h * w, C), (h, w))
+            for blk in stage.blocks:
+                tokens = self._run(blk, tokens)
+                if block_indices is not None and block_idx in block_indices:
+                    block_outputs.append(tokens)
+                block_idx += 1
+            superpixels = tokens.reshape(B, h, w, C)
+            if stage.unfold is not None:
+                pixels = self._run(stage.unfold, stage_pixels, superpixels, k_p, q_s)
+        return self.norm(tokens), (h, w), pixels, block_outputs, associations
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Superpixel tokens after the last block, (B, h*w, embed_dim) in raster order of the token grid."""
+        return self._forward_stages(x)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of every ViT block (and of the pixel stream) on the way to forward_features.
+
+        Index 0 is the stride-``stem_stride`` pixel stream as the last stage reads it (after every
+        stage's pixel update), (B, pixel_dim, H/stem_stride, W/stem_stride); index 1 + i is the output
+        of ViT block i (blocks numbered across stages), (B, embed_dim, h, w) on the token grid.
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n features if int, all if None, select matching indices if sequence.
+            norm: Apply the head's LayerNorm (fc_norm) to block outputs.
+            stop_early: Stop iterating over blocks when the last wanted feature is reached.
+            output_fmt: 'NCHW' or 'NLC'.
+            intermediates_only: Only return the intermediate features.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        block_indices = {i - 1 for i in take_indices if i > 0}
+        want_pixels = 0 in take_indices
+        stop = max_index - 1 if stop_early or intermediates_only else None
+        tokens, (h, w), pixels, block_outputs, _ = self._forward_stages(
+            x, block_indices, stop_after_block=stop, need_pixels=want_pixels)
+
+        B = x.shape[0]
+        intermediates = []
+        if want_pixels:
+            intermediates.append(
+                pixels.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else pixels.flatten(1, 2))
+        for y in block_outputs:
+            y = self.fc_norm(y) if norm else y
+            intermediates.append(y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        return tokens, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and stages) not needed for the requested intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        num_blocks = max_index  # feature 1 + i is block i, so blocks 0 .. max_index - 1 are needed
+        if 0 in take_indices:  # the pixel stream is final after every stage but the last
+            num_blocks = max(num_blocks, sum(self.depths[:-1]))
+        kept, first = nn.ModuleList(), 0
+        for stage in self.stages:
+            if first >= num_blocks and first > 0:
+                break
+            stage.blocks = stage.blocks[:num_blocks - first]
+            first += self.depths[len(kept)]
+            kept.append(stage)
+        self.stages = kept
+        if prune_norm:
+            self.fc_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    @torch.jit.ignore
+    def forward_superpixels(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """The learned superpixels of every stage (from its last SCA iteration).
+
+        Returns one dict per stage:
+            ``association``: (B, sca_heads, 9, H/s, W/s) soft assignment of every pixel of the pixel
+                stream (stride s = stem_stride) to its 9 neighbouring superpixels, per head;
+            ``association_merged``: (B, 9, H/s, W/s), the softmax of the head-merged logits
+                sum_m a_m / sqrt(M) (DESIGN.md 1.3);
+            ``labels``: (B, H, W) int64 hard superpixel map at input resolution: the token index
+                (raster order on the h x w grid) of the argmax of ``association_merged`` (ties go to
+                the pixel's own cell; neighbours outside the image are never chosen);
+            ``grid``: (h, w) of the token grid as a tensor.
+        Neighbour k is the cell at offset (k // 3 - 1, k % 3 - 1) from the pixel's own cell.
+        """
+        _, (h, w), _, _, associations = self._forward_stages(x)
+        B = x.shape[0]
+        out = []
+        for k_p, q_s in associations:
+            per_head = superpixel_association(k_p, q_s, self.cell_size).permute(0, 1, 4, 2, 3)
+            merged = superpixel_association(
+                merge_heads(k_p).unsqueeze(1), merge_heads(q_s).unsqueeze(1), self.cell_size,
+                scale=self.pixel_dim ** -0.5)[:, 0].permute(0, 3, 1, 2)
+            out.append(dict(
+                association=per_head,
+                association_merged=merged,
+                labels=association_to_labels(merged, self.cell_size, self.stem_stride),
+                grid=torch.tensor([h, w]),
+            ))
+        return out
+
+
+def association_to_labels(association: torch.Tensor, cell_size: int, upsample: int = 1) -> torch.Tensor:
+    """(B, 9, H, W) neighbour probabilities -> (B, H*upsample, W*upsample) int64 token ids.
+
+    Ties go to the own cell (neighbour 4); a neighbour with probability 0 (outside the image)
+    is never chosen because every pixel's own cell has positive probability.
+    """
+    B, _, H, W = association.shape
+    h, w = H // cell_size, W // cell_size
+    # Put the own cell first so argmax (which returns the first maximum) prefers it on ties.
+    order = torch.tensor([4, 0, 1, 2, 3, 5, 6, 7, 8], device=association.device)
+    k = order[association.index_select(1, order).argmax(dim=1)]  # (B, H, W)
+    cy = torch.arange(H, device=k.device)[:, None] // cell_size
+    cx = torch.arange(W, device=k.device)[None, :] // cell_size
+    ny = (cy + k // 3 - 1).clamp(0, h - 1)
+    nx = (cx + k % 3 - 1).clamp(0, w - 1)
+    labels = ny * w + nx
+    if upsample > 1:
+        labels = labels.repeat_interleave(upsample, dim=1).repeat_interleave(upsample, dim=2)
+    return labels
+
+
+# SCA layers and pixel updates index tensors by runtime shapes: FX feature extraction keeps
+# them as leaves (the ViT blocks around them trace normally).
+register_notrace_module(SuperpixelCrossAttention)
+register_notrace_module(PixelUpdate)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
+    """Unwrap training checkpoints, strip DDP / torch.compile prefixes, resample position embeddings,
+    and refuse (naming both) a state dict made for another SPFormer variant."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+
+    expected = model.state_dict()
+    mismatched = []
+    for k, v in out.items():
+        if k.endswith('pos_embed') and k in expected and v.shape != expected[k].shape:
+            n = v.shape[1]
+            old = (int(math.sqrt(n)),) * 2 if int(math.sqrt(n)) ** 2 == n else None
+            if old is not None and v.shape[-1] == expected[k].shape[-1]:
+                out[k] = resample_abs_pos_embed(v, new_size=model.grid_size, old_size=old, num_prefix_tokens=0)
+                continue
+        if k in expected and v.shape != expected[k].shape and not k.startswith('head.'):
+            mismatched.append(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}')
+    if mismatched:
+        raise ValueError(
+            f'state_dict does not fit this SPFormer (pixel_dim={model.pixel_dim}, embed_dim={model.embed_dim}, '
+            f'depths={model.depths}, stem_stride={model.stem_stride}, cell_size={model.cell_size}); it was made '
+            f'for another variant. Mismatched tensors: ' + '; '.join(mismatched[:6]))
+    return out
+
+
+def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        SPFormer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'spformer_tiny_sp16_224.in1k': _cfg(),
+    'spformer_small_sp16_224.in1k': _cfg(),
+    'spformer_base_sp16_224.in1k': _cfg(),
+    'spformer_small_sp32_224.in1k': _cfg(),
+    'spformer_small_sp56_224.in1k': _cfg(),
+    'spformer_small_sp32_448.in1k': _cfg(input_size=(3, 448, 448), crop_pct=1.0),
+})
+
+_TINY = dict(pixel_dim=32, embed_dim=192, depths=(2, 10), num_heads=3, sca_heads=2)
+_SMALL = dict(pixel_dim=64, embed_dim=384, depths=(2, 10), num_heads=6, sca_heads=2)
+_BASE = dict(pixel_dim=96, embed_dim=768, depths=(2, 10), num_heads=12, sca_heads=3)
+
+
+@register_model
+def spformer_tiny_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-T: 14x14 superpixel tokens (stride-4 pixels, 4x4 cells) at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, **_TINY)
+    return _create_spformer('spformer_tiny_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_small_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-S: 14x14 superpixel tokens (stride-4 pixels, 4x4 cells) at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, **_SMALL)
+    return _create_spformer('spformer_small_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_base_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-B: 14x14 superpixel tokens (stride-4 pixels, 4x4 cells) at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, **_BASE)
+    return _create_spformer('spformer_base_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_small_sp32_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-S/32: 7x7 tokens (stride-8 pixels, 4x4 cells) at 224 px."""
+    model_args = dict(stem_stride=8, cell_size=4, **_SMALL)
+    return _create_spformer('spformer_small_sp32_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_small_sp56_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-S/56: 4x4 tokens (stride-8 pixels, 7x7 cells) at 224 px."""
+    model_args = dict(stem_stride=8, cell_size=7, **_SMALL)
+    return _create_spformer('spformer_small_sp56_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_small_sp32_448(pretrained: bool = False, **kwargs) -> SPFormer:
+    """SPFormer-S at 448 px: 14x14 tokens (stride-8 pixels, 4x4 cells)."""
+    model_args = dict(stem_stride=8, cell_size=4, img_size=448, **_SMALL)
+    return _create_spformer('spformer_small_sp32_448', pretrained=pretrained, **dict(model_args, **kwargs))
