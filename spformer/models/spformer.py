@@ -199,7 +199,7 @@ class SPFormerStage(nn.Module):
 
 
 @register_notrace_function
-def _check_input(x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool):
+def check_image_input(x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool):
     """Fail early, naming the argument, instead of deep inside a reshape."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -351,7 +351,7 @@ class SPFormer(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Layer-decay groups: stem, superpixel init and stage-1 SCA first, then blocks in order."""
         return dict(
-            stem=r'^stem|^sp_init|^stages\.0\.(sca|pos_embed)',
+            stem=r'^stem|^sp_init|^stages\.0\.(?:sca|pos_embed)',
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.(?:sca|pos_embed)', (-1,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
@@ -384,7 +384,7 @@ class SPFormer(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image -> channels-last pixels (B, H/s, W/s, C_p) and superpixels (B, h, w, C)."""
-        _check_input(x, self.in_chans, self.token_stride, self.img_size, self.dynamic_img_size)
+        check_image_input(x, self.in_chans, self.token_stride, self.img_size, self.dynamic_img_size)
         pixels = self.stem(x).permute(0, 2, 3, 1)
         B, H, W, _ = pixels.shape
         c = self.cell_size
@@ -593,16 +593,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         out[k] = v
 
     expected = model.state_dict()
-    mismatched = []
     for k, v in out.items():
         if k.endswith('pos_embed') and k in expected and v.shape != expected[k].shape:
             n = v.shape[1]
-            old = (int(math.sqrt(n)),) * 2 if int(math.sqrt(n)) ** 2 == n else None
-            if old is not None and v.shape[-1] == expected[k].shape[-1]:
-                out[k] = resample_abs_pos_embed(v, new_size=model.grid_size, old_size=old, num_prefix_tokens=0)
-                continue
-        if k in expected and v.shape != expected[k].shape and not k.startswith('head.'):
-            mismatched.append(f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}')
+            side = int(math.sqrt(n))
+            if side * side == n and v.shape[-1] == expected[k].shape[-1]:  # another image size: resample
+                out[k] = resample_abs_pos_embed(v, new_size=model.grid_size, old_size=(side, side), num_prefix_tokens=0)
+    mismatched = [  # in model order, so the first named tensor is the first that differs
+        f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(t.shape)}'
+        for k, t in expected.items()
+        if k in out and out[k].shape != t.shape and not k.startswith('head.')]
     if mismatched:
         raise ValueError(
             f'state_dict does not fit this SPFormer (pixel_dim={model.pixel_dim}, embed_dim={model.embed_dim}, '

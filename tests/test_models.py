@@ -1,0 +1,483 @@
+"""The SPFormer family against timm's own model checks (tests/test_models.py in timm), the
+published sizes (DESIGN.md 1.1) and independent naive re-implementations of its layers.
+
+Every test is parametrized over ``timm.list_models('spformer*')``: registering a model is
+enough to have it tested.
+"""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import spformer  # noqa: F401  (registers the models)
+from spformer.models.spformer import SPFormer, SuperpixelCrossAttention
+
+MODELS = timm.list_models('spformer*')
+
+# DESIGN.md 1.1: parameters measured on the author's code, the paper's GFLOPs (ranges where the
+# paper gives several) and what the counter gives on the author's code (S/56).
+EXPECTED_PARAMS = {
+    'spformer_tiny_sp16_224': 5.740e6,
+    'spformer_small_sp16_224': 22.334e6,
+    'spformer_base_sp16_224': 87.581e6,
+    'spformer_small_sp56_224': 22.217e6,
+}
+PAPER_GFLOPS = {
+    'spformer_tiny_sp16_224': (1.3, 1.3),
+    'spformer_small_sp16_224': (4.9, 4.9),
+    'spformer_base_sp16_224': (17.0, 18.5),
+    'spformer_small_sp32_224': (1.2, 1.2),
+    'spformer_small_sp56_224': (0.5, 0.5),
+    'spformer_small_sp32_448': (4.9, 4.9),
+}
+
+
+def _input_size(model):
+    return model.pretrained_cfg['input_size']
+
+
+def _fx_tracer_kwargs():
+    return dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                param_shapes_constant=True)
+
+
+def test_all_variants_registered():
+    assert set(MODELS) == set(PAPER_GFLOPS)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_forward(model_name):
+    """Forward at the default size; grad checkpointing does not change the output."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name).eval()
+    x = torch.randn(1, *_input_size(model))
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (1, 1000)
+        assert not torch.isnan(out).any()
+        model.set_grad_checkpointing()
+        out2 = model(x)
+    assert torch.allclose(out, out2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_backward(model_name):
+    """num_classes=42, train mode, every parameter gets a gradient (grad checkpointing on and off agree)."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=42, drop_path_rate=0.1).train()
+    x = torch.randn(2, *_input_size(model))
+    out = model(x)
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'no gradient for {missing}'
+    assert not torch.isnan(out).any()
+
+
+def test_grad_checkpointing_gradients_match():
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', num_classes=10, img_size=64).train()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_default_cfgs_non_std(model_name):
+    """timm's check for ViT-family models (NLC forward_features)."""
+    model = timm.create_model(model_name).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *_input_size(model))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        h, w = model.grid_size
+        assert feats.shape == (1, h * w, model.num_features)
+        assert pre.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        pooled = model(x)
+        assert pooled.shape == pre.shape
+        torch.testing.assert_close(pooled, pre)
+        model.reset_classifier(0, '')
+        assert model(x).shape == (1, h * w, model.num_features)
+    model = timm.create_model(model_name, num_classes=0).eval()
+    with torch.no_grad():
+        assert model(x).shape == (1, model.num_features)
+    state_dict = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state_dict
+    assert cfg['classifier'] == 'head'
+    assert timm.create_model(model_name).head.weight.shape == (cfg['num_classes'], model.num_features)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_forward_intermediates(model_name):
+    """Every feature has the channels/stride of feature_info, the final output equals forward_features,
+    and stop_early / a subset of indices give the same features."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name).eval()
+    x = torch.randn(1, *_input_size(model))
+    H, W = x.shape[-2:]
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        assert len(inter) == len(model.feature_info) == 1 + sum(model.depths)
+        for info, feat in zip(model.feature_info, inter):
+            assert feat.shape == (1, info['num_chs'], H // info['reduction'], W // info['reduction'])
+        torch.testing.assert_close(final, model.forward_features(x))
+        sub = model.forward_intermediates(x, indices=[0, 2, 5], stop_early=True, intermediates_only=True)
+        for got, idx in zip(sub, [0, 2, 5]):
+            torch.testing.assert_close(got, inter[idx])
+        nlc = model.forward_intermediates(x, indices=1, output_fmt='NLC', intermediates_only=True)[0]
+        torch.testing.assert_close(nlc, final)  # the last block's output is the final token map
+        model.set_grad_checkpointing()
+        final3, _ = model.forward_intermediates(x)
+    torch.testing.assert_close(final, final3, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_features_only(model_name):
+    """features_only=True (timm's FeatureGetterNet over forward_intermediates) matches the full model."""
+    torch.manual_seed(0)
+    full = timm.create_model(model_name).eval()
+    out_indices = (0, 2, len(full.feature_info) - 1)
+    feat_model = timm.create_model(model_name, features_only=True, out_indices=out_indices).eval()
+    # FeatureGetterNet holds the (pruned) model as `.model`; the head is pruned away.
+    missing, _ = feat_model.load_state_dict({'model.' + k: v for k, v in full.state_dict().items()}, strict=False)
+    assert not missing
+    assert feat_model.feature_info.channels() == [full.feature_info[i]['num_chs'] for i in out_indices]
+    assert feat_model.feature_info.reduction() == [full.feature_info[i]['reduction'] for i in out_indices]
+    x = torch.randn(1, *_input_size(full))
+    with torch.no_grad():
+        feats = feat_model(x)
+        _, inter = full.forward_intermediates(x)
+    assert len(feats) == len(out_indices)
+    for got, i in zip(feats, out_indices):
+        torch.testing.assert_close(got, inter[i])
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_model_forward_fx(model_name):
+    """FX feature extraction traces the model (SCA layers as registered leaf modules)."""
+    model = timm.create_model(model_name).eval()
+    x = torch.randn(1, *_input_size(model))
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_fx_tracer_kwargs())
+    assert any(n.startswith('stages.1.blocks.9') for n in eval_nodes)
+    fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=_fx_tracer_kwargs())
+    with torch.no_grad():
+        assert torch.equal(next(iter(fx_model(x).values())), model(x))
+
+
+def test_model_backward_fx():
+    model = timm.create_model('spformer_tiny_sp16_224', num_classes=42).train()
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_fx_tracer_kwargs())
+    fx_model = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=_fx_tracer_kwargs()).train()
+    out = next(iter(fx_model(torch.randn(2, 3, 224, 224)).values()))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    assert all(p.grad is not None for p in fx_model.parameters())
+
+
+@pytest.mark.parametrize('model_name', sorted(EXPECTED_PARAMS))
+def test_param_counts_match_design(model_name):
+    model = timm.create_model(model_name)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / EXPECTED_PARAMS[model_name] - 1) < 0.03, f'{n} params vs {EXPECTED_PARAMS[model_name]}'
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_flops_match_paper(model_name):
+    """GMACs (= flops / 2 from torch.utils.flop_counter, math attention so it is counted) within 10%
+    of the paper's GFLOPs, the way DESIGN.md reports them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = timm.create_model(model_name).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.randn(1, *_input_size(model)))
+    gmacs = counter.get_total_flops() / 2e9
+    low, high = PAPER_GFLOPS[model_name]
+    assert 0.9 * low <= gmacs <= 1.1 * high, f'{gmacs:.3f} GMACs vs paper {low}-{high}'
+
+
+def test_token_grids():
+    grids = {n: timm.create_model(n).grid_size for n in MODELS}
+    assert grids['spformer_small_sp16_224'] == (14, 14)
+    assert grids['spformer_small_sp32_224'] == (7, 7)
+    assert grids['spformer_small_sp56_224'] == (4, 4)
+    assert grids['spformer_small_sp32_448'] == (14, 14)
+
+
+def test_dynamic_img_size():
+    """dynamic_img_size=True: any multiple of the token stride, non-square; same output at the default size."""
+    torch.manual_seed(0)
+    fixed = timm.create_model('spformer_tiny_sp16_224').eval()
+    dyn = timm.create_model('spformer_tiny_sp16_224', dynamic_img_size=True).eval()
+    dyn.load_state_dict(fixed.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(dyn(x), fixed(x))
+        feats = dyn.forward_features(torch.randn(2, 3, 160, 96))
+        assert feats.shape == (2, 10 * 6, 192)
+        sp = dyn.forward_superpixels(torch.randn(1, 3, 160, 96))
+        assert sp[-1]['labels'].shape == (1, 160, 96) and int(sp[-1]['labels'].max()) < 60
+
+
+def test_img_size_kwarg_resamples_pretrained_pos_embed(tmp_path):
+    """Weights saved at 224 load into a model built for 288 (position embeddings resampled by the filter)."""
+    from safetensors.torch import save_file
+    src = timm.create_model('spformer_tiny_sp16_224')
+    path = tmp_path / 'w.safetensors'
+    save_file(src.state_dict(), str(path))
+    model = timm.create_model('spformer_tiny_sp16_224', pretrained=True, img_size=288,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.stages[0].pos_embed.shape == (1, 18 * 18, 192)
+    torch.testing.assert_close(model.stem.conv.weight, src.stem.conv.weight)
+
+
+def test_safetensors_roundtrip(tmp_path):
+    """A state dict saved as safetensors loads through timm's pretrained path with identical outputs."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224').eval()
+    with torch.no_grad():  # move every tensor off its init so a silent re-init would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = timm.create_model('spformer_tiny_sp16_224', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_filter_strips_wrappers():
+    """Checkpoints from DDP / torch.compile / training scripts load (prefixes and wrappers removed)."""
+    from spformer.models.spformer import checkpoint_filter_fn
+    model = timm.create_model('spformer_tiny_sp16_224')
+    sd = model.state_dict()
+    wrapped = {'state_dict': {'module._orig_mod.' + k: v for k, v in sd.items()}}
+    out = checkpoint_filter_fn(wrapped, model)
+    assert out.keys() == sd.keys()
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape, match', [
+    ((1, 3, 224, 200), r'200.*multiples of the superpixel token stride 16'),
+    ((1, 1, 224, 224), r'1 channels, expected in_chans=3'),
+    ((3, 224, 224), r'4-D image batch'),
+    ((1, 3, 192, 192), r"img_size=\(224, 224\).*dynamic_img_size=True"),
+])
+def test_bad_input_shapes(shape, match):
+    model = timm.create_model('spformer_tiny_sp16_224').eval()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
+
+
+def test_bad_input_dynamic_size_not_multiple():
+    model = timm.create_model('spformer_small_sp56_224', dynamic_img_size=True).eval()
+    with pytest.raises(ValueError, match=r'multiples of the superpixel token stride 56'):
+        model(torch.randn(1, 3, 224, 240))
+
+
+def test_state_dict_from_other_variant(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / 'small.safetensors'
+    save_file(timm.create_model('spformer_small_sp16_224').state_dict(), str(path))
+    with pytest.raises(ValueError, match=r'pixel_dim=32, embed_dim=192.*another variant.*stem\.conv\.weight'):
+        timm.create_model('spformer_tiny_sp16_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(RuntimeError, match=r'size mismatch for stem\.conv\.weight'):
+        timm.create_model('spformer_tiny_sp16_224').load_state_dict(
+            timm.create_model('spformer_small_sp16_224').state_dict())
+
+
+def test_bad_constructor_args():
+    with pytest.raises(ValueError, match=r'img_size=\(200, 200\) must be a multiple of the token stride 16'):
+        timm.create_model('spformer_tiny_sp16_224', img_size=200)
+    with pytest.raises(ValueError, match=r'sca_heads=5 must divide pixel_dim=32'):
+        timm.create_model('spformer_tiny_sp16_224', sca_heads=5)
+
+
+# --- optimizer integration --------------------------------------------------------------------
+
+def test_layer_decay_groups_follow_depth():
+    from timm.optim import create_optimizer_v2
+    from timm.optim._param_groups import param_groups_layer_decay
+    model = timm.create_model('spformer_tiny_sp16_224')
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5, no_weight_decay_list=model.no_weight_decay())
+    layer_of = {}
+    for g in groups:
+        for p in g['params']:
+            layer_of[id(p)] = g['lr_scale']
+    named = dict(model.named_parameters())
+    scale = lambda n: layer_of[id(named[n])]  # noqa: E731
+    # Stem, superpixel init and stage-1 SCA share the first (most decayed) group ...
+    assert scale('stem.conv.weight') == scale('sp_init.proj.weight') == scale('stages.0.sca.0.sp_qkv.weight')
+    # ... then blocks in order, stage 2's SCA between stage 1's last block and stage 2's first block.
+    order = ['stem.conv.weight', 'stages.0.blocks.0.attn.qkv.weight', 'stages.0.blocks.1.attn.qkv.weight',
+             'stages.1.sca.0.sp_qkv.weight', 'stages.1.blocks.0.attn.qkv.weight',
+             'stages.1.blocks.9.attn.qkv.weight', 'head.weight']
+    scales = [scale(n) for n in order]
+    assert scales == sorted(scales) and len(set(scales)) == len(scales)
+    assert scale('head.weight') == 1.0
+    assert scale('stages.0.unfold.proj.weight') == scale('stages.0.blocks.1.attn.qkv.weight')
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    no_decay = {id(p) for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert id(named['stages.0.pos_embed']) in no_decay and id(named['stages.1.pos_embed']) in no_decay
+    assert id(named['stages.0.sca.0.sp_ls.gamma']) in no_decay
+    assert id(named['stages.0.blocks.0.attn.qkv.weight']) not in no_decay
+
+
+# --- the SCA layer against a naive re-implementation of DESIGN.md 1.3 --------------------------
+
+def _naive_sca(layer: SuperpixelCrossAttention, pixels, superpixels):
+    """DESIGN.md 1.3 written out densely: NCHW convs, explicit LayerNorms, an (HW x hw) logit
+    matrix per head with a 3x3-cell neighbourhood mask, python loops over heads."""
+    B, H, W, Cp = pixels.shape
+    _, h, w, C = superpixels.shape
+    M, cell = layer.num_heads, layer.cell_size
+    d = Cp // M
+    P = pixels.permute(0, 3, 1, 2)
+    S = superpixels.permute(0, 3, 1, 2)
+    P1 = P + F.conv2d(P, layer.pixel_pos.weight, layer.pixel_pos.bias, padding=1, groups=Cp)
+    S1 = S + F.conv2d(S, layer.sp_pos.weight, layer.sp_pos.bias, padding=1, groups=C)
+
+    def proj_norm(x, weight, norm):  # 1x1 conv then LayerNorm2d over all channels
+        y = torch.einsum('bchw,oc->bohw', x, weight)
+        mu = y.mean(1, keepdim=True)
+        var = y.var(1, keepdim=True, unbiased=False)
+        y = (y - mu) / torch.sqrt(var + norm.eps)
+        return y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+
+    s_qkv = proj_norm(S1, layer.sp_qkv.weight, layer.sp_norm).flatten(2)  # (B, 3Cp, hw)
+    p_qkv = proj_norm(P1, layer.pixel_qkv.weight, layer.pixel_norm).flatten(2)  # (B, 2Cp+C, HW)
+    q_s, k_s, v_s = s_qkv[:, :Cp], s_qkv[:, Cp:2 * Cp], s_qkv[:, 2 * Cp:]
+    q_p, k_p, v_p = p_qkv[:, :Cp], p_qkv[:, Cp:2 * Cp], p_qkv[:, 2 * Cp:]
+
+    mask = torch.zeros(H * W, h * w, dtype=torch.bool)
+    for y in range(H):
+        for x in range(W):
+            for i in range(h):
+                for j in range(w):
+                    if abs(y // cell - i) <= 1 and abs(x // cell - j) <= 1:
+                        mask[y * W + x, i * w + j] = True
+
+    sp_out, px_out = [], []
+    dv_s, dv_p = C // M, Cp // M
+    for m in range(M):
+        a = torch.einsum('bcp,bcs->bps', k_p[:, m * d:(m + 1) * d], q_s[:, m * d:(m + 1) * d]) / math.sqrt(d)
+        a = a.masked_fill(~mask, float('-inf'))
+        sp_out.append(torch.einsum('bps,bcp->bcs', a.softmax(dim=1), v_p[:, m * dv_s:(m + 1) * dv_s]))
+        b = torch.einsum('bcp,bcs->bps', q_p[:, m * d:(m + 1) * d], k_s[:, m * d:(m + 1) * d]) / math.sqrt(d)
+        b = b.masked_fill(~mask, float('-inf'))
+        px_out.append(torch.einsum('bps,bcs->bcp', b.softmax(dim=2), v_s[:, m * dv_p:(m + 1) * dv_p]))
+    S_new = superpixels + layer.sp_ls.gamma * torch.cat(sp_out, 1).transpose(1, 2).reshape(B, h, w, C)
+    P_new = pixels
+    if layer.pixel_ls is not None:
+        P_new = pixels + layer.pixel_ls.gamma * torch.cat(px_out, 1).transpose(1, 2).reshape(B, H, W, Cp)
+    return P_new, S_new
+
+
+def _randomized_sca(update_pixels, cell, heads=2, Cp=8, C=12):
+    torch.manual_seed(1)
+    layer = SuperpixelCrossAttention(Cp, C, heads, cell, update_pixels=update_pixels, attn_backend='torch').double()
+    with torch.no_grad():  # LayerScales of 1e-5 would hide wiring mistakes; norms get random affines
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return layer
+
+
+@pytest.mark.parametrize('grid, cell, update_pixels, heads', [
+    ((3, 5), 4, True, 2), ((1, 4), 3, True, 1), ((4, 1), 2, False, 2), ((2, 3), 7, True, 2), ((3, 3), 4, False, 1),
+])
+def test_sca_layer_matches_naive(grid, cell, update_pixels, heads):
+    layer = _randomized_sca(update_pixels, cell, heads)
+    h, w = grid
+    pixels = torch.randn(2, h * cell, w * cell, 8, dtype=torch.float64)
+    superpixels = torch.randn(2, h, w, 12, dtype=torch.float64)
+    P, S, _, _ = layer(pixels, superpixels)
+    P_ref, S_ref = _naive_sca(layer, pixels, superpixels)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(P, P_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('backend', ['torch', 'reference'])
+def test_sca_layer_gradcheck(backend):
+    layer = _randomized_sca(True, cell=2, heads=2)
+    layer.attn_backend = backend
+    pixels = torch.randn(1, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    superpixels = torch.randn(1, 2, 3, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, s: layer(p, s)[:2], (pixels, superpixels), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
+def test_model_backends_agree(model_name):
+    """The whole model with the cell-major torch backend equals the dense reference backend."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, attn_backend='torch').double().eval()
+    ref = timm.create_model(model_name, attn_backend='reference').double().eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+# --- superpixels as an output ------------------------------------------------------------------
+
+def test_forward_superpixels_consistent():
+    """Association shapes, normalization, border exclusion, and labels = argmax of the merged
+    association computed independently from the dense head-merged logits."""
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', img_size=96).eval()
+    with torch.no_grad():  # make associations non-trivial
+        for stage in model.stages:
+            for sca in stage.sca:
+                sca.sp_ls.gamma.fill_(0.5)
+                if sca.pixel_ls is not None:
+                    sca.pixel_ls.gamma.fill_(0.5)
+    x = torch.randn(2, 3, 96, 96)
+    captured = []
+    hook = model.stages[-1].sca[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+    with torch.no_grad():
+        outs = model.forward_superpixels(x)
+    hook.remove()
+    assert len(outs) == len(model.stages)
+    h, w = model.grid_size
+    Hp, Wp = 96 // model.stem_stride, 96 // model.stem_stride
+    last = outs[-1]
+    assert last['association'].shape == (2, model.sca_heads, 9, Hp, Wp)
+    assert last['association_merged'].shape == (2, 9, Hp, Wp)
+    assert last['labels'].shape == (2, 96, 96) and last['labels'].dtype == torch.int64
+    torch.testing.assert_close(last['association'].sum(2), torch.ones(2, model.sca_heads, Hp, Wp))
+    assert (last['association_merged'][:, 0, :4] == 0).all()  # top-left neighbour of the top cell row
+    assert (last['association_merged'][:, 8, -4:] == 0).all()  # bottom-right of the bottom row
+
+    # Independent oracle: dense logits of the head-merged k_p . q_s / sqrt(C_p), masked, argmax.
+    _, _, k_p, q_s = captured[-1]
+    kp = k_p.permute(0, 2, 3, 1, 4).reshape(2, Hp * Wp, -1)
+    qs = q_s.permute(0, 2, 3, 1, 4).reshape(2, h * w, -1)
+    logits = kp @ qs.transpose(1, 2) / math.sqrt(model.pixel_dim)
+    py, px = torch.meshgrid(torch.arange(Hp) // 4, torch.arange(Wp) // 4, indexing='ij')
+    sy, sx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    near = ((py.reshape(-1, 1) - sy.reshape(1, -1)).abs() <= 1) & ((px.reshape(-1, 1) - sx.reshape(1, -1)).abs() <= 1)
+    probs = logits.masked_fill(~near, float('-inf')).softmax(-1)
+    expected = probs.argmax(-1).reshape(2, Hp, Wp)
+    expected = expected.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert (last['labels'] == expected).float().mean() > 0.999  # argmax ties aside
+    # The merged association holds the same probabilities as the dense softmax.
+    torch.testing.assert_close(last['association_merged'].amax(1).reshape(2, -1), probs.amax(-1), rtol=1e-5, atol=1e-6)
+    assert int(last['labels'].max()) < h * w and int(last['labels'].min()) >= 0
