@@ -1,0 +1,190 @@
+"""The model table of the README: size, cost and CPU speed of every SPFormer (and DeiT baselines).
+
+    python bench/model_table.py                         # print the table and the machine
+    python bench/model_table.py --readme README.md      # also rewrite the README's table
+    python bench/model_table.py --models spformer_tiny_sp16_224 --runs 3
+
+Per model: token grid, parameters, GMACs (batch 1, default input size; FLOPs / 2 from
+``torch.utils.flop_counter`` with the math SDPA backend so attention is counted, as in
+DESIGN.md 1.1) and CPU inference throughput (``--batch-size`` images, eval,
+``torch.inference_mode``, ``--warmup`` untimed runs, then the median of up to ``--runs``
+timed runs, fewer when a model's timed runs pass ``--budget-s``). The paper's GFLOPs and
+top-1 are copied from DESIGN.md 1.1 for reference; they are not measured here.
+"""
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import timm
+
+from spformer.demo import count_macs, published_weights
+
+START = '<!-- model-table:start -->'
+END = '<!-- model-table:end -->'
+
+BASELINES = ['deit_tiny_patch16_224', 'deit_small_patch16_224']
+REFERENCE = 'deit_small_patch16_224'  # the speed column is relative to this model
+
+# (GFLOPs, ImageNet-1k top-1) as published: SPFormer paper (DESIGN.md 1.1), DeiT paper.
+PAPER = {
+    'spformer_tiny_sp16_224': ('1.3', '73.6'),
+    'spformer_small_sp16_224': ('4.9', '81.0'),
+    'spformer_base_sp16_224': ('17.0–18.5', '82.4'),
+    'spformer_small_sp32_224': ('~1.2', '76.1'),
+    'spformer_small_sp56_224': ('~0.5', '72.3'),
+    'spformer_small_sp32_448': ('~4.9', '81.3'),
+    'deit_tiny_patch16_224': ('1.3', '72.2'),
+    'deit_small_patch16_224': ('4.6', '79.9'),
+}
+
+
+def _paper_order(name: str):
+    """tiny, small, base first, then the coarser and larger-input variants (the paper's order)."""
+    m = re.fullmatch(r'spformer_(tiny|small|base)_sp(\d+)_(\d+)', name)
+    if m is None:  # a name outside the scheme: last, alphabetically
+        return (True, 0, 0, 0, name)
+    size, sp, img = m.group(1), int(m.group(2)), int(m.group(3))
+    return (False, sp != 16 or img != 224, img, sp, ('tiny', 'small', 'base').index(size))
+
+
+def replace_between_markers(text: str, content: str, start: str = START, end: str = END) -> str:
+    """Replace what lies between the ``start`` and ``end`` marker lines of ``text`` with ``content``.
+
+    The markers stay; everything between them is replaced. Raises ValueError if either marker
+    is missing, appears twice, or the end marker comes first.
+    """
+    for marker in (start, end):
+        n = text.count(marker)
+        if n != 1:
+            raise ValueError(f'expected the marker {marker!r} exactly once, found it {n} times')
+    i, j = text.index(start) + len(start), text.index(end)
+    if j < i:
+        raise ValueError(f'{end!r} comes before {start!r}')
+    return text[:i] + '\n' + content.strip('\n') + '\n' + text[j:]
+
+
+def machine_info(threads: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return (f'{cpu}, {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, '
+            f'timm {timm.__version__}, Python {platform.python_version()}')
+
+
+def measure(name: str, batch_size: int, warmup: int, runs: int, budget_s: float, min_runs: int = 3) -> Dict:
+    model = timm.create_model(name).eval()
+    input_size = tuple(model.pretrained_cfg['input_size'])
+    grid = getattr(model, 'grid_size', None) or model.patch_embed.grid_size
+    params = sum(p.numel() for p in model.parameters())
+    macs, _ = count_macs(model, torch.randn(1, *input_size))
+
+    x = torch.randn(batch_size, *input_size)
+    times: List[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        spent = 0.0
+        while len(times) < runs and (len(times) < min_runs or spent < budget_s):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+            spent += times[-1]
+    return dict(
+        name=name,
+        grid=tuple(grid),
+        input_size=input_size[1:],
+        params=params,
+        macs=macs,
+        img_s=batch_size / statistics.median(times),
+        runs=len(times),
+        weights=published_weights(model.pretrained_cfg),
+    )
+
+
+def format_table(rows: List[Dict]) -> str:
+    ref = next((r['img_s'] for r in rows if r['name'] == REFERENCE), None)
+    lines = [
+        '| model | input | tokens | params (M) | GMACs | CPU img/s | vs DeiT-S | paper GFLOPs | paper top-1 | weights |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        gflops, top1 = PAPER.get(r['name'], ('—', '—'))
+        h, w = r['grid']
+        rel = f'{r["img_s"] / ref:.2f}×' if ref else '—'
+        if r['weights'] is None:
+            weights = 'none published yet'
+        elif r['weights'].startswith('hf_hub_id='):
+            weights = r['weights'][len('hf_hub_id='):]
+        else:
+            weights = r['weights']
+        lines.append(
+            f'| `{r["name"]}` | {r["input_size"][0]} | {h}×{w} = {h * w} | {r["params"] / 1e6:.2f} | '
+            f'{r["macs"] / 1e9:.3f} | {r["img_s"]:.1f} | {rel} | {gflops} | {top1} | {weights} |')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--models', nargs='+', default=None,
+                   help="models to measure (default: timm.list_models('spformer*') and the DeiT-T/S baselines)")
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='torch intra-op threads (default: all cores)')
+    p.add_argument('--warmup', type=int, default=1, help='untimed runs per model')
+    p.add_argument('--runs', type=int, default=5, help='timed runs per model (at most)')
+    p.add_argument('--budget-s', type=float, default=30.0,
+                   help='stop timing a model after this many seconds once it has 3 runs')
+    p.add_argument('--readme', default=None, metavar='PATH', help='rewrite the table between the markers of this file')
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    models = args.models or (sorted(timm.list_models('spformer*'), key=_paper_order) + BASELINES)
+    machine = machine_info(torch.get_num_threads())
+    load_before = os.getloadavg()[0]
+    print(f'machine: {machine}; 1-min load average {load_before:.1f}', file=sys.stderr)
+    start = time.perf_counter()
+    rows = []
+    for name in models:
+        t = time.perf_counter()
+        rows.append(measure(name, args.batch_size, args.warmup, args.runs, args.budget_s))
+        print(f'  {name}: {rows[-1]["img_s"]:.1f} img/s over {rows[-1]["runs"]} runs '
+              f'({time.perf_counter() - t:.0f} s)', file=sys.stderr)
+    load = f'{load_before:.1f} before, {os.getloadavg()[0]:.1f} after'
+
+    command = 'python bench/model_table.py' + (' ' + ' '.join(argv if argv is not None else sys.argv[1:])).rstrip()
+    block = '\n'.join([
+        format_table(rows),
+        '',
+        f'- Command: `{command}` ({datetime.date.today().isoformat()}).',
+        f'- Machine: {machine}; 1-min load average {load} (above the core count means other jobs '
+        f'shared the CPU and slowed every row).',
+        '- GMACs: batch 1 at the default input size, `torch.utils.flop_counter` FLOPs / 2 with the math '
+        'SDPA backend so attention is counted.',
+        f'- CPU img/s: batch {args.batch_size}, eval, `torch.inference_mode`, median of up to {args.runs} '
+        f'timed runs after {args.warmup} warm-up, random weights (speed does not depend on them).',
+        '- Paper columns: copied from the SPFormer and DeiT papers for reference, not measured here. '
+        "The SPFormer paper's GFLOPs were counted another way and are below these GMACs for the same "
+        'architecture; compare GMACs with the DeiT rows instead.',
+    ])
+    print(block)
+    print(f'({time.perf_counter() - start:.0f} s)', file=sys.stderr)
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, 'w') as f:
+            f.write(replace_between_markers(text, block))
+        print(f'updated {args.readme}', file=sys.stderr)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
