@@ -1,13 +1,126 @@
-"""Public entry points: argument checks in one place, then dispatch to a backend."""
+"""Public entry points: argument checks in one place, then dispatch to a backend.
+
+The fast backends run behind ``torch.library`` custom ops (``torch.ops.spformer.*``) with
+fake implementations and registered autograd, so ``torch.compile`` traces whole models
+through them without graph breaks. The reference backend is plain autograd.
+"""
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from . import reference, torch_backend
 
 NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
 BACKENDS = ('auto', 'torch', 'reference')
+
+
+def _impl(backend: str, device: torch.device):
+    # 'auto' will pick fused Triton kernels for CUDA tensors once they exist.
+    return torch_backend
+
+
+def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.custom_op('spformer::pixel_attention', mutates_args=())
+def _pixel_attention_op(
+        q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    return _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale)
+
+
+@_pixel_attention_op.register_fake
+def _(q, k, v, bias, cell, scale, backend):
+    B, Mp, H, W, _ = q.shape
+    M, h, w, dv = v.shape[1], v.shape[2], v.shape[3], v.shape[4]
+    out = q.new_empty(B, H, W, M, dv)
+    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=_probs_dtype(q.dtype))
+    return out, probs
+
+
+@torch.library.custom_op('spformer::pixel_attention_backward', mutates_args=())
+def _pixel_attention_backward_op(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], probs: Tensor,
+        cell: int, scale: float, backend: str,
+) -> List[Tensor]:
+    dq, dk, dv, dbias = _impl(backend, q.device).pixel_attention_bwd(
+        grad_out.contiguous(), q, k, v, bias, probs, cell, scale)
+    return [dq, dk, dv] + ([] if dbias is None else [dbias])
+
+
+@_pixel_attention_backward_op.register_fake
+def _(grad_out, q, k, v, bias, probs, cell, scale, backend):
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format),
+             torch.empty_like(v, memory_format=torch.contiguous_format)]
+    return grads + ([] if bias is None else [torch.empty_like(bias, memory_format=torch.contiguous_format)])
+
+
+def _pixel_setup_context(ctx, inputs, output):
+    q, k, v, bias, cell, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, bias, output[1])
+    ctx.cell, ctx.scale, ctx.backend, ctx.has_bias = cell, scale, backend, bias is not None
+
+
+def _pixel_backward(ctx, grad_out, grad_probs):
+    q, k, v, bias, probs = ctx.saved_tensors
+    grads = torch.ops.spformer.pixel_attention_backward(
+        grad_out, q, k, v, bias, probs, ctx.cell, ctx.scale, ctx.backend)
+    return grads[0], grads[1], grads[2], grads[3] if ctx.has_bias else None, None, None, None
+
+
+_pixel_attention_op.register_autograd(_pixel_backward, setup_context=_pixel_setup_context)
+
+
+@torch.library.custom_op('spformer::superpixel_attention', mutates_args=())
+def _superpixel_attention_op(
+        q: Tensor, k: Tensor, v: Tensor, cell: int, scale: float, shared_kv: bool, backend: str,
+) -> Tuple[Tensor, Tensor]:
+    return _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv)
+
+
+@_superpixel_attention_op.register_fake
+def _(q, k, v, cell, scale, shared_kv, backend):
+    B, M, h, w, _ = q.shape
+    Mp, dv = k.shape[1], v.shape[-1]
+    out = q.new_empty(B, h, w, M, dv)
+    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=_probs_dtype(q.dtype))
+    return out, probs
+
+
+@torch.library.custom_op('spformer::superpixel_attention_backward', mutates_args=())
+def _superpixel_attention_backward_op(
+        grad_out: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor,
+        cell: int, scale: float, shared_kv: bool, backend: str,
+) -> List[Tensor]:
+    dq, dk, dv = _impl(backend, q.device).superpixel_attention_bwd(
+        grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv)
+    return [dq, dk] + ([] if dv is None else [dv])
+
+
+@_superpixel_attention_backward_op.register_fake
+def _(grad_out, out, q, k, v, probs, cell, scale, shared_kv, backend):
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)]
+    return grads + ([] if shared_kv else [torch.empty_like(v, memory_format=torch.contiguous_format)])
+
+
+def _superpixel_setup_context(ctx, inputs, output):
+    q, k, v, cell, scale, shared_kv, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend = cell, scale, shared_kv, backend
+
+
+def _superpixel_backward(ctx, grad_out, grad_probs):
+    q, k, v, out, probs = ctx.saved_tensors
+    grads = torch.ops.spformer.superpixel_attention_backward(
+        grad_out, out, q, k, v, probs, ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend)
+    # With shared k/v the gradient of both uses comes back once, for k.
+    return grads[0], grads[1], None if ctx.shared_kv else grads[2], None, None, None, None
+
+
+_superpixel_attention_op.register_autograd(_superpixel_backward, setup_context=_superpixel_setup_context)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -31,9 +144,19 @@ def _check_common(fn: str, cell, backend: str, tensors):
             raise TypeError(f'{fn}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match')
         if t.device != first.device:
             raise ValueError(f'{fn}: {name} is on {t.device} but {first_name} is on {first.device}; they must match')
-        if t.shape[:2] != first.shape[:2]:
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(f'{fn}: {name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}')
+
+
+def _check_heads(fn: str, pixel_names, pixel_tensors, sp_name: str, sp: torch.Tensor):
+    """Pixel tensors carry all M heads of the superpixel tensors, or one head shared by all."""
+    M = sp.shape[1]
+    mp = pixel_tensors[0].shape[1]
+    for name, t in zip(pixel_names, pixel_tensors):
+        if t.shape[1] != mp or mp not in (1, M):
             raise ValueError(
-                f'{fn}: {name} has batch/heads {tuple(t.shape[:2])} but {first_name} has {tuple(first.shape[:2])}')
+                f'{fn}: {name} has {t.shape[1]} heads but {sp_name} has {M}; pixel tensors must have '
+                f'{M} heads or 1 head shared by all {M} (and the same number as each other)')
 
 
 def _check_grids(fn: str, pix_name: str, pix: torch.Tensor, sp_name: str, sp: torch.Tensor, cell: int):
@@ -47,24 +170,30 @@ def _check_grids(fn: str, pix_name: str, pix: torch.Tensor, sp_name: str, sp: to
             f'with cell={cell}; expected a pixel grid of {h * cell}x{w * cell}')
 
 
-def _check_pair(fn: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, what: str):
-    if a.shape[:4] != b.shape[:4]:
+def _check_same(fn: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, dims: slice, what: str):
+    if a.shape[dims] != b.shape[dims]:
         raise ValueError(f'{fn}: {a_name} {_shape(a)} and {b_name} {_shape(b)} must have the same {what}')
+
+
+def _check_bias(fn: str, bias: Optional[torch.Tensor], k_s: torch.Tensor):
+    if bias is None:
+        return
+    expected = tuple(k_s.shape[:4])
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != expected:
+        got = _shape(bias) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f'{fn}: bias must have shape (B, M, h, w) = {expected} (one logit offset per superpixel '
+                         f'and head), got {got}')
+    if bias.dtype != k_s.dtype or bias.device != k_s.device:
+        raise TypeError(f'{fn}: bias must have the dtype and device of k_s ({k_s.dtype}, {k_s.device}), '
+                        f'got {bias.dtype}, {bias.device}')
 
 
 def _scale(fn: str, scale: Optional[float], d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0 or not math.isfinite(scale):
         raise ValueError(f'{fn}: scale must be a positive finite float or None (= head_dim**-0.5), got {scale!r}')
     return float(scale)
-
-
-def _backend(backend: str, device: torch.device):
-    if backend == 'reference':
-        return reference
-    # 'auto' picks the fused Triton kernels on CUDA once they exist; until then the torch path.
-    return torch_backend
 
 
 def superpixel_attention(
@@ -79,23 +208,28 @@ def superpixel_attention(
 
     Args:
         q_s: superpixel queries (B, M, h, w, d).
-        k_p: pixel keys (B, M, h*cell, w*cell, d).
-        v_p: pixel values (B, M, h*cell, w*cell, dv).
+        k_p: pixel keys (B, M, h*cell, w*cell, d), or (B, 1, ...) shared by all M heads.
+        v_p: pixel values (B, M or 1, h*cell, w*cell, dv); may be the same tensor as ``k_p``.
         cell: side of a superpixel's own cell in pixels.
         scale: logit scale, default d**-0.5.
         backend: 'auto', 'torch' or 'reference'.
 
     Returns:
         (B, M, h, w, dv): for superpixel j, sum over pixels p of the 3x3 cells around j of
-        softmax_p(scale * <k_p, q_j>) * v_p. Cells outside the image take no part.
+        softmax_p(scale * <k_p, q_j>) * v_p. Cells outside the image take no part. The result
+        is a view of a heads-last (B, h, w, M, dv) tensor.
     """
     fn = 'superpixel_attention'
     _check_common(fn, cell, backend, [('q_s', q_s), ('k_p', k_p), ('v_p', v_p)])
+    _check_heads(fn, ('k_p', 'v_p'), (k_p, v_p), 'q_s', q_s)
     _check_grids(fn, 'k_p', k_p, 'q_s', q_s, cell)
-    _check_pair(fn, 'k_p', k_p, 'v_p', v_p, 'pixel grid')
-    if q_s.shape[-1] != k_p.shape[-1]:
-        raise ValueError(f'{fn}: q_s {_shape(q_s)} and k_p {_shape(k_p)} must have the same channels (last dim)')
-    return _backend(backend, q_s.device).superpixel_attention(q_s, k_p, v_p, cell, _scale(fn, scale, q_s.shape[-1]))
+    _check_same(fn, 'k_p', k_p, 'v_p', v_p, slice(2, 4), 'pixel grid')
+    _check_same(fn, 'q_s', q_s, 'k_p', k_p, slice(4, 5), 'channels (last dim)')
+    scale = _scale(fn, scale, q_s.shape[-1])
+    if backend == 'reference':
+        return reference.superpixel_attention(q_s, k_p, v_p, cell, scale)
+    out, _ = _superpixel_attention_op(q_s, k_p, v_p, cell, scale, v_p is k_p, backend)
+    return out.permute(0, 3, 1, 2, 4)
 
 
 def pixel_attention(
@@ -104,33 +238,46 @@ def pixel_attention(
         v_s: torch.Tensor,
         cell: int,
         scale: Optional[float] = None,
+        bias: Optional[torch.Tensor] = None,
         return_weights: bool = False,
         backend: str = 'auto',
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Pixel queries attend over the (at most) 9 superpixels around their cell.
 
     Args:
-        q_p: pixel queries (B, M, h*cell, w*cell, d).
+        q_p: pixel queries (B, M, h*cell, w*cell, d), or (B, 1, ...) shared by all M heads.
         k_s: superpixel keys (B, M, h, w, d).
         v_s: superpixel values (B, M, h, w, dv).
         cell: side of a superpixel's own cell in pixels.
         scale: logit scale, default d**-0.5.
-        return_weights: also return the (B, M, H, W, 9) probabilities, neighbour k being the
-            cell at offset ``NEIGHBOR_OFFSETS[k]`` from the pixel's own cell (0 outside the image).
+        bias: optional (B, M, h, w) offset added to every (scaled) logit of a superpixel.
+        return_weights: also return the (B, M, H, W, 9) probabilities (detached), neighbour k being
+            the cell at offset ``NEIGHBOR_OFFSETS[k]`` from the pixel's own cell (0 outside the image).
+            For differentiable probabilities use :func:`superpixel_association`.
         backend: 'auto', 'torch' or 'reference'.
 
     Returns:
-        (B, M, H, W, dv), and the weights if ``return_weights``.
+        (B, M, H, W, dv) (a view of a heads-last (B, H, W, M, dv) tensor), and the weights if
+        ``return_weights``.
     """
     fn = 'pixel_attention'
     _check_common(fn, cell, backend, [('q_p', q_p), ('k_s', k_s), ('v_s', v_s)])
+    _check_heads(fn, ('q_p',), (q_p,), 'k_s', k_s)
+    _check_same(fn, 'k_s', k_s, 'v_s', v_s, slice(1, 4), 'heads and superpixel grid')
     _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell)
-    _check_pair(fn, 'k_s', k_s, 'v_s', v_s, 'superpixel grid')
-    if q_p.shape[-1] != k_s.shape[-1]:
-        raise ValueError(f'{fn}: q_p {_shape(q_p)} and k_s {_shape(k_s)} must have the same channels (last dim)')
-    out, weights = _backend(backend, q_p.device).pixel_attention(
-        q_p, k_s, v_s, cell, _scale(fn, scale, q_p.shape[-1]))
-    return (out, weights) if return_weights else out
+    _check_same(fn, 'q_p', q_p, 'k_s', k_s, slice(4, 5), 'channels (last dim)')
+    _check_bias(fn, bias, k_s)
+    scale = _scale(fn, scale, q_p.shape[-1])
+    if backend == 'reference':
+        out, weights = reference.pixel_attention(q_p, k_s, v_s, cell, scale, bias)
+    else:
+        out, probs = _pixel_attention_op(q_p, k_s, v_s, bias, cell, scale, backend)
+        out = out.permute(0, 3, 1, 2, 4)
+        if not return_weights:
+            return out
+        B, Mp = q_p.shape[:2]
+        weights = torch_backend.probs_to_weights(probs, B, Mp, k_s.shape[1] // Mp, cell).to(q_p.dtype)
+    return (out, weights.detach()) if return_weights else out
 
 
 def superpixel_association(
@@ -138,16 +285,21 @@ def superpixel_association(
         k_s: torch.Tensor,
         cell: int,
         scale: Optional[float] = None,
+        bias: Optional[torch.Tensor] = None,
         backend: str = 'auto',
 ) -> torch.Tensor:
-    """Soft pixel -> superpixel assignment: softmax over the 9 neighbours of scale * <q_p, k_s>.
+    """Soft pixel -> superpixel assignment: softmax over the 9 neighbours of scale * <q_p, k_s> + bias.
 
     Returns (B, M, H, W, 9) probabilities in ``NEIGHBOR_OFFSETS`` order, exactly 0 for
-    neighbours outside the image.
+    neighbours outside the image; differentiable.
     """
     fn = 'superpixel_association'
     _check_common(fn, cell, backend, [('q_p', q_p), ('k_s', k_s)])
+    _check_heads(fn, ('q_p',), (q_p,), 'k_s', k_s)
     _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell)
-    if q_p.shape[-1] != k_s.shape[-1]:
-        raise ValueError(f'{fn}: q_p {_shape(q_p)} and k_s {_shape(k_s)} must have the same channels (last dim)')
-    return _backend(backend, q_p.device).superpixel_association(q_p, k_s, cell, _scale(fn, scale, q_p.shape[-1]))
+    _check_same(fn, 'q_p', q_p, 'k_s', k_s, slice(4, 5), 'channels (last dim)')
+    _check_bias(fn, bias, k_s)
+    scale = _scale(fn, scale, q_p.shape[-1])
+    if backend == 'reference':
+        return reference.superpixel_association(q_p, k_s, cell, scale, bias)
+    return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale)

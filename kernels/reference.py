@@ -31,13 +31,17 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
-def _pixel_logits(q_p, k_s, cell, scale):
-    B, M, H, W, d = q_p.shape
-    h, w = k_s.shape[2:4]
+def _pixel_logits(q_p, k_s, cell, scale, bias=None):
+    B, _, H, W, d = q_p.shape
+    M, h, w = k_s.shape[1:4]
+    q_p = q_p.expand(B, M, H, W, d)  # a pixel tensor may be shared by all heads
     dt = _compute_dtype(q_p)
     logits = torch.einsum('bmpd,bmsd->bmps', q_p.reshape(B, M, H * W, d).to(dt), k_s.reshape(B, M, h * w, d).to(dt))
     mask = neighborhood(H, W, h, w, cell, q_p.device)
-    return (logits * scale).masked_fill(~mask, float('-inf'))
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + bias.reshape(B, M, 1, h * w).to(dt)
+    return logits.masked_fill(~mask, float('-inf'))
 
 
 def _to_neighbor_order(attn, H, W, h, w, cell):
@@ -48,25 +52,26 @@ def _to_neighbor_order(attn, H, W, h, w, cell):
     return (picked * valid).reshape(B, M, H, W, 9)
 
 
-def pixel_attention(q_p, k_s, v_s, cell, scale):
-    B, M, H, W, _ = q_p.shape
-    h, w, dv = v_s.shape[2:]
-    attn = _pixel_logits(q_p, k_s, cell, scale).softmax(dim=-1)
+def pixel_attention(q_p, k_s, v_s, cell, scale, bias=None):
+    B, _, H, W, _ = q_p.shape
+    M, h, w, dv = v_s.shape[1:]
+    attn = _pixel_logits(q_p, k_s, cell, scale, bias).softmax(dim=-1)
     out = attn @ v_s.reshape(B, M, h * w, dv).to(attn.dtype)
     weights = _to_neighbor_order(attn, H, W, h, w, cell)
     return out.reshape(B, M, H, W, dv).to(q_p.dtype), weights.to(q_p.dtype)
 
 
-def superpixel_association(q_p, k_s, cell, scale):
-    B, M, H, W, _ = q_p.shape
+def superpixel_association(q_p, k_s, cell, scale, bias=None):
+    B, _, H, W, _ = q_p.shape
     h, w = k_s.shape[2:4]
-    attn = _pixel_logits(q_p, k_s, cell, scale).softmax(dim=-1)
+    attn = _pixel_logits(q_p, k_s, cell, scale, bias).softmax(dim=-1)
     return _to_neighbor_order(attn, H, W, h, w, cell).to(q_p.dtype)
 
 
 def superpixel_attention(q_s, k_p, v_p, cell, scale):
     B, M, h, w, d = q_s.shape
     H, W, dv = v_p.shape[2:]
+    k_p, v_p = k_p.expand(B, M, H, W, d), v_p.expand(B, M, H, W, dv)  # pixels may be shared by all heads
     dt = _compute_dtype(q_s)
     logits = torch.einsum('bmsd,bmpd->bmsp', q_s.reshape(B, M, h * w, d).to(dt), k_p.reshape(B, M, H * W, d).to(dt))
     mask = neighborhood(H, W, h, w, cell, q_s.device).T
