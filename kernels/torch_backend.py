@@ -16,6 +16,7 @@ These functions hold the math; kernels/functional.py wraps them as torch.library
 ops (autograd and torch.compile) and checks arguments.
 """
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -51,7 +52,7 @@ def gather9(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """(N, h, w, *rest) -> (N, h, w, 9, *rest): entry k of cell c is x at cell c + offset k."""
     N, h, w = x.shape[:3]
     rest = x.shape[3:]
-    xp = F.pad(x.reshape(N, h, w, -1), (0, 0, 1, 1, 1, 1), value=fill)  # (N, h + 2, w + 2, r)
+    xp = F.pad(x.reshape(N, h, w, math.prod(rest)), (0, 0, 1, 1, 1, 1), value=fill)  # (N, h + 2, w + 2, r)
     windows = xp.unfold(1, 3, 1).unfold(2, 3, 1)  # (N, h, w, r, 3, 3)
     return windows.permute(0, 1, 2, 4, 5, 3).reshape(N, h, w, 9, *rest)
 
@@ -60,7 +61,7 @@ def fold9(y: torch.Tensor) -> torch.Tensor:
     """Adjoint of :func:`gather9`: (N, h, w, 9, *rest) -> (N, h, w, *rest), out[j] = sum_k y[j - offset k, k]."""
     N, h, w = y.shape[:3]
     rest = y.shape[4:]
-    y = y.reshape(N, h, w, 9, -1)
+    y = y.reshape(N, h, w, 9, math.prod(rest))
     out = y.new_zeros(N, h + 2, w + 2, y.shape[-1])
     for k, (dy, dx) in enumerate(_OFFSETS):
         out[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] += y[:, :, :, k]
@@ -71,7 +72,7 @@ def fold9_max(y: torch.Tensor) -> torch.Tensor:
     """:func:`fold9` with max instead of sum; entries of -inf never win."""
     N, h, w = y.shape[:3]
     rest = y.shape[4:]
-    y = y.reshape(N, h, w, 9, -1)
+    y = y.reshape(N, h, w, 9, math.prod(rest))
     out = y.new_full((N, h + 2, w + 2, y.shape[-1]), float('-inf'))
     for k, (dy, dx) in enumerate(_OFFSETS):
         view = out[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
@@ -103,7 +104,7 @@ def _pixel_probs(qc, k, bias, Mp, scale):
     N, h, w, n, _ = qc.shape
     kn = gather9(superpixels_grouped(k, Mp))  # (N, h, w, 9, G, d)
     G = kn.shape[4]
-    kn = kn.reshape(N, h, w, 9 * G, -1)
+    kn = kn.reshape(N, h, w, 9 * G, kn.shape[-1])
     logits = torch.matmul(qc, kn.transpose(-1, -2)).mul_(scale)  # (N, h, w, n, 9G)
     if bias is not None:
         logits += gather9(superpixels_grouped(bias.unsqueeze(-1), Mp)).reshape(N, h, w, 1, 9 * G)

@@ -389,7 +389,7 @@ def _naive_sca(layer: SuperpixelCrossAttention, pixels, superpixels):
     P_new = pixels
     if layer.pixel_ls is not None:
         P_new = pixels + layer.pixel_ls.gamma * torch.cat(px_out, 1).transpose(1, 2).reshape(B, H, W, Cp)
-    return P_new, S_new
+    return P_new, S_new, k_p, q_s
 
 
 def _randomized_sca(update_pixels, cell, heads=2, Cp=8, C=12):
@@ -409,8 +409,8 @@ def test_sca_layer_matches_naive(grid, cell, update_pixels, heads):
     h, w = grid
     pixels = torch.randn(2, h * cell, w * cell, 8, dtype=torch.float64)
     superpixels = torch.randn(2, h, w, 12, dtype=torch.float64)
-    P, S, _, _ = layer(pixels, superpixels)
-    P_ref, S_ref = _naive_sca(layer, pixels, superpixels)
+    P, S, _ = layer(pixels, superpixels)
+    P_ref, S_ref, _, _ = _naive_sca(layer, pixels, superpixels)
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(P, P_ref, rtol=1e-10, atol=1e-10)
 
@@ -422,6 +422,22 @@ def test_sca_layer_gradcheck(backend):
     pixels = torch.randn(1, 4, 6, 8, dtype=torch.float64, requires_grad=True)
     superpixels = torch.randn(1, 2, 3, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda p, s: layer(p, s)[:2], (pixels, superpixels), eps=1e-6, atol=1e-5)
+
+
+def test_sca_layer_parameter_gradients_match_naive():
+    """Gradients of every SCA parameter equal those of the naive (direct q|k|v) formulation."""
+    layer = _randomized_sca(True, cell=3, heads=2)
+    pixels = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    superpixels = torch.randn(2, 2, 3, 12, dtype=torch.float64)
+    w_p, w_s = torch.randn(2, 6, 9, 8, dtype=torch.float64), torch.randn(2, 2, 3, 12, dtype=torch.float64)
+    P, S, _ = layer(pixels, superpixels)
+    ((P * w_p).sum() + (S * w_s).sum()).backward()
+    fast = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    P, S, _, _ = _naive_sca(layer, pixels, superpixels)
+    ((P * w_p).sum() + (S * w_s).sum()).backward()
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)
 
 
 @pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
@@ -451,7 +467,7 @@ def test_forward_superpixels_consistent():
                     sca.pixel_ls.gamma.fill_(0.5)
     x = torch.randn(2, 3, 96, 96)
     captured = []
-    hook = model.stages[-1].sca[-1].register_forward_hook(lambda m, i, o: captured.append(o))
+    hook = model.stages[-1].sca[-1].register_forward_hook(lambda m, i, o: captured.append(i))
     with torch.no_grad():
         outs = model.forward_superpixels(x)
     hook.remove()
@@ -466,10 +482,12 @@ def test_forward_superpixels_consistent():
     assert (last['association_merged'][:, 0, :4] == 0).all()  # top-left neighbour of the top cell row
     assert (last['association_merged'][:, 8, -4:] == 0).all()  # bottom-right of the bottom row
 
-    # Independent oracle: dense logits of the head-merged k_p . q_s / sqrt(C_p), masked, argmax.
-    _, _, k_p, q_s = captured[-1]
-    kp = k_p.permute(0, 2, 3, 1, 4).reshape(2, Hp * Wp, -1)
-    qs = q_s.permute(0, 2, 3, 1, 4).reshape(2, h * w, -1)
+    # Independent oracle: the naive SCA's k_p and q_s, dense head-merged logits
+    # k_p . q_s / sqrt(C_p), masked to the 3x3 cells, argmax.
+    with torch.no_grad():
+        _, _, k_p, q_s = _naive_sca(model.stages[-1].sca[-1], *captured[-1])
+    kp = k_p.transpose(1, 2)  # (B, HW, C_p)
+    qs = q_s.transpose(1, 2)  # (B, hw, C_p)
     logits = kp @ qs.transpose(1, 2) / math.sqrt(model.pixel_dim)
     py, px = torch.meshgrid(torch.arange(Hp) // 4, torch.arange(Wp) // 4, indexing='ij')
     sy, sx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')

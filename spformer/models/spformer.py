@@ -18,7 +18,7 @@ has one superpixel token per 16x16 pixels (14x14 tokens) at 224 px.
 """
 import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,11 +54,32 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class Association(NamedTuple):
+    """The superpixel-update logits of an SCA iteration, in projection-free form.
+
+    Head m's logit between pixel p and superpixel j is ``<pixels[p], queries[m, j]> + bias[m, j]``
+    (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of DESIGN.md 1.3.
+    """
+    pixels: torch.Tensor  # (B, 1, H, W, pixel_dim), shared by all heads
+    queries: torch.Tensor  # (B, M, h, w, pixel_dim)
+    bias: torch.Tensor  # (B, M, h, w)
+
+
 class SuperpixelCrossAttention(nn.Module):
     """One SCA iteration (DESIGN.md 1.3): tokens gather pixels, pixels gather tokens.
 
     Pixels are channels-last (B, H, W, pixel_dim), superpixels (B, h, w, embed_dim). Each of the
     ``num_heads`` heads has its own 9-way association (multi-head association).
+
+    The parameters are those of DESIGN.md (a bias-free 1x1 projection of the pixels to
+    2 * pixel_dim + embed_dim channels and one LayerNorm over all of them), but the pixel q|k|v is
+    never built (DESIGN.md 1.5): with Wc the projection minus its mean row, the normalized output is
+    ``gamma * (Wc x) * r + beta`` with ``r = (x^T G x + eps)^-1/2`` and ``G = Wc^T Wc / channels``. So
+    logits against pixel keys become ``<r x, Wc_k^T (gamma_k * q)> + <beta_k, q>`` and a weighted sum
+    of pixel values becomes ``gamma_v * Wc_v (sum a r x) + beta_v``: the attention runs on the narrow
+    pixel features ``r x`` (one tensor for all heads) and the wide projection happens once per
+    superpixel. The result equals the direct computation (tests/test_models.py checks it against a
+    naive one).
     """
 
     def __init__(
@@ -93,25 +114,53 @@ class SuperpixelCrossAttention(nn.Module):
         # The last iteration of a stage skips the pixel update, so it has no pixel LayerScale.
         self.pixel_ls = LayerScale(pixel_dim, init_values) if update_pixels else None
 
+    def _pixel_projection(self):
+        """Per-head pieces of the centred pixel projection: (Wc_q, Wc_k, Wc_v) as (M, rows, C_p),
+        the LayerNorm affine split the same way, and G = Wc^T Wc / channels."""
+        C_p, C, M = self.pixel_dim, self.embed_dim, self.num_heads
+        w = self.pixel_qkv.weight
+        wc = w - w.mean(dim=0, keepdim=True)
+        gram = wc.t() @ wc / w.shape[0]
+        wq, wk, wv = wc.split([C_p, C_p, C])
+        gamma = self.pixel_norm.weight.split([C_p, C_p, C])
+        beta = self.pixel_norm.bias.split([C_p, C_p, C])
+        heads = lambda t: t.reshape(M, t.shape[0] // M, *t.shape[1:])  # noqa: E731
+        return [heads(t) for t in (wq, wk, wv)], [heads(t) for t in gamma], [heads(t) for t in beta], gram
+
     def forward(
             self, pixels: torch.Tensor, superpixels: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (pixels, superpixels, k_p, q_s); k_p . q_s are the superpixel-update logits."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, Association]:
+        """Returns (pixels, superpixels, association of the superpixel update)."""
         C_p, M, cell = self.pixel_dim, self.num_heads, self.cell_size
-        p = pixels + depthwise_conv(self.pixel_pos, pixels)
+        B, H, W, _ = pixels.shape
+        _, h, w, C = superpixels.shape
+        scale = (C_p // M) ** -0.5
+        (wq, wk, wv), (gq, gk, gv), (bq, bk, bv), gram = self._pixel_projection()
+
+        x = pixels + depthwise_conv(self.pixel_pos, pixels)
+        # r x: the pixels divided by the LayerNorm's standard deviation of their projection.
+        var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
+        x_hat = (x * torch.rsqrt(var + self.pixel_norm.eps)).unsqueeze(1)  # (B, 1, H, W, C_p)
+
         s = superpixels + depthwise_conv(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
-        q_p, k_p, v_p = self.pixel_norm(self.pixel_qkv(p)).split([C_p, C_p, self.embed_dim], dim=-1)
-        q_s, k_p = split_heads(q_s, M), split_heads(k_p, M)
+        q_s, k_s = q_s.reshape(B, h, w, M, -1), k_s.reshape(B, h, w, M, -1)
 
-        # Both updates read the old pixels and superpixels.
-        sp_update = superpixel_attention(q_s, k_p, split_heads(v_p, M), cell, backend=self.attn_backend)
-        superpixels = superpixels + self.sp_ls(merge_heads(sp_update))
-        if self.pixel_ls is not None:
-            pixel_update = pixel_attention(
-                split_heads(q_p, M), split_heads(k_s, M), split_heads(v_s, M), cell, backend=self.attn_backend)
-            pixels = pixels + self.pixel_ls(merge_heads(pixel_update))
-        return pixels, superpixels, k_p, q_s
+        # Superpixel update: logits <k_p, q_s>; the bias <beta_k, q_s> is constant over a
+        # superpixel's pixels and cancels in its softmax.
+        queries = torch.einsum('bhwmd,mdc->bmhwc', q_s * gk * scale, wk)
+        gathered = superpixel_attention(queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend)
+        sp_update = torch.einsum('bmhwc,moc->bhwmo', gathered, wv) * gv + bv  # (B, h, w, M, C / M)
+        superpixels = superpixels + self.sp_ls(sp_update.reshape(B, h, w, C))
+
+        if self.pixel_ls is not None:  # both updates read the old pixels and superpixels
+            keys = torch.einsum('bhwmd,mdc->bmhwc', k_s * gq * scale, wq)
+            key_bias = torch.einsum('bhwmd,md->bmhw', k_s, bq) * scale
+            values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4)
+            out = pixel_attention(x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend)
+            pixels = pixels + self.pixel_ls(merge_heads(out))
+        association = Association(x_hat, queries, torch.einsum('bhwmd,md->bmhw', q_s, bk) * scale)
+        return pixels, superpixels, association
 
 
 class PixelUpdate(nn.Module):
@@ -139,9 +188,11 @@ class PixelUpdate(nn.Module):
         self.norm = norm_layer(pixel_dim)
         self.ls = LayerScale(pixel_dim, init_values)
 
-    def forward(self, pixels: torch.Tensor, superpixels: torch.Tensor, k_p: torch.Tensor, q_s: torch.Tensor):
+    def forward(self, pixels: torch.Tensor, superpixels: torch.Tensor, association: Association) -> torch.Tensor:
         v = split_heads(self.norm(self.proj(superpixels)), self.num_heads)
-        update = pixel_attention(k_p, q_s, v, self.cell_size, backend=self.attn_backend)
+        update = pixel_attention(
+            association.pixels, association.queries, v, self.cell_size, scale=1.0, bias=association.bias,
+            backend=self.attn_backend)
         return pixels + self.ls(merge_heads(update))
 
 
@@ -400,10 +451,10 @@ class SPFormer(nn.Module):
         return tokens + pos
 
     def _stage_sca(self, stage: SPFormerStage, pixels: torch.Tensor, superpixels: torch.Tensor):
-        k_p = q_s = pixels  # placeholders, replaced by every SCA iteration
+        association = None
         for sca in stage.sca:
-            pixels, superpixels, k_p, q_s = self._run(sca, pixels, superpixels)
-        return pixels, superpixels, k_p, q_s
+            pixels, superpixels, association = self._run(sca, pixels, superpixels)
+        return pixels, superpixels, association
 
     def _forward_stages(
             self,
@@ -412,11 +463,11 @@ class SPFormer(nn.Module):
             stop_after_block: Optional[int] = None,
             need_pixels: bool = False,
     ):
-        """Shared body of every forward. Returns (tokens, grid, final pixels, block outputs, per-stage (k_p, q_s))."""
+        """Shared body of every forward. Returns (tokens, grid, final pixels, block outputs, per-stage Association)."""
         pixels, superpixels = self._stem(x)
         B, h, w, C = superpixels.shape
         block_outputs: List[torch.Tensor] = []
-        associations: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        associations: List[Association] = []
         tokens = superpixels.reshape(B, h * w, C)
         block_idx = 0
         for i, stage in enumerate(self.stages):
@@ -424,8 +475,8 @@ class SPFormer(nn.Module):
             if stop_after_block is not None and block_idx > stop_after_block and (pixels_final or not need_pixels):
                 break
             stage_pixels = pixels
-            _, superpixels, k_p, q_s = self._stage_sca(stage, pixels, superpixels)
-            associations.append((k_p, q_s))
+            _, superpixels, association = self._stage_sca(stage, pixels, superpixels)
+            associations.append(association)
             tokens = self._pos_embed(stage, superpixels.reshape(B, h * w, C), (h, w))
             for blk in stage.blocks:
                 tokens = self._run(blk, tokens)
@@ -434,7 +485,7 @@ class SPFormer(nn.Module):
                 block_idx += 1
             superpixels = tokens.reshape(B, h, w, C)
             if stage.unfold is not None:
-                pixels = self._run(stage.unfold, stage_pixels, superpixels, k_p, q_s)
+                pixels = self._run(stage.unfold, stage_pixels, superpixels, association)
         return self.norm(tokens), (h, w), pixels, block_outputs, associations
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -537,11 +588,14 @@ class SPFormer(nn.Module):
         _, (h, w), _, _, associations = self._forward_stages(x)
         B = x.shape[0]
         out = []
-        for k_p, q_s in associations:
-            per_head = superpixel_association(k_p, q_s, self.cell_size).permute(0, 1, 4, 2, 3)
+        for assoc in associations:
+            per_head = superpixel_association(
+                assoc.pixels, assoc.queries, self.cell_size, scale=1.0, bias=assoc.bias).permute(0, 1, 4, 2, 3)
+            # Head-merged logits sum_m a_m / sqrt(M): one head with summed queries and biases.
+            norm = self.sca_heads ** -0.5
             merged = superpixel_association(
-                merge_heads(k_p).unsqueeze(1), merge_heads(q_s).unsqueeze(1), self.cell_size,
-                scale=self.pixel_dim ** -0.5)[:, 0].permute(0, 3, 1, 2)
+                assoc.pixels, assoc.queries.sum(1, keepdim=True) * norm, self.cell_size, scale=1.0,
+                bias=assoc.bias.sum(1, keepdim=True) * norm)[:, 0].permute(0, 3, 1, 2)
             out.append(dict(
                 association=per_head,
                 association_merged=merged,
