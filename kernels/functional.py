@@ -29,7 +29,8 @@ def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
 def _pixel_attention_op(
         q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    return _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale)
+    out, probs = _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale)
+    return out.contiguous(), probs.contiguous()  # the layouts the fake implementation promises
 
 
 @_pixel_attention_op.register_fake
@@ -48,7 +49,7 @@ def _pixel_attention_backward_op(
 ) -> List[Tensor]:
     dq, dk, dv, dbias = _impl(backend, q.device).pixel_attention_bwd(
         grad_out.contiguous(), q, k, v, bias, probs, cell, scale)
-    return [dq, dk, dv] + ([] if dbias is None else [dbias])
+    return [g.contiguous() for g in [dq, dk, dv] + ([] if dbias is None else [dbias])]
 
 
 @_pixel_attention_backward_op.register_fake
@@ -78,7 +79,8 @@ _pixel_attention_op.register_autograd(_pixel_backward, setup_context=_pixel_setu
 def _superpixel_attention_op(
         q: Tensor, k: Tensor, v: Tensor, cell: int, scale: float, shared_kv: bool, backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    return _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv)
+    out, probs = _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv)
+    return out.contiguous(), probs.contiguous()
 
 
 @_superpixel_attention_op.register_fake
@@ -97,7 +99,7 @@ def _superpixel_attention_backward_op(
 ) -> List[Tensor]:
     dq, dk, dv = _impl(backend, q.device).superpixel_attention_bwd(
         grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv)
-    return [dq, dk] + ([] if dv is None else [dv])
+    return [g.contiguous() for g in [dq, dk] + ([] if dv is None else [dv])]
 
 
 @_superpixel_attention_backward_op.register_fake

@@ -199,8 +199,11 @@ def test_param_counts_match_design(model_name):
 
 @pytest.mark.parametrize('model_name', MODELS)
 def test_flops_match_paper(model_name):
-    """GMACs (= flops / 2 from torch.utils.flop_counter, math attention so it is counted) within 10%
-    of the paper's GFLOPs, the way DESIGN.md reports them."""
+    """GMACs (= flops / 2 from torch.utils.flop_counter, math attention so it is counted) against the
+    paper's GFLOPs, the way DESIGN.md reports them: within 10% for the 196-token models. The SCA here
+    never materializes the pixel q|k|v (DESIGN.md 1.5), so it executes fewer MACs than the paper's
+    structure for the same function; on the coarse grids that projection is a larger share (20% of
+    S/56), hence the looser lower bound there."""
     from torch.utils.flop_counter import FlopCounterMode
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = timm.create_model(model_name).eval()
@@ -209,7 +212,8 @@ def test_flops_match_paper(model_name):
         model(torch.randn(1, *_input_size(model)))
     gmacs = counter.get_total_flops() / 2e9
     low, high = PAPER_GFLOPS[model_name]
-    assert 0.9 * low <= gmacs <= 1.1 * high, f'{gmacs:.3f} GMACs vs paper {low}-{high}'
+    lower = 0.9 if model.grid_size == (14, 14) else 0.75
+    assert lower * low <= gmacs <= 1.1 * high, f'{gmacs:.3f} GMACs vs paper {low}-{high}'
 
 
 def test_token_grids():
