@@ -23,6 +23,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed, trunc_normal_
@@ -196,6 +197,33 @@ class PixelUpdate(nn.Module):
         return pixels + self.ls(merge_heads(update))
 
 
+class SuperpixelInit(nn.Module):
+    """Initial superpixel tokens: 1x1 conv + LayerNorm2d + GELU on the pixels, then the mean over
+    every cell (DESIGN.md 1.2, step 2).
+
+    Its three embed_dim-wide pixel maps would be the largest tensors kept for backward (3 x 38 MB
+    for SPFormer-S at batch 8), so in training it keeps only its input and recomputes them.
+    """
+
+    def __init__(self, pixel_dim: int, embed_dim: int, cell_size: int, norm_layer=partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        self.cell_size = cell_size
+        self.proj = nn.Linear(pixel_dim, embed_dim, bias=False)
+        self.norm = norm_layer(embed_dim)
+        self.act = nn.GELU()
+
+    def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = pixels.shape
+        c = self.cell_size
+        x = self.act(self.norm(self.proj(pixels)))
+        return x.reshape(B, H // c, c, W // c, c, -1).mean(dim=(2, 4))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and pixels.requires_grad:
+            return torch.utils.checkpoint.checkpoint(self._pooled, pixels, use_reentrant=False)
+        return self._pooled(pixels)
+
+
 class SPFormerStage(nn.Module):
     """SCA iterations -> absolute position embedding -> ViT blocks -> (pixel update)."""
 
@@ -340,11 +368,7 @@ class SPFormer(nn.Module):
         self.stem.add_module('conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False))
         self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim))
         self.stem.add_module('act', nn.ReLU(inplace=True))
-        # Superpixel init: 1x1 conv + LayerNorm2d + GELU on the pixels, then cell average pooling.
-        self.sp_init = nn.Sequential()
-        self.sp_init.add_module('proj', nn.Linear(pixel_dim, embed_dim, bias=False))
-        self.sp_init.add_module('norm', norm_layer(embed_dim))
-        self.sp_init.add_module('act', nn.GELU())
+        self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer)
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         self.stages = nn.ModuleList()
@@ -437,11 +461,7 @@ class SPFormer(nn.Module):
         """Image -> channels-last pixels (B, H/s, W/s, C_p) and superpixels (B, h, w, C)."""
         check_image_input(x, self.in_chans, self.token_stride, self.img_size, self.dynamic_img_size)
         pixels = self.stem(x).permute(0, 2, 3, 1)
-        B, H, W, _ = pixels.shape
-        c = self.cell_size
-        sp = self.sp_init(pixels)
-        superpixels = sp.reshape(B, H // c, c, W // c, c, self.embed_dim).mean(dim=(2, 4))
-        return pixels, superpixels
+        return pixels, self.sp_init(pixels)
 
     def _pos_embed(self, stage: SPFormerStage, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         if self.dynamic_img_size and tuple(grid) != self.grid_size:
@@ -626,10 +646,11 @@ def association_to_labels(association: torch.Tensor, cell_size: int, upsample: i
     return labels
 
 
-# SCA layers and pixel updates index tensors by runtime shapes: FX feature extraction keeps
+# SCA layers, pixel updates and the superpixel init index tensors by runtime shapes: FX feature extraction keeps
 # them as leaves (the ViT blocks around them trace normally).
 register_notrace_module(SuperpixelCrossAttention)
 register_notrace_module(PixelUpdate)
+register_notrace_module(SuperpixelInit)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
