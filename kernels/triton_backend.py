@@ -1,0 +1,499 @@
+"""Fused Triton backend (DESIGN.md section 1.4): the four functions of kernels/torch_backend.py.
+
+Same arguments, layouts and contracts as the torch backend (N = B * Mp, G = M // Mp heads share
+one pixel tensor, n = cell * cell pixels per cell):
+
+* outputs heads-last, ``(B, H, W, M, dv)`` (pixel direction) / ``(B, h, w, M, dv)`` (superpixel);
+* ``probs`` cell-major ``(N, h, w, n, 9 * G)``, entry ``[c, p, g * 9 + k]`` linking pixel ``p`` of
+  cell ``c`` to superpixel ``c + offset k`` for head ``g``; exactly 0 outside the grid; float32
+  (float64 for float64 inputs).
+
+Programs (one flattened launch axis, so no grid-dimension limit):
+
+* *per cell* ``(nn, i, j)``: the cell's ``n`` pixels form a ``(BP, BD)`` tile (``BP`` = ``n``
+  padded to a power of two, at least 16), loaded once; for each head ``g`` the 9 neighbouring
+  superpixel vectors are gathered by index arithmetic into a ``(16, BD)`` tile (rows 9..15 and
+  neighbours outside the grid masked), so every (pixel, neighbour) product is one ``tl.dot``.
+* *per superpixel* ``(nn, i, j)``: walks the 3x3 cells around it (static loop of 9) with all
+  ``G`` heads side by side in a ``(BG, BD)`` query tile, so the superpixel softmax over the
+  ``<= 9 n`` pixels is exact (pass 1: running max and sum, own cell first; pass 2: normalized
+  probabilities, stored, and the output).
+
+Forward, pixel direction: one per-cell kernel (exact softmax over the 9 neighbours).
+Forward, superpixel direction: one per-superpixel kernel (two passes over its 9 cells); it also
+zero-fills the probabilities of its own cell that point outside the grid.
+Backward, pixel direction: per cell -> dq and ``delta[p, g] = sum_k P dP`` (a small fp32 scratch
+(N, h, w, G, n)); per (superpixel, head) -> dk, dv, dbias by walking its 9 cells.
+Backward, superpixel direction: per superpixel -> dq; per cell -> dk, dv (summed when k is v).
+Every program owns its outputs: no atomics, deterministic.
+
+Arithmetic is fp32 (fp64 for fp64 inputs); tiles are cast before ``tl.dot`` (the interpreter
+mis-computes bf16 dots). fp32/fp64 dots use ``input_precision='ieee'``; for fp16/bf16 inputs
+'tf32', exact on the inputs' own values.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_BK = 16  # the 9 neighbours padded to a tl.dot-legal width
+
+
+# --- index helpers ---------------------------------------------------------------------------
+# Images are indexed nn = b * Mp + mp (pixel tensors) and superpixel heads nn * G + g = b * M + m.
+# Pixel p of cell (i, j) (row-major within the cell) lies at in-image pixel index
+# i * CELL * W + j * CELL + poff[p], poff = (p // CELL) * W + p % CELL, W = w * CELL; the cell at
+# offset (dy, dx) is a scalar shift dy * CELL * W + dx * CELL away: loops over the 3x3 cells only
+# move base pointers.
+
+@triton.jit
+def _int64(h, w, Mp, G, D, DV):
+    """The size arguments as int64: all index arithmetic is 64-bit (no overflow on large tensors)."""
+    return (tl.cast(h, tl.int64), tl.cast(w, tl.int64), tl.cast(Mp, tl.int64), tl.cast(G, tl.int64),
+            tl.cast(D, tl.int64), tl.cast(DV, tl.int64))
+
+
+@triton.jit
+def _cell_tile(i, j, w, CELL: tl.constexpr, BP: tl.constexpr):
+    """(p, in-image pixel index of pixel p of cell (i, j), p < n) for the BP rows of a cell tile."""
+    p = tl.arange(0, BP)
+    return p, i * CELL * (w * CELL) + j * CELL + (p // CELL) * (w * CELL) + p % CELL, p < CELL * CELL
+
+
+@triton.jit
+def _neighbours(i, j, h, w, BK: tl.constexpr):
+    """Neighbour k of cell (i, j): (k, flat superpixel index i' * w + j', inside the grid)."""
+    kk = tl.arange(0, BK)
+    ni = i + kk // 3 - 1
+    nj = j + kk % 3 - 1
+    valid = (kk < 9) & (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+    return kk, ni * w + nj, valid
+
+
+# --- pixel queries over their 9 superpixels --------------------------------------------------
+
+@triton.jit
+def _pixel_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, probs_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One program per (image nn, cell (i, j)): the cell's pixels against its 9 superpixels."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)  # = flat cell index nn * h * w + i * w + j
+    nn = pid // (h * w)
+    i = pid % (h * w) // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
+    qt = tl.load(q_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :],
+                 mask=pin[:, None] & (dc < D)[None, :], other=0.0).to(ACC)
+    # per head g: + g * (h * w * channels) on the superpixel side, + g * DV on the output side
+    sp = nn * G * (h * w) + nbr
+    k_ptrs = k_ptr + sp[:, None] * D + dc[None, :]
+    v_ptrs = v_ptr + sp[:, None] * DV + ec[None, :]
+    kmask = kvalid[:, None] & (dc < D)[None, :]
+    vmask = kvalid[:, None] & (ec < DV)[None, :]
+    out_ptrs = out_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G)[:, None] * DV \
+        + ec[None, :]
+    omask = pin[:, None] & (ec < DV)[None, :]
+    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
+    pmask = pin[:, None] & (kk < 9)[None, :]
+    for g in range(G):
+        kn = tl.load(k_ptrs + g * (h * w * D), mask=kmask, other=0.0).to(ACC)
+        s = tl.dot(qt, tl.trans(kn), input_precision=PREC, out_dtype=ACC) * scale  # (BP, BK)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + sp + g * (h * w), mask=kvalid, other=0.0).to(ACC)[None, :]
+        s = tl.where(kvalid[None, :], s, float('-inf'))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])  # the own cell is always valid
+        pr = e / tl.sum(e, axis=1)[:, None]
+        tl.store(prob_ptrs + g * 9, pr.to(probs_ptr.dtype.element_ty), mask=pmask)
+        vn = tl.load(v_ptrs + g * (h * w * DV), mask=vmask, other=0.0).to(ACC)
+        o = tl.dot(pr, vn, input_precision=PREC, out_dtype=ACC)
+        tl.store(out_ptrs + g * DV, o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _pixel_bwd_dq_kernel(
+        go_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr, delta_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+        ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per cell: dq of its pixels, and delta[p, g] = sum_k P dP (the softmax-backward row term)."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)
+    nn = pid // (h * w)
+    i = pid % (h * w) // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
+    sp = nn * G * (h * w) + nbr
+    k_ptrs = k_ptr + sp[:, None] * D + dc[None, :]
+    v_ptrs = v_ptr + sp[:, None] * DV + ec[None, :]
+    kmask = kvalid[:, None] & (dc < D)[None, :]
+    vmask = kvalid[:, None] & (ec < DV)[None, :]
+    go_ptrs = go_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G)[:, None] * DV \
+        + ec[None, :]
+    omask = pin[:, None] & (ec < DV)[None, :]
+    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
+    pmask = pin[:, None] & kvalid[None, :]
+    delta_ptrs = delta_ptr + pid * G * (CELL * CELL) + p
+    dq = tl.zeros((BP, BD), dtype=ACC)
+    for g in range(G):
+        kn = tl.load(k_ptrs + g * (h * w * D), mask=kmask, other=0.0).to(ACC)
+        vn = tl.load(v_ptrs + g * (h * w * DV), mask=vmask, other=0.0).to(ACC)
+        pr = tl.load(prob_ptrs + g * 9, mask=pmask, other=0.0).to(ACC)
+        go = tl.load(go_ptrs + g * DV, mask=omask, other=0.0).to(ACC)
+        dp = tl.dot(go, tl.trans(vn), input_precision=PREC, out_dtype=ACC)  # (BP, BK)
+        delta = tl.sum(pr * dp, axis=1)
+        dq += tl.dot(pr * (dp - delta[:, None]), kn, input_precision=PREC, out_dtype=ACC)
+        tl.store(delta_ptrs + g * (CELL * CELL), delta, mask=pin)
+    tl.store(dq_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=pin[:, None] & (dc < D)[None, :])
+
+
+@triton.jit
+def _pixel_bwd_dkv_kernel(
+        go_ptr, q_ptr, v_ptr, probs_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        BDV: tl.constexpr, ACC: tl.constexpr):
+    """One program per (superpixel, head): sums over the pixels of the <= 9 cells that see it."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)  # = flat superpixel index (b * M + m) * h * w + i * w + j
+    hg = pid // (h * w)  # = nn * G + g = b * M + m
+    nn = hg // G
+    g = hg % G
+    i = pid % (h * w) // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    # pointers for the superpixel's own cell; cell (i, j) - offset t is a scalar shift away
+    cell = nn * (h * w) + i * w + j
+    q_ptrs = q_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
+    go_ptrs = go_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G + g)[:, None] * DV \
+        + ec[None, :]
+    prob_ptrs = probs_ptr + (cell * (CELL * CELL) + p) * (9 * G) + g * 9
+    delta_ptrs = delta_ptr + (cell * G + g) * (CELL * CELL) + p
+    qmask = pin[:, None] & (dc < D)[None, :]
+    omask = pin[:, None] & (ec < DV)[None, :]
+    vs = tl.load(v_ptr + pid * DV + ec, mask=ec < DV, other=0.0).to(ACC)
+    # per-pixel-slot partial sums, reduced over the slots once at the end
+    acc_k = tl.zeros((BP, BD), dtype=ACC)
+    acc_v = tl.zeros((BP, BDV), dtype=ACC)
+    acc_b = tl.zeros((BP,), dtype=ACC)
+    for t in range(9):
+        # cell c = (i, j) - offset t sees this superpixel as its neighbour t
+        DY = t // 3 - 1
+        DX = t % 3 - 1
+        inside = (i - DY >= 0) & (i - DY < h) & (j - DX >= 0) & (j - DX < w)
+        shift = DY * CELL * (w * CELL) + DX * CELL
+        qt = tl.load(q_ptrs - shift * D, mask=qmask & inside, other=0.0).to(ACC)
+        go = tl.load(go_ptrs - shift * (Mp * G * DV), mask=omask & inside, other=0.0).to(ACC)
+        pr = tl.load(prob_ptrs - (DY * w + DX) * (CELL * CELL * 9 * G) + t, mask=pin & inside, other=0.0).to(ACC)
+        delta = tl.load(delta_ptrs - (DY * w + DX) * (G * CELL * CELL), mask=pin & inside, other=0.0).to(ACC)
+        dl = pr * (tl.sum(go * vs[None, :], axis=1) - delta)
+        acc_k += dl[:, None] * qt
+        acc_v += pr[:, None] * go
+        acc_b += dl
+    tl.store(dk_ptr + pid * D + dc, (tl.sum(acc_k, axis=0) * scale).to(dk_ptr.dtype.element_ty), mask=dc < D)
+    tl.store(dv_ptr + pid * DV + ec, tl.sum(acc_v, axis=0).to(dv_ptr.dtype.element_ty), mask=ec < DV)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty))
+
+
+# --- superpixel queries over the pixels of their 3x3 cells -----------------------------------
+
+@triton.jit
+def _superpixel_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, probs_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BG: tl.constexpr,
+        ACC: tl.constexpr, PREC: tl.constexpr):
+    """One program per (image nn, superpixel (i, j)), its G heads side by side: exact softmax
+    over the pixels of the <= 9 cells around it, in two passes."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)  # = flat cell index of the superpixel's own cell
+    nn = pid // (h * w)
+    s = pid % (h * w)
+    i = s // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    gg = tl.arange(0, BG)
+    gmask = gg < G
+    qt = tl.load(q_ptr + ((nn * G + gg) * (h * w) + s)[:, None] * D + dc[None, :],
+                 mask=gmask[:, None] & (dc < D)[None, :], other=0.0).to(ACC)  # (BG, BD)
+    # pointers for the own cell; the cell at offset t is a scalar shift away
+    k_ptrs = k_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
+    v_ptrs = v_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * DV + ec[None, :]
+    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + gg[None, :] * 9
+    kmask = pin[:, None] & (dc < D)[None, :]
+    vmask = pin[:, None] & (ec < DV)[None, :]
+    pmask = pin[:, None] & gmask[None, :]
+    # Pass 1: running max and sum; the own cell (always inside) comes first, so the max is
+    # finite from the first step on.
+    m_i = tl.full((BG,), float('-inf'), dtype=ACC)
+    l_i = tl.zeros((BG,), dtype=ACC)
+    for t in range(9):
+        DY = (t + 4) % 9 // 3 - 1
+        DX = (t + 4) % 9 % 3 - 1
+        inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
+        shift = DY * CELL * (w * CELL) + DX * CELL
+        kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
+        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC) * scale  # (BP, BG)
+        sc = tl.where(pin[:, None] & inside, sc, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(sc - m_new[None, :]), axis=0)
+        m_i = m_new
+    inv_l = 1.0 / l_i
+    # Pass 2: normalized probabilities (stored) and the output.
+    acc = tl.zeros((BG, BDV), dtype=ACC)
+    for t in range(9):
+        DY = t // 3 - 1
+        DX = t % 3 - 1
+        inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
+        shift = DY * CELL * (w * CELL) + DX * CELL
+        kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
+        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC) * scale
+        pr = tl.where(pin[:, None] & inside, tl.exp(sc - m_i[None, :]) * inv_l[None, :], 0.0)
+        # seen from cell (i, j) + offset t, this superpixel is neighbour 8 - t
+        tl.store(prob_ptrs + (DY * w + DX) * (CELL * CELL * 9 * G) + (8 - t), pr.to(probs_ptr.dtype.element_ty),
+                 mask=pmask & inside)
+        vt = tl.load(v_ptrs + shift * DV, mask=vmask & inside, other=0.0).to(ACC)
+        acc += tl.dot(tl.trans(pr), vt, input_precision=PREC, out_dtype=ACC)
+    out_row = ((nn // Mp) * (h * w) + s) * (Mp * G) + (nn % Mp) * G + gg
+    tl.store(out_ptr + out_row[:, None] * DV + ec[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=gmask[:, None] & (ec < DV)[None, :])
+    # Entries of the own cell pointing outside the grid belong to no superpixel: zero them here.
+    col = tl.arange(0, BG * 16)  # (head g, neighbour k) = (col // 16, col % 16)
+    ni = i + (col % 16) // 3 - 1
+    nj = j + (col % 16) % 3 - 1
+    outside = (col % 16 < 9) & (col // 16 < G) & ((ni < 0) | (ni >= h) | (nj < 0) | (nj >= w))
+    tl.store(probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + ((col // 16) * 9 + col % 16)[None, :],
+             tl.zeros((BP, BG * 16), dtype=probs_ptr.dtype.element_ty), mask=pin[:, None] & outside[None, :])
+
+
+@triton.jit
+def _superpixel_bwd_dq_kernel(
+        go_ptr, out_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        BDV: tl.constexpr, BG: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per (image nn, superpixel), G heads side by side: dq over the pixels of its 9 cells."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)
+    nn = pid // (h * w)
+    s = pid % (h * w)
+    i = s // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    gg = tl.arange(0, BG)
+    gmask = gg < G
+    out_row = ((nn // Mp) * (h * w) + s) * (Mp * G) + (nn % Mp) * G + gg
+    omask = gmask[:, None] & (ec < DV)[None, :]
+    go = tl.load(go_ptr + out_row[:, None] * DV + ec[None, :], mask=omask, other=0.0).to(ACC)  # (BG, BDV)
+    o = tl.load(out_ptr + out_row[:, None] * DV + ec[None, :], mask=omask, other=0.0).to(ACC)
+    delta = tl.sum(go * o, axis=1)  # (BG,) the softmax-backward row term <out, grad_out>
+    k_ptrs = k_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
+    v_ptrs = v_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * DV + ec[None, :]
+    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + gg[None, :] * 9
+    kmask = pin[:, None] & (dc < D)[None, :]
+    vmask = pin[:, None] & (ec < DV)[None, :]
+    pmask = pin[:, None] & gmask[None, :]
+    acc = tl.zeros((BG, BD), dtype=ACC)
+    for t in range(9):
+        DY = t // 3 - 1
+        DX = t % 3 - 1
+        inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
+        shift = DY * CELL * (w * CELL) + DX * CELL
+        kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
+        if SHARED_KV:
+            vt = kt
+        else:
+            vt = tl.load(v_ptrs + shift * DV, mask=vmask & inside, other=0.0).to(ACC)
+        pr = tl.load(prob_ptrs + (DY * w + DX) * (CELL * CELL * 9 * G) + (8 - t), mask=pmask & inside,
+                     other=0.0).to(ACC)  # (BP, BG)
+        dp = tl.dot(vt, tl.trans(go), input_precision=PREC, out_dtype=ACC)
+        acc += tl.dot(tl.trans(pr * (dp - delta[None, :])), kt, input_precision=PREC, out_dtype=ACC)
+    tl.store(dq_ptr + ((nn * G + gg) * (h * w) + s)[:, None] * D + dc[None, :],
+             (acc * scale).to(dq_ptr.dtype.element_ty), mask=gmask[:, None] & (dc < D)[None, :])
+
+
+@triton.jit
+def _superpixel_bwd_dkv_kernel(
+        go_ptr, out_ptr, q_ptr, v_ptr, probs_ptr, dk_ptr, dv_ptr,
+        h, w, Mp, G, D, DV, scale,
+        CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per (image nn, cell): dk, dv of its pixels from the 9 superpixels around it, all heads."""
+    h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
+    pid = tl.program_id(0).to(tl.int64)
+    nn = pid // (h * w)
+    i = pid % (h * w) // w
+    j = pid % w
+    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    row = nn * (h * w * CELL * CELL) + pix
+    dc = tl.arange(0, BD)
+    ec = tl.arange(0, BDV)
+    kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
+    vt = tl.load(v_ptr + row[:, None] * DV + ec[None, :], mask=pin[:, None] & (ec < DV)[None, :],
+                 other=0.0).to(ACC)
+    q_ptrs = q_ptr + (nn * G * (h * w) + nbr)[:, None] * D + dc[None, :]
+    o_off = (((nn // Mp) * (h * w) + nbr) * (Mp * G) + (nn % Mp) * G)[:, None] * DV + ec[None, :]
+    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
+    qmask = kvalid[:, None] & (dc < D)[None, :]
+    nmask = kvalid[:, None] & (ec < DV)[None, :]
+    pmask = pin[:, None] & kvalid[None, :]
+    dk = tl.zeros((BP, BD), dtype=ACC)
+    dv = tl.zeros((BP, BDV), dtype=ACC)
+    for g in range(G):
+        qn = tl.load(q_ptrs + g * (h * w * D), mask=qmask, other=0.0).to(ACC)  # (BK, BD)
+        gon = tl.load(go_ptr + o_off + g * DV, mask=nmask, other=0.0).to(ACC)
+        on = tl.load(out_ptr + o_off + g * DV, mask=nmask, other=0.0).to(ACC)
+        delta = tl.sum(gon * on, axis=1)  # (BK,)
+        pr = tl.load(prob_ptrs + g * 9, mask=pmask, other=0.0).to(ACC)  # (BP, BK)
+        dp = tl.dot(vt, tl.trans(gon), input_precision=PREC, out_dtype=ACC)
+        dk += tl.dot(pr * (dp - delta[None, :]), qn, input_precision=PREC, out_dtype=ACC)
+        dv += tl.dot(pr, gon, input_precision=PREC, out_dtype=ACC)
+    dk = dk * scale
+    if SHARED_KV:
+        dk += dv
+    else:
+        tl.store(dv_ptr + row[:, None] * DV + ec[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=pin[:, None] & (ec < DV)[None, :])
+    tl.store(dk_ptr + row[:, None] * D + dc[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=pin[:, None] & (dc < D)[None, :])
+
+
+# --- launch configuration --------------------------------------------------------------------
+
+def _block(x: int) -> int:
+    """Power of two >= max(x, 16): tl.dot needs every dimension >= 16."""
+    return max(16, triton.next_power_of_2(max(int(x), 1)))
+
+
+def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int) -> dict:
+    """The one configuration: blocks from the shapes, warps from the largest tile."""
+    BP, BD, BDV = _block(cell * cell), _block(d), _block(dv)
+    acc, prec = (tl.float64, 'ieee') if dtype == torch.float64 else (
+        (tl.float32, 'ieee') if dtype == torch.float32 else (tl.float32, 'tf32'))
+    # 8 warps from 64 x 64 tiles on (cell 7 with 64 channels): at 4 warps these spill (sm_90, measured
+    # by compiling for the target without a GPU)
+    return dict(CELL=cell, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)
+
+
+def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(like: torch.Tensor, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Every buffer the kernels fill (outputs, probabilities, scratch): each element is written."""
+    return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def _device(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --- the four backend functions --------------------------------------------------------------
+
+def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float):
+    """q (B, Mp, H, W, d), k (B, M, h, w, d), v (B, M, h, w, dv), bias (B, M, h, w) or None.
+
+    Returns the output heads-last (B, H, W, M, dv) and the probabilities (N, h, w, n, 9G).
+    """
+    B, Mp, H, W, d = q.shape
+    M, h, w, dv = v.shape[1:]
+    G = M // Mp
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = _empty(q, (B, H, W, M, dv))
+    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), _probs_dtype(q.dtype))
+    if probs.numel() == 0:
+        return out.zero_(), probs
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else q  # placeholder pointer, never read
+    with _device(q):
+        _pixel_fwd_kernel[(B * Mp * h * w,)](
+            q, k, v, bias, out, probs, h, w, Mp, G, d, dv, scale,
+            HAS_BIAS=has_bias, BK=_BK, **_config(q.dtype, cell, d, dv, G))
+    return out, probs
+
+
+def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float):
+    """grad_out (B, H, W, M, dv) heads-last. Returns (dq, dk, dv, dbias) in the inputs' shapes."""
+    B, Mp, H, W, d = q.shape
+    M, h, w, dv = v.shape[1:]
+    G = M // Mp
+    go, q, k, v, probs = grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), probs.contiguous()
+    dq, dk, dv_ = _empty(q, q.shape), _empty(k, k.shape), _empty(v, v.shape)
+    dbias = None if bias is None else _empty(bias, bias.shape)
+    if probs.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv_.zero_(), None if dbias is None else dbias.zero_()
+    cfg = _config(q.dtype, cell, d, dv, G)
+    delta = _empty(probs, (B * Mp, h, w, G, cell * cell))
+    with _device(q):
+        _pixel_bwd_dq_kernel[(B * Mp * h * w,)](
+            go, k, v, probs, dq, delta, h, w, Mp, G, d, dv, scale, BK=_BK, **cfg)
+        cfg.pop('PREC')
+        _pixel_bwd_dkv_kernel[(B * M * h * w,)](
+            go, q, v, probs, delta, dk, dv_, dq if dbias is None else dbias, h, w, Mp, G, d, dv, scale,
+            HAS_BIAS=dbias is not None, **cfg)
+    return dq, dk, dv_, dbias
+
+
+def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False):
+    """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k.
+
+    Returns the output heads-last (B, h, w, M, dv) and the probabilities (N, h, w, n, 9G),
+    entry (c, p, g * 9 + k) normalized over the pixels of superpixel c + offset k.
+    """
+    B, M, h, w, d = q.shape
+    Mp = k.shape[1]
+    dv = v.shape[-1]
+    G = M // Mp
+    q, k = q.contiguous(), k.contiguous()
+    v = k if shared_kv else v.contiguous()
+    out = _empty(q, (B, h, w, M, dv))
+    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), _probs_dtype(q.dtype))
+    if probs.numel() == 0:
+        return out.zero_(), probs
+    with _device(q):
+        _superpixel_fwd_kernel[(B * Mp * h * w,)](
+            q, k, v, out, probs, h, w, Mp, G, d, dv, scale, BG=_block(G), **_config(q.dtype, cell, d, dv, G))
+    return out, probs
+
+
+def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False):
+    """grad_out and out heads-last (B, h, w, M, dv). Returns (dq, dk, dv); dv is None if ``shared_kv``
+    (then dk holds the gradient of both uses)."""
+    B, M, h, w, d = q.shape
+    Mp = k.shape[1]
+    dv = v.shape[-1]
+    G = M // Mp
+    go, out, q, k, probs = grad_out.contiguous(), out.contiguous(), q.contiguous(), k.contiguous(), probs.contiguous()
+    v = k if shared_kv else v.contiguous()
+    dq, dk = _empty(q, q.shape), _empty(k, k.shape)
+    dv_ = None if shared_kv else _empty(v, v.shape)
+    if probs.numel() == 0:
+        return dq.zero_(), dk.zero_(), None if dv_ is None else dv_.zero_()
+    cfg = _config(q.dtype, cell, d, dv, G)
+    grid = (B * Mp * h * w,)
+    with _device(q):
+        _superpixel_bwd_dq_kernel[grid](
+            go, out, k, v, probs, dq, h, w, Mp, G, d, dv, scale, SHARED_KV=shared_kv, BG=_block(G), **cfg)
+        _superpixel_bwd_dkv_kernel[grid](
+            go, out, q, v, probs, dk, dk if shared_kv else dv_, h, w, Mp, G, d, dv, scale,
+            SHARED_KV=shared_kv, BK=_BK, **cfg)
+    return dq, dk, dv_
