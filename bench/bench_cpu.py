@@ -1,8 +1,9 @@
 """CPU benchmark: the local attention op's backends, and SPFormer-S against DeiT-S.
 
-Everything is compared side by side in one run (ratios, since shared machines are noisy).
-Peak memory is the growth of the process's peak RSS during the measured step, each
-measurement in a fresh subprocess so that one cannot inherit another's high-water mark.
+Everything is compared side by side in one run (ratios, since shared machines are noisy);
+each measurement runs in a fresh subprocess. Peak memory is the peak of live tensor bytes
+during one step (parameters, gradients, optimizer state, activations and temporaries), from
+torch's MemTracker: exact and independent of the allocator, unlike the process RSS.
 
     python bench/bench_cpu.py                 # everything (~3-5 min on 2 cores)
     python bench/bench_cpu.py --only op       # just the op
@@ -12,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,8 +21,16 @@ import time
 import torch
 
 
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _peak_tensor_mb(step, *tracked) -> float:
+    """Peak live tensor memory (MB) of one call of ``step`` (after a warm-up call)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        step()
+        tracker.reset_mod_stats()
+        step()
+    return tracker.get_tracker_snapshot('peak')[torch.device('cpu')]['Total'] / 2 ** 20
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -38,32 +46,46 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 # --- measurements (each run inside its own subprocess) ---------------------------------------
 
-def measure_op(backend: str, direction: str, batch: int, repeats: int) -> dict:
+# SPFormer-S at 224 px: 56x56 pixels, 14x14 superpixels, 2 association heads. "per head": the
+# direct formulation (head dim 32, superpixel values 384 / 2 = 192 wide); "shared": the
+# projection-free one the model runs (one 64-channel pixel tensor for both heads, k = v).
+OP_CASES = {
+    'superpixel, per head': ('superpixel', dict(q=(2, 'sp', 32), k=(2, 'px', 32), v=(2, 'px', 192))),
+    'superpixel, shared (model)': ('superpixel', dict(q=(2, 'sp', 64), k=(1, 'px', 64), v='k')),
+    'pixel, per head': ('pixel', dict(q=(2, 'px', 32), k=(2, 'sp', 32), v=(2, 'sp', 32))),
+    'pixel, shared + bias (model)': ('pixel', dict(q=(1, 'px', 64), k=(2, 'sp', 64), v=(2, 'sp', 32), bias=True)),
+}
+
+
+def measure_op(backend: str, case: str, batch: int, repeats: int) -> dict:
     from spformer.kernels import pixel_attention, superpixel_attention
     torch.manual_seed(0)
-    # SPFormer-S layer at 224 px: 56x56 pixels, 14x14 superpixels, 2 heads of 32 channels;
-    # superpixel values are 384 / 2 = 192 channels per head.
-    B, M, h, w, cell, d = batch, 2, 14, 14, 4, 32
-    if direction == 'superpixel':
-        dv = 192
-        args = [torch.randn(B, M, h, w, d), torch.randn(B, M, h * cell, w * cell, d),
-                torch.randn(B, M, h * cell, w * cell, dv)]
-        op = superpixel_attention
-    else:
-        dv = 32
-        args = [torch.randn(B, M, h * cell, w * cell, d), torch.randn(B, M, h, w, d), torch.randn(B, M, h, w, dv)]
-        op = pixel_attention
-    args = [a.requires_grad_() for a in args]
+    B, h, w, cell = batch, 14, 14, 4
+    direction, spec = OP_CASES[case]
+    grid = {'sp': (h, w), 'px': (h * cell, w * cell)}
+    tensors = {}
+    for name in ('q', 'k', 'v'):
+        if spec[name] == 'k':
+            continue
+        heads, where, ch = spec[name]
+        tensors[name] = torch.randn(B, heads, *grid[where], ch, requires_grad=True)
+    args = [tensors['q'], tensors['k'], tensors.get('v', tensors['k'])]
+    kwargs = dict(backend=backend)
+    if spec.get('bias'):
+        tensors['bias'] = kwargs['bias'] = torch.randn(B, 2, h, w, requires_grad=True)
+    op = superpixel_attention if direction == 'superpixel' else pixel_attention
+    leaves = list(tensors.values())
 
     def step():
-        out = op(*args, cell, backend=backend)
+        out = op(*args, cell, **kwargs)
         out.backward(torch.ones_like(out))
-        for a in args:
-            a.grad = None
+        for t in leaves:
+            t.grad = None
 
-    base = _rss_peak_mb()
     seconds = _median_time(step, repeats)
-    return dict(seconds=seconds, peak_mb=_rss_peak_mb() - base)
+    # The op's own memory: what it holds beyond its inputs (their gradients included).
+    inputs_mb = sum(t.numel() * t.element_size() for t in leaves) / 2 ** 20
+    return dict(seconds=seconds, peak_mb=_peak_tensor_mb(step, *leaves) - inputs_mb)
 
 
 def measure_model(name: str, mode: str, batch: int, repeats: int) -> dict:
@@ -88,10 +110,9 @@ def measure_model(name: str, mode: str, batch: int, repeats: int) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step()  # allocate optimizer state before the memory baseline
-    base = _rss_peak_mb()
     seconds = _median_time(step, repeats)
-    return dict(seconds=seconds, peak_mb=_rss_peak_mb() - base)
+    tracked = (model, opt, x) if mode == 'train' else (model, x)
+    return dict(seconds=seconds, peak_mb=_peak_tensor_mb(step, *tracked))
 
 
 def _run_child(kind: str, *args) -> dict:
@@ -118,15 +139,14 @@ def main(argv=None):
           f'{torch.get_num_threads()} threads, batch {args.batch_size}')
     if args.only in (None, 'op'):
         print('\n## Local attention op, SPFormer-S layer shapes (forward + backward)\n')
-        print('| direction | backend | time (ms) | peak memory (MB) | speed-up vs reference | memory vs reference |')
+        print('| case | backend | fwd+bwd time (ms) | peak memory above inputs (MB) | speed-up vs reference | memory vs reference |')
         print('|---|---|---|---|---|---|')
-        for direction in ('superpixel', 'pixel'):
-            ref = _run_child('op', 'reference', direction, args.batch_size, args.repeats)
-            for backend in ('reference', 'torch'):
-                r = ref if backend == 'reference' else _run_child('op', backend, direction, args.batch_size,
-                                                                  args.repeats)
-                print(f"| {direction} | {backend} | {r['seconds'] * 1e3:.1f} | {r['peak_mb']:.0f} | "
-                      f"{ref['seconds'] / r['seconds']:.2f}x | {ref['peak_mb'] / max(r['peak_mb'], 1e-9):.1f}x less |")
+        for case in OP_CASES:
+            ref = _run_child('op', 'reference', case, args.batch_size, args.repeats)
+            r = _run_child('op', 'torch', case, args.batch_size, args.repeats)
+            for backend, res in (('reference', ref), ('torch', r)):
+                print(f"| {case} | {backend} | {res['seconds'] * 1e3:.1f} | {res['peak_mb']:.0f} | "
+                      f"{ref['seconds'] / res['seconds']:.2f}x | {ref['peak_mb'] / res['peak_mb']:.1f}x less |")
     if args.only in (None, 'models'):
         print('\n## SPFormer-S vs DeiT-S (224 px)\n')
         print('| model | inference img/s | train step (s) | train img/s | train peak memory (MB) |')
