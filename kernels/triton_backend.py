@@ -14,10 +14,10 @@ Programs (one flattened launch axis, so no grid-dimension limit):
   padded to a power of two, at least 16), loaded once; for each head ``g`` the 9 neighbouring
   superpixel vectors are gathered by index arithmetic into a ``(16, BD)`` tile (rows 9..15 and
   neighbours outside the grid masked), so every (pixel, neighbour) product is one ``tl.dot``.
-* *per superpixel* ``(nn, i, j)``: walks the 3x3 cells around it (static loop of 9) with all
-  ``G`` heads side by side in a ``(BG, BD)`` query tile, so the superpixel softmax over the
-  ``<= 9 n`` pixels is exact (pass 1: running max and sum, own cell first; pass 2: normalized
-  probabilities, stored, and the output).
+* *per superpixel* ``(nn, i, j)``: walks the 3x3 cells around it (a loop of 9; unrolled it
+  spills) with all ``G`` heads side by side in a ``(BG, BD)`` query tile, so the superpixel
+  softmax over the ``<= 9 n`` pixels is exact (pass 1: running max and sum, own cell first;
+  pass 2: normalized probabilities, stored, and the output).
 
 Forward, pixel direction: one per-cell kernel (exact softmax over the 9 neighbours).
 Forward, superpixel direction: one per-superpixel kernel (two passes over its 9 cells); it also
@@ -29,7 +29,9 @@ Every program owns its outputs: no atomics, deterministic.
 
 Arithmetic is fp32 (fp64 for fp64 inputs); tiles are cast before ``tl.dot`` (the interpreter
 mis-computes bf16 dots). fp32/fp64 dots use ``input_precision='ieee'``; for fp16/bf16 inputs
-'tf32', exact on the inputs' own values.
+'tf32' (tensor cores): exact for products of input values, probabilities and logit gradients
+are rounded to tf32 (2**-11) as operands. ``scale`` travels as an fp32 pair (hi, lo): kernel
+float arguments are fp32, and fp64 inputs keep its full precision.
 """
 import contextlib
 from typing import Optional
@@ -77,7 +79,7 @@ def _neighbours(i, j, h, w, BK: tl.constexpr):
 @triton.jit
 def _pixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, probs_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One program per (image nn, cell (i, j)): the cell's pixels against its 9 superpixels."""
@@ -105,7 +107,8 @@ def _pixel_fwd_kernel(
     pmask = pin[:, None] & (kk < 9)[None, :]
     for g in range(G):
         kn = tl.load(k_ptrs + g * (h * w * D), mask=kmask, other=0.0).to(ACC)
-        s = tl.dot(qt, tl.trans(kn), input_precision=PREC, out_dtype=ACC) * scale  # (BP, BK)
+        s = tl.dot(qt, tl.trans(kn), input_precision=PREC, out_dtype=ACC)  # (BP, BK)
+        s = s * scale + s * scale_lo
         if HAS_BIAS:
             s += tl.load(bias_ptr + sp + g * (h * w), mask=kvalid, other=0.0).to(ACC)[None, :]
         s = tl.where(kvalid[None, :], s, float('-inf'))
@@ -120,7 +123,7 @@ def _pixel_fwd_kernel(
 @triton.jit
 def _pixel_bwd_dq_kernel(
         go_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr, delta_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
         ACC: tl.constexpr, PREC: tl.constexpr):
     """Per cell: dq of its pixels, and delta[p, g] = sum_k P dP (the softmax-backward row term)."""
@@ -155,13 +158,13 @@ def _pixel_bwd_dq_kernel(
         dq += tl.dot(pr * (dp - delta[:, None]), kn, input_precision=PREC, out_dtype=ACC)
         tl.store(delta_ptrs + g * (CELL * CELL), delta, mask=pin)
     tl.store(dq_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=pin[:, None] & (dc < D)[None, :])
+             (dq * scale + dq * scale_lo).to(dq_ptr.dtype.element_ty), mask=pin[:, None] & (dc < D)[None, :])
 
 
 @triton.jit
 def _pixel_bwd_dkv_kernel(
         go_ptr, q_ptr, v_ptr, probs_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, ACC: tl.constexpr):
     """One program per (superpixel, head): sums over the pixels of the <= 9 cells that see it."""
@@ -203,7 +206,8 @@ def _pixel_bwd_dkv_kernel(
         acc_k += dl[:, None] * qt
         acc_v += pr[:, None] * go
         acc_b += dl
-    tl.store(dk_ptr + pid * D + dc, (tl.sum(acc_k, axis=0) * scale).to(dk_ptr.dtype.element_ty), mask=dc < D)
+    dk = tl.sum(acc_k, axis=0)
+    tl.store(dk_ptr + pid * D + dc, (dk * scale + dk * scale_lo).to(dk_ptr.dtype.element_ty), mask=dc < D)
     tl.store(dv_ptr + pid * DV + ec, tl.sum(acc_v, axis=0).to(dv_ptr.dtype.element_ty), mask=ec < DV)
     if HAS_BIAS:
         tl.store(dbias_ptr + pid, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty))
@@ -214,9 +218,9 @@ def _pixel_bwd_dkv_kernel(
 @triton.jit
 def _superpixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, probs_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BG: tl.constexpr,
-        ACC: tl.constexpr, PREC: tl.constexpr):
+        BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One program per (image nn, superpixel (i, j)), its G heads side by side: exact softmax
     over the pixels of the <= 9 cells around it, in two passes."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -249,7 +253,8 @@ def _superpixel_fwd_kernel(
         inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
         shift = DY * CELL * (w * CELL) + DX * CELL
         kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
-        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC) * scale  # (BP, BG)
+        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC)  # (BP, BG)
+        sc = sc * scale + sc * scale_lo
         sc = tl.where(pin[:, None] & inside, sc, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(sc, axis=0))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(sc - m_new[None, :]), axis=0)
@@ -263,7 +268,8 @@ def _superpixel_fwd_kernel(
         inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
         shift = DY * CELL * (w * CELL) + DX * CELL
         kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
-        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC) * scale
+        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC)
+        sc = sc * scale + sc * scale_lo
         pr = tl.where(pin[:, None] & inside, tl.exp(sc - m_i[None, :]) * inv_l[None, :], 0.0)
         # seen from cell (i, j) + offset t, this superpixel is neighbour 8 - t
         tl.store(prob_ptrs + (DY * w + DX) * (CELL * CELL * 9 * G) + (8 - t), pr.to(probs_ptr.dtype.element_ty),
@@ -274,18 +280,18 @@ def _superpixel_fwd_kernel(
     tl.store(out_ptr + out_row[:, None] * DV + ec[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=gmask[:, None] & (ec < DV)[None, :])
     # Entries of the own cell pointing outside the grid belong to no superpixel: zero them here.
-    col = tl.arange(0, BG * 16)  # (head g, neighbour k) = (col // 16, col % 16)
-    ni = i + (col % 16) // 3 - 1
-    nj = j + (col % 16) % 3 - 1
-    outside = (col % 16 < 9) & (col // 16 < G) & ((ni < 0) | (ni >= h) | (nj < 0) | (nj >= w))
-    tl.store(probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + ((col // 16) * 9 + col % 16)[None, :],
-             tl.zeros((BP, BG * 16), dtype=probs_ptr.dtype.element_ty), mask=pin[:, None] & outside[None, :])
+    if (i == 0) | (i == h - 1) | (j == 0) | (j == w - 1):
+        kk, _, kvalid = _neighbours(i, j, h, w, BK)
+        zmask = pin[:, None] & ((kk < 9) & ~kvalid)[None, :]
+        zero_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
+        for g in range(G):
+            tl.store(zero_ptrs + g * 9, tl.zeros((BP, BK), dtype=probs_ptr.dtype.element_ty), mask=zmask)
 
 
 @triton.jit
 def _superpixel_bwd_dq_kernel(
         go_ptr, out_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BG: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per (image nn, superpixel), G heads side by side: dq over the pixels of its 9 cells."""
@@ -327,13 +333,13 @@ def _superpixel_bwd_dq_kernel(
         dp = tl.dot(vt, tl.trans(go), input_precision=PREC, out_dtype=ACC)
         acc += tl.dot(tl.trans(pr * (dp - delta[None, :])), kt, input_precision=PREC, out_dtype=ACC)
     tl.store(dq_ptr + ((nn * G + gg) * (h * w) + s)[:, None] * D + dc[None, :],
-             (acc * scale).to(dq_ptr.dtype.element_ty), mask=gmask[:, None] & (dc < D)[None, :])
+             (acc * scale + acc * scale_lo).to(dq_ptr.dtype.element_ty), mask=gmask[:, None] & (dc < D)[None, :])
 
 
 @triton.jit
 def _superpixel_bwd_dkv_kernel(
         go_ptr, out_ptr, q_ptr, v_ptr, probs_ptr, dk_ptr, dv_ptr,
-        h, w, Mp, G, D, DV, scale,
+        h, w, Mp, G, D, DV, scale, scale_lo,
         CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per (image nn, cell): dk, dv of its pixels from the 9 superpixels around it, all heads."""
@@ -366,7 +372,7 @@ def _superpixel_bwd_dkv_kernel(
         dp = tl.dot(vt, tl.trans(gon), input_precision=PREC, out_dtype=ACC)
         dk += tl.dot(pr * (dp - delta[None, :]), qn, input_precision=PREC, out_dtype=ACC)
         dv += tl.dot(pr, gon, input_precision=PREC, out_dtype=ACC)
-    dk = dk * scale
+    dk = dk * scale + dk * scale_lo
     if SHARED_KV:
         dk += dv
     else:
@@ -388,9 +394,16 @@ def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int) -> dict:
     BP, BD, BDV = _block(cell * cell), _block(d), _block(dv)
     acc, prec = (tl.float64, 'ieee') if dtype == torch.float64 else (
         (tl.float32, 'ieee') if dtype == torch.float32 else (tl.float32, 'tf32'))
-    # 8 warps from 64 x 64 tiles on (cell 7 with 64 channels): at 4 warps these spill (sm_90, measured
-    # by compiling for the target without a GPU)
+    # 8 warps from 64 x 64 tiles (cell 7, 64 channels): with 4 the kernels spill registers on sm_90
+    # (ptxas resource usage, compiled for the target without a GPU)
     return dict(CELL=cell, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)
+
+
+def _split(scale: float):
+    """``scale`` as an fp32 pair (hi, lo) with hi + lo = scale to ~2**-48: Triton passes Python floats
+    as fp32, and fp64 inputs need the full value (kernels scale as x * hi + x * lo)."""
+    hi = float(torch.tensor(scale, dtype=torch.float32))
+    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
 
 
 def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -426,7 +439,7 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     bias = bias.contiguous() if has_bias else q  # placeholder pointer, never read
     with _device(q):
         _pixel_fwd_kernel[(B * Mp * h * w,)](
-            q, k, v, bias, out, probs, h, w, Mp, G, d, dv, scale,
+            q, k, v, bias, out, probs, h, w, Mp, G, d, dv, *_split(scale),
             HAS_BIAS=has_bias, BK=_BK, **_config(q.dtype, cell, d, dv, G))
     return out, probs
 
@@ -445,10 +458,10 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float)
     delta = _empty(probs, (B * Mp, h, w, G, cell * cell))
     with _device(q):
         _pixel_bwd_dq_kernel[(B * Mp * h * w,)](
-            go, k, v, probs, dq, delta, h, w, Mp, G, d, dv, scale, BK=_BK, **cfg)
+            go, k, v, probs, dq, delta, h, w, Mp, G, d, dv, *_split(scale), BK=_BK, **cfg)
         cfg.pop('PREC')
         _pixel_bwd_dkv_kernel[(B * M * h * w,)](
-            go, q, v, probs, delta, dk, dv_, dq if dbias is None else dbias, h, w, Mp, G, d, dv, scale,
+            go, q, v, probs, delta, dk, dv_, dq if dbias is None else dbias, h, w, Mp, G, d, dv, *_split(scale),
             HAS_BIAS=dbias is not None, **cfg)
     return dq, dk, dv_, dbias
 
@@ -471,7 +484,8 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
         return out.zero_(), probs
     with _device(q):
         _superpixel_fwd_kernel[(B * Mp * h * w,)](
-            q, k, v, out, probs, h, w, Mp, G, d, dv, scale, BG=_block(G), **_config(q.dtype, cell, d, dv, G))
+            q, k, v, out, probs, h, w, Mp, G, d, dv, *_split(scale), BG=_block(G), BK=_BK,
+            **_config(q.dtype, cell, d, dv, G))
     return out, probs
 
 
@@ -492,8 +506,8 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     grid = (B * Mp * h * w,)
     with _device(q):
         _superpixel_bwd_dq_kernel[grid](
-            go, out, k, v, probs, dq, h, w, Mp, G, d, dv, scale, SHARED_KV=shared_kv, BG=_block(G), **cfg)
+            go, out, k, v, probs, dq, h, w, Mp, G, d, dv, *_split(scale), SHARED_KV=shared_kv, BG=_block(G), **cfg)
         _superpixel_bwd_dkv_kernel[grid](
-            go, out, q, v, probs, dk, dk if shared_kv else dv_, h, w, Mp, G, d, dv, scale,
+            go, out, q, v, probs, dk, dk if shared_kv else dv_, h, w, Mp, G, d, dv, *_split(scale),
             SHARED_KV=shared_kv, BK=_BK, **cfg)
     return dq, dk, dv_

@@ -1,7 +1,8 @@
 """The fused Triton backend (kernels/triton_backend.py) against the torch backend and the reference.
 
 Runs on CPU tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before anything imports triton); the interpreter costs milliseconds per program and per op, so
+before anything imports triton; with TRITON_INTERPRET=0 on a GPU machine the same tests run the
+compiled kernels on CUDA tensors); the interpreter costs milliseconds per program and per op, so
 the shapes are small, chosen to cover: 1x1, 1xN, Nx1 and non-square grids (every border case
 and interior cells), cells of 2, 4 and 7 pixels (n = 49 padded to 64), pixel tensors with all M
 heads or one head shared by all, d != dv, batch 2, bias on/off, shared k/v on/off.
@@ -23,9 +24,18 @@ import pytest
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError as e:  # pragma: no cover - depends on the platform
     pytest.skip(f'triton is not importable ({e}): the Triton backend cannot run here', allow_module_level=True)
+
+# CPU tensors through the interpreter (the default here), or CUDA tensors when the interpreter is
+# switched off on a machine with a GPU: the same checks then run the compiled kernels.
+if os.environ.get('TRITON_INTERPRET') == '1':
+    DEVICE = 'cpu'
+elif torch.cuda.is_available():
+    DEVICE = 'cuda'
+else:  # pragma: no cover
+    pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device to run the kernels on', allow_module_level=True)
 
 from spformer.kernels import reference, torch_backend
 from spformer.kernels import triton_backend as tb
@@ -47,6 +57,7 @@ def _err(got, want):
 
 
 def _assert_close(got, want, tol, what):
+    got, want = got.cpu(), want.cpu()
     assert got.shape == want.shape, f'{what}: shape {tuple(got.shape)} != {tuple(want.shape)}'
     assert not got.isnan().any(), f'{what}: NaN (an element was never written)'
     err = _err(got, want)
@@ -56,9 +67,9 @@ def _assert_close(got, want, tol, what):
 def _rand(gen, shape, dtype, noncontig=False):
     """Random tensor; ``noncontig``: a channels-first buffer viewed channels-last (non-contiguous)."""
     if not noncontig:
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    t = torch.randn((shape[0], shape[-1]) + tuple(shape[1:-1]), generator=gen, dtype=torch.float64).to(dtype)
-    return t.movedim(1, -1)
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    t = torch.randn((shape[0], shape[-1]) + tuple(shape[1:-1]), generator=gen, dtype=torch.float64)
+    return t.to(DEVICE, dtype).movedim(1, -1)
 
 
 def _cells_to_probs(wt, Mp, cell):
@@ -117,9 +128,9 @@ def _pixel_case(case, dtype, seed=0):
 
 def _pixel_oracle(q, k, v, b, go, cell):
     """float64 reference: out heads-last, probs in the contract layout, grads through autograd."""
-    ins = [t.detach().double().requires_grad_() for t in (q, k, v) + (() if b is None else (b,))]
+    ins = [t.detach().cpu().double().requires_grad_() for t in (q, k, v) + (() if b is None else (b,))]
     out, wt = reference.pixel_attention(*ins[:3], cell, SCALE, ins[3] if b is not None else None)
-    grads = torch.autograd.grad(out, ins, go.double().permute(0, 3, 1, 2, 4))
+    grads = torch.autograd.grad(out, ins, go.cpu().double().permute(0, 3, 1, 2, 4))
     return out.detach().permute(0, 2, 3, 1, 4), _cells_to_probs(wt.detach(), q.shape[1], cell), grads
 
 
@@ -133,7 +144,8 @@ def _check_pixel(case, dtype, against_torch=True):
     _assert_close(out, want_out, tol, 'out')
     _assert_close(probs, want_probs, max(tol, 1e-6), 'probs')
     G = k.shape[1] // q.shape[1]
-    assert (probs[:, _excluded(k.shape[2], k.shape[3], cell, G)] == 0).all(), 'excluded neighbours must be exactly 0'
+    excluded = probs.cpu()[:, _excluded(k.shape[2], k.shape[3], cell, G)]
+    assert (excluded == 0).all(), 'excluded neighbours must be exactly 0'
     grads = tb.pixel_attention_bwd(go, q, k, v, b, probs, cell, SCALE)
     assert (grads[3] is None) == (b is None)
     for name, got, x, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, (q, k, v, b), want_grads):
@@ -176,11 +188,11 @@ def _superpixel_case(case, dtype, seed=1):
 
 
 def _superpixel_oracle(q, k, v, go, cell, shared):
-    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
-    v64 = k64 if shared else v.detach().double().requires_grad_()
+    q64, k64 = (t.detach().cpu().double().requires_grad_() for t in (q, k))
+    v64 = k64 if shared else v.detach().cpu().double().requires_grad_()
     out = reference.superpixel_attention(q64, k64, v64, cell, SCALE)
     ins = [q64, k64] + ([] if shared else [v64])
-    grads = torch.autograd.grad(out, ins, go.double().permute(0, 3, 1, 2, 4))
+    grads = torch.autograd.grad(out, ins, go.cpu().double().permute(0, 3, 1, 2, 4))
     probs = _superpixel_probs(q64.detach(), k64.detach(), cell, SCALE)
     return out.detach().permute(0, 2, 3, 1, 4), probs, grads
 
@@ -195,7 +207,8 @@ def _check_superpixel(case, dtype, against_torch=True):
     _assert_close(out, want_out, tol, 'out')
     _assert_close(probs, want_probs, max(tol, 1e-6), 'probs')
     G = q.shape[1] // k.shape[1]
-    assert (probs[:, _excluded(q.shape[2], q.shape[3], cell, G)] == 0).all(), 'excluded neighbours must be exactly 0'
+    excluded = probs.cpu()[:, _excluded(q.shape[2], q.shape[3], cell, G)]
+    assert (excluded == 0).all(), 'excluded neighbours must be exactly 0'
     grads = tb.superpixel_attention_bwd(go, out, q, k, v, probs, cell, SCALE, shared)
     assert (grads[2] is None) == shared
     for name, got, x, want in zip(('dq', 'dk', 'dv'), grads, (q, k, v), want_grads):
@@ -231,10 +244,10 @@ def test_superpixel_attention_dtypes(dtype):
 # --- edge cases --------------------------------------------------------------------------------
 
 def test_empty_batch():
-    q, k, v = torch.randn(0, 1, 8, 8, 4), torch.randn(0, 2, 2, 2, 4), torch.randn(0, 2, 2, 2, 3)
+    q, k, v = (torch.randn(shape, device=DEVICE) for shape in ((0, 1, 8, 8, 4), (0, 2, 2, 2, 4), (0, 2, 2, 2, 3)))
     out, probs = tb.pixel_attention_fwd(q, k, v, None, 4, SCALE)
     assert out.shape == (0, 8, 8, 2, 3) and probs.shape == (0, 2, 2, 16, 18)
-    dq, dk, dv, db = tb.pixel_attention_bwd(torch.randn(0, 8, 8, 2, 3), q, k, v, None, probs, 4, SCALE)
+    dq, dk, dv, db = tb.pixel_attention_bwd(torch.randn(0, 8, 8, 2, 3, device=DEVICE), q, k, v, None, probs, 4, SCALE)
     assert (dq.shape, dk.shape, dv.shape, db) == (q.shape, k.shape, v.shape, None)
     out, probs = tb.superpixel_attention_fwd(k, q, q, 4, SCALE, True)
     assert out.shape == (0, 2, 2, 2, 4) and probs.shape == (0, 2, 2, 16, 18)
@@ -275,7 +288,7 @@ def compile_one(kernel, dtype, cell, d, dv, G, **flags):
             sig[name] = '*' + ('fp32' if exact else TY[dtype])
         elif name in SIZES:
             sig[name] = 'i32'
-        elif name == 'scale':
+        elif name in ('scale', 'scale_lo'):
             sig[name] = 'fp32'
         else:
             sig[name] = 'constexpr'
@@ -319,6 +332,10 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, '-c', _COMPILE_ALL, str(part), '2'], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=root) for part in range(2)]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0 and 'compiled' in out, err[-4000:]
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0 and 'compiled' in out, err[-4000:]
+    finally:
+        for proc in procs:
+            proc.kill()
