@@ -37,7 +37,7 @@ elif torch.cuda.is_available():
 else:  # pragma: no cover
     pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device to run the kernels on', allow_module_level=True)
 
-from spformer.kernels import reference, torch_backend
+from spformer.kernels import functional, pixel_attention, reference, superpixel_attention, torch_backend
 from spformer.kernels import triton_backend as tb
 
 SCALE = 0.45
@@ -154,6 +154,7 @@ def _check_pixel(case, dtype, against_torch=True):
     if against_torch:
         t_out, t_probs = torch_backend.pixel_attention_fwd(q, k, v, b, cell, SCALE)
         _assert_close(out, t_out, tol, 'out vs torch backend')
+        _assert_close(probs, t_probs, max(tol, 1e-6), 'probs vs torch backend')
         t_grads = torch_backend.pixel_attention_bwd(go, q, k, v, b, t_probs, cell, SCALE)
         for name, got, want in zip(('dq', 'dk', 'dv', 'dbias'), grads, t_grads):
             if want is not None:
@@ -217,6 +218,7 @@ def _check_superpixel(case, dtype, against_torch=True):
     if against_torch:
         t_out, t_probs = torch_backend.superpixel_attention_fwd(q, k, v, cell, SCALE, shared)
         _assert_close(out, t_out, tol, 'out vs torch backend')
+        _assert_close(probs, t_probs, max(tol, 1e-6), 'probs vs torch backend')
         t_grads = torch_backend.superpixel_attention_bwd(go, t_out, q, k, v, t_probs, cell, SCALE, shared)
         for name, got, want in zip(('dq', 'dk', 'dv'), grads, t_grads):
             if want is not None:
@@ -261,6 +263,30 @@ def test_deterministic():
     first = tb.pixel_attention_bwd(go, q, k, v, b, probs, cell, SCALE)
     again = tb.pixel_attention_bwd(go, q, k, v, b, probs, cell, SCALE)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_public_api_through_custom_ops(monkeypatch):
+    """pixel_attention / superpixel_attention (custom ops, registered autograd, return_weights) on this
+    backend against the reference backend."""
+    if 'triton' in functional.BACKENDS:
+        backend = 'triton'
+    else:  # until kernels/functional.py dispatches here: route 'auto' to this module
+        monkeypatch.setattr(functional, '_impl', lambda backend, device: tb)
+        backend = 'auto'
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, b = (_rand(gen, shape, torch.float32).requires_grad_()
+                  for shape in ((1, 1, 8, 12, 8), (1, 2, 2, 3, 8), (1, 2, 2, 3, 6), (1, 2, 2, 3)))
+    for name, fn, ins in (
+            ('pixel_attention', lambda be: pixel_attention(q, k, v, 4, bias=b, return_weights=True, backend=be),
+             (q, k, v, b)),
+            ('superpixel_attention', lambda be: (superpixel_attention(k, q, q, 4, backend=be),), (k, q))):
+        got, want = fn(backend), fn('reference')
+        for x, y in zip(got, want):
+            _assert_close(x.detach(), y.detach(), TOL[torch.float32], f'{name} value')
+        grads = torch.autograd.grad(got[0].square().sum(), ins)
+        want_grads = torch.autograd.grad(want[0].square().sum(), ins)
+        for i, (x, y) in enumerate(zip(grads, want_grads)):
+            _assert_close(x, y, TOL[torch.float32], f'{name} grad {i}')
 
 
 # --- GPU legality without a GPU ----------------------------------------------------------------
