@@ -5,6 +5,7 @@ fake implementations and registered autograd, so ``torch.compile`` traces whole 
 through them without graph breaks. The reference backend is plain autograd.
 """
 import math
+import os
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -13,11 +14,22 @@ from torch import Tensor
 from . import reference, torch_backend
 
 NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
-BACKENDS = ('auto', 'torch', 'reference')
+BACKENDS = ('auto', 'torch', 'triton', 'reference')
 
 
 def _impl(backend: str, device: torch.device):
-    # 'auto' will pick fused Triton kernels for CUDA tensors once they exist.
+    """'torch' and 'triton' as named; 'auto': the fused Triton kernels for CUDA tensors, else torch."""
+    if backend == 'triton' or (backend == 'auto' and device.type == 'cuda'):
+        try:
+            from . import triton_backend  # imports triton on first use only
+        except ImportError:
+            if backend == 'triton':
+                raise
+            return torch_backend
+        if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
+            raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
+                             f"got tensors on {device}")
+        return triton_backend
     return torch_backend
 
 
@@ -214,7 +226,7 @@ def superpixel_attention(
         v_p: pixel values (B, M or 1, h*cell, w*cell, dv); may be the same tensor as ``k_p``.
         cell: side of a superpixel's own cell in pixels.
         scale: logit scale, default d**-0.5.
-        backend: 'auto', 'torch' or 'reference'.
+        backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
 
     Returns:
         (B, M, h, w, dv): for superpixel j, sum over pixels p of the 3x3 cells around j of
@@ -256,7 +268,7 @@ def pixel_attention(
         return_weights: also return the (B, M, H, W, 9) probabilities (detached), neighbour k being
             the cell at offset ``NEIGHBOR_OFFSETS[k]`` from the pixel's own cell (0 outside the image).
             For differentiable probabilities use :func:`superpixel_association`.
-        backend: 'auto', 'torch' or 'reference'.
+        backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
 
     Returns:
         (B, M, H, W, dv) (a view of a heads-last (B, H, W, M, dv) tensor), and the weights if
