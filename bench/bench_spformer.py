@@ -1,13 +1,19 @@
-"""CPU benchmark: the local attention op's backends, and SPFormer-S against DeiT-S.
+"""Benchmark: the local attention op's backends, and SPFormer-S against DeiT-S.
 
 Everything is compared side by side in one run (ratios, since shared machines are noisy);
 each measurement runs in a fresh subprocess. Peak memory is the peak of live tensor bytes
 during one step (parameters, gradients, optimizer state, activations and temporaries), from
 torch's MemTracker: exact and independent of the allocator, unlike the process RSS.
 
-    python bench/bench_cpu.py                 # everything (~3-5 min on 2 cores)
-    python bench/bench_cpu.py --only op       # just the op
-    python bench/bench_cpu.py --only models   # just SPFormer-S vs DeiT-S
+    python bench/bench_spformer.py                 # everything (~5 min on 2 cores)
+    python bench/bench_spformer.py --only op       # just the op (CPU backends)
+    python bench/bench_spformer.py --only models   # just SPFormer-S vs DeiT-S (CPU)
+    python bench/bench_spformer.py --only cuda     # Triton kernels' achieved bandwidth (needs a GPU)
+
+On a machine with CUDA, the default run adds the Triton section: forward and forward+backward
+time of the fused kernels at SPFormer-S shapes (batch 128) and the bandwidth they achieve,
+counting the bytes they must move at least (inputs, outputs, saved probabilities, gradients),
+against the device's peak.
 """
 import argparse
 import json
@@ -134,6 +140,70 @@ def measure_models_time(names, mode: str, batch: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def cuda_bandwidth(batch: int = 128, repeats: int = 20):
+    """Fused Triton kernels on CUDA at SPFormer-S shapes: time and achieved bandwidth."""
+    from spformer.kernels import pixel_attention, superpixel_attention
+    dev = torch.device('cuda')
+    props = torch.cuda.get_device_properties(dev)
+    clock_khz, bus_bits = getattr(props, 'memory_clock_rate', 0), getattr(props, 'memory_bus_width', 0)
+    peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else float('nan')  # DDR: 2 per clock
+    print(f'\n## Triton kernels on {props.name} (batch {batch}; peak memory bandwidth '
+          f'{peak / 1e9:.0f} GB/s from the memory clock and bus width)\n')
+    print('| case | dtype | backend | fwd (ms) | fwd GB/s | fwd+bwd (ms) | fwd+bwd GB/s | fwd+bwd % of peak |')
+    print('|---|---|---|---|---|---|---|---|')
+    B, h, w, cell, M = batch, 14, 14, 4, 2
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        esize = torch.tensor([], dtype=dtype).element_size()
+        cases = {
+            'superpixel, shared (model)': (
+                superpixel_attention,
+                [torch.randn(B, M, h, w, 64), torch.randn(B, 1, h * cell, w * cell, 64)], dict(), 64, (h, w)),
+            'pixel, shared + bias (model)': (
+                pixel_attention,
+                [torch.randn(B, 1, h * cell, w * cell, 64), torch.randn(B, M, h, w, 64), torch.randn(B, M, h, w, 32)],
+                dict(bias=torch.randn(B, M, h, w)), 32, (h * cell, w * cell)),
+        }
+        for case, (op, tensors, kw, dv, out_grid) in cases.items():
+            tensors = [t.to(dev, dtype).requires_grad_() for t in tensors]
+            kw = {k: v.to(dev, dtype).requires_grad_() for k, v in kw.items()}
+            args = tensors + ([tensors[1]] if op is superpixel_attention else [])  # k = v shared
+            leaves = tensors + list(kw.values())
+            in_bytes = sum(t.numel() for t in leaves) * esize
+            out_bytes = B * M * out_grid[0] * out_grid[1] * dv * esize
+            probs_bytes = B * h * w * cell * cell * 9 * M * 4
+            fwd_bytes = in_bytes + out_bytes + probs_bytes
+            # backward reads inputs, grad_out, probs (and out) and writes every input's gradient
+            bwd_bytes = 2 * in_bytes + 2 * out_bytes + probs_bytes
+            for backend in ('triton', 'torch'):
+                def fwd():
+                    with torch.no_grad():
+                        op(*args, cell, backend=backend, **kw)
+
+                def fwd_bwd():
+                    out = op(*args, cell, backend=backend, **kw)
+                    out.backward(torch.ones_like(out))
+                    for t in leaves:
+                        t.grad = None
+                t_f, t_fb = timed(fwd), timed(fwd_bwd)
+                bw = (fwd_bytes + bwd_bytes) / t_fb
+                print(f'| {case} | {str(dtype).split(".")[-1]} | {backend} | {t_f * 1e3:.3f} | {fwd_bytes / t_f / 1e9:.0f} | '
+                      f'{t_fb * 1e3:.3f} | {bw / 1e9:.0f} | {100 * bw / peak:.0f}% |')
+
+
 def _run_child(kind: str, *args) -> dict:
     cmd = [sys.executable, __file__, '--child', json.dumps([kind, *args])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
@@ -142,7 +212,7 @@ def _run_child(kind: str, *args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--only', choices=['op', 'models'], default=None)
+    parser.add_argument('--only', choices=['op', 'models', 'cuda'], default=None)
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
@@ -181,6 +251,10 @@ def main(argv=None):
         print(f"\nSPFormer-S / DeiT-S: inference throughput {infer[deit] / infer[spf]:.2f}x, "
               f"train-step throughput {train[deit] / train[spf]:.2f}x, "
               f"train peak memory {memory[spf] / memory[deit]:.2f}x")
+    if args.only == 'cuda' or (args.only is None and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SystemExit('--only cuda needs a CUDA device; torch.cuda.is_available() is False here')
+        cuda_bandwidth()
 
 if __name__ == '__main__':
     main()
