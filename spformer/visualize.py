@@ -94,15 +94,16 @@ def save_superpixel_figure(
     Returns:
         ``path``.
     """
-    import matplotlib
-    matplotlib.use('Agg', force=True)
-    import matplotlib.pyplot as plt
+    # Agg canvas on a bare Figure: no pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
 
     num_stages = len(superpixel_outputs)
     num_heads = superpixel_outputs[0]['association'].shape[1]
     # Columns: the photo (spanning all rows), the merged heads, then the heads stacked in one column.
-    fig = plt.figure(figsize=(7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
+    fig = Figure(figsize=(7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
+    FigureCanvasAgg(fig)
     gs = GridSpec(num_stages, 3, figure=fig, width_ratios=[1.0, 1.0, 1.0 / num_heads], wspace=0.04, hspace=0.12)
 
     def show(ax, img, text, fontsize=9):
@@ -129,5 +130,4 @@ def save_superpixel_figure(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=dpi, bbox_inches='tight')
-    plt.close(fig)
     return path
