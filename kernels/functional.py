@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import reference, torch_backend
 
@@ -135,6 +136,33 @@ def _superpixel_backward(ctx, grad_out, grad_probs):
 
 
 _superpixel_attention_op.register_autograd(_superpixel_backward, setup_context=_superpixel_setup_context)
+
+
+# FLOP formulas for torch.utils.flop_counter (custom ops are invisible to it otherwise): every
+# pixel meets 9 superpixels per head, once for the logit (d MACs) and once for the value (dv).
+def _pairs(pixel_shape, sp_shape) -> int:
+    B, _, H, W = pixel_shape[:4]
+    return B * sp_shape[1] * H * W * 9
+
+
+@register_flop_formula(torch.ops.spformer.pixel_attention)
+def _pixel_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _pairs(q, k) * (q[-1] + v[-1])
+
+
+@register_flop_formula(torch.ops.spformer.pixel_attention_backward)
+def _pixel_attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _pairs(q, k) * (q[-1] + v[-1])
+
+
+@register_flop_formula(torch.ops.spformer.superpixel_attention)
+def _superpixel_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _pairs(k, q) * (q[-1] + v[-1])
+
+
+@register_flop_formula(torch.ops.spformer.superpixel_attention_backward)
+def _superpixel_attention_backward_flops(grad_out, out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _pairs(k, q) * (q[-1] + v[-1])
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -51,3 +51,21 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_flop_counter_sees_the_custom_ops():
+    """torch.utils.flop_counter counts the custom ops: 2 flops per MAC, every pixel meets 9
+    superpixels per head, d MACs for the logit and dv for the value (by hand: B=2, M=3, 8x12 pixels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from spformer.kernels import pixel_attention, superpixel_attention
+    B, M, h, w, cell, d, dv = 2, 3, 2, 3, 4, 5, 7
+    pairs = B * M * (h * cell) * (w * cell) * 9
+    q_p, k_s, v_s = torch.randn(B, 1, h * cell, w * cell, d), torch.randn(B, M, h, w, d), torch.randn(B, M, h, w, dv)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        pixel_attention(q_p, k_s, v_s, cell)
+    assert counter.get_total_flops() == 2 * pairs * (d + dv)
+    q_s, k_p, v_p = torch.randn(B, M, h, w, d), torch.randn(B, M, h * cell, w * cell, d), torch.randn(B, M, h * cell, w * cell, dv)
+    with counter:
+        superpixel_attention(q_s, k_p, v_p, cell)
+    assert counter.get_total_flops() == 2 * pairs * (d + dv)

@@ -372,7 +372,10 @@ class SPFormer(nn.Module):
 
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
         self.stages = nn.ModuleList()
-        self.feature_info = [dict(num_chs=pixel_dim, reduction=stem_stride, module='pixels')]
+        # Feature 0, the pixel stream as the last stage reads it, is the output of the last pixel
+        # update (channels-last there; forward_intermediates returns it NCHW).
+        pixel_source = f'stages.{len(depths) - 2}.unfold' if len(depths) > 1 else 'stem'
+        self.feature_info = [dict(num_chs=pixel_dim, reduction=stem_stride, module=pixel_source)]
         for i, depth in enumerate(depths):
             first = sum(depths[:i])
             self.stages.append(SPFormerStage(
