@@ -200,17 +200,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         f'- Machine: {machine}; 1-min load average {load} (above the core count means other jobs '
         f'shared the CPU and slowed every row).',
         '- GMACs: batch 1 at the default input size, `torch.utils.flop_counter` FLOPs / 2 with the math '
-        'SDPA backend so attention is counted. The counter does not see inside custom ops '
-        '(`torch.ops.spformer.*`, the local pixel/superpixel attention): their MACs, a few tens of '
-        'millions per image, are missing from the SPFormer rows.',
+        'SDPA backend so attention is counted; the local pixel/superpixel attention ops '
+        '(`torch.ops.spformer.*`) register their own formula. These are the MACs this implementation '
+        'executes: its SCA never builds the pixel q|k|v (DESIGN.md 1.5), which the paper\'s structure '
+        'computes for the same result.',
         f'- CPU img/s: batch {args.batch_size}, eval, `torch.inference_mode`, random weights (speed does not '
         f'depend on them); {args.warmup} warm-up, then {len(rows[0]["times"])} timed runs taken in rounds '
         f'over all models, so that load from other processes hits every row alike. CPU img/s and vs DeiT-S '
         f'use the fastest run (closest to an idle machine), (median) the median run; a median well below '
         f'the best means other jobs shared the cores during the measurement.',
         '- Paper columns: copied from the SPFormer and DeiT papers for reference, not measured here. '
-        "The SPFormer paper's GFLOPs were counted another way: the authors' code, counted as here, gives "
-        '1.400 (T), 5.155 (S) and 19.087 (B) GMACs. Compare GMACs with the DeiT rows measured here.',
+        "The authors' code, counted as here, gives 1.400 (T), 5.155 (S), 19.087 (B) and 0.522 (S/56) "
+        'GMACs: the difference is the pixel q|k|v projection. Compare GMACs with the DeiT rows measured here.',
     ])
     print(block)
     print(f'({time.perf_counter() - start:.0f} s)', file=sys.stderr)
