@@ -742,3 +742,71 @@ def test_valid_calls_used_by_bad_input_tests_pass():
     for b in BACKENDS + ('auto',):
         _sp(backend=b, scale=0.5)
         _px(backend=b, return_weights=True)
+
+
+# --- pixel tensors shared by all heads, and the per-superpixel logit bias ------------------------
+
+def _expand_heads(t, M):
+    return t.expand(t.shape[0], M, *t.shape[2:])
+
+
+@pytest.mark.parametrize('M, grid, cell', [(2, (3, 5), 4), (3, (1, 4), 2), (2, (4, 1), 7), (1, (2, 2), 3)])
+def test_shared_pixel_heads_and_bias_match_reference(M, grid, cell):
+    """Pixel tensors with one head shared by all M heads equal the same tensor repeated M times, and
+    the torch backend equals the reference with a bias, on values and on every gradient (float64)."""
+    torch.manual_seed(0)
+    B, d, dv = 2, 5, 3
+    h, w = grid
+    H, W = h * cell, w * cell
+    dt = torch.float64
+    q_p = (torch.randn(B, 1, H, W, d, dtype=dt) * 3).requires_grad_()
+    k_s, v_s = torch.randn(B, M, h, w, d, dtype=dt, requires_grad=True), torch.randn(B, M, h, w, dv, dtype=dt, requires_grad=True)
+    bias = torch.randn(B, M, h, w, dtype=dt, requires_grad=True)
+    q_s = (torch.randn(B, M, h, w, d, dtype=dt) * 3).requires_grad_()
+    x_p = torch.randn(B, 1, H, W, d, dtype=dt, requires_grad=True)  # k = v, shared by all heads
+    leaves = [q_p, k_s, v_s, bias, q_s, x_p]
+
+    def run(backend, expand):
+        e = (lambda t: _expand_heads(t, M)) if expand else (lambda t: t)
+        out_p = pixel_attention(e(q_p), k_s, v_s, cell, bias=bias, backend=backend)
+        out_s = superpixel_attention(q_s, e(x_p), e(x_p), cell, backend=backend)
+        g_p, g_s = torch.randn(out_p.shape, dtype=dt, generator=torch.Generator().manual_seed(1)), \
+            torch.randn(out_s.shape, dtype=dt, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad((out_p * g_p).sum() + (out_s * g_s).sum(), leaves)
+        return out_p, out_s, grads
+
+    ref = run('reference', expand=True)
+    for backend, expand in (('torch', False), ('torch', True), ('reference', False)):
+        got = run(backend, expand)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-10)
+        for g, r in zip(got[2], ref[2]):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    weights = pixel_attention(q_p, k_s, v_s, cell, bias=bias, return_weights=True)[1]
+    assoc = superpixel_association(q_p, k_s, cell, bias=bias, backend='reference')
+    torch.testing.assert_close(weights, assoc, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_heads_bias_gradcheck():
+    torch.manual_seed(0)
+    dt = torch.float64
+    q_p = torch.randn(1, 1, 6, 4, 3, dtype=dt, requires_grad=True)
+    k_s, v_s = torch.randn(1, 2, 3, 2, 3, dtype=dt, requires_grad=True), torch.randn(1, 2, 3, 2, 2, dtype=dt, requires_grad=True)
+    bias = torch.randn(1, 2, 3, 2, dtype=dt, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c, e: pixel_attention(a, b, c, 2, bias=e, backend='torch'),
+                                    (q_p, k_s, v_s, bias))
+    q_s = torch.randn(1, 2, 3, 2, 3, dtype=dt, requires_grad=True)
+    x_p = torch.randn(1, 1, 6, 4, 3, dtype=dt, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: superpixel_attention(a, b, b, 2, backend='torch'), (q_s, x_p))
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(bias_shape=(2, 2, 3)), r'bias must have shape \(B, M, h, w\)'),
+    (dict(q_heads=3), r'q_p has 3 heads but k_s has 2'),
+])
+def test_bad_bias_and_head_broadcast(kwargs, match):
+    q_p = torch.randn(2, kwargs.get('q_heads', 1), 8, 12, 4)
+    k_s, v_s = torch.randn(2, 2, 2, 3, 4), torch.randn(2, 2, 2, 3, 5)
+    bias = torch.randn(*kwargs.get('bias_shape', (2, 2, 2, 3)))
+    with pytest.raises(ValueError, match=match):
+        pixel_attention(q_p, k_s, v_s, 4, bias=bias)
