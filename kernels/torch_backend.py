@@ -214,6 +214,18 @@ def superpixel_association(q, k, bias: Optional[torch.Tensor], cell: int, scale:
 
 # --- superpixel queries over the pixels of their 3x3 cells ---------------------------------------
 
+def _superpixel_operands(q, k, v, cell: int, shared_kv: bool):
+    """What both passes start from: cell-major keys and values, gathered queries (N, h, w, G * 9, d)."""
+    B, M, h, w, d = q.shape
+    Mp = k.shape[1]
+    G = M // Mp
+    dt = _compute_dtype(q.dtype)
+    kc = pixels_to_cells(k.to(dt), cell)
+    vc = kc if shared_kv else pixels_to_cells(v.to(dt), cell)
+    qn = neighbors(q.to(dt), Mp).view(B * Mp, h, w, G * 9, d)
+    return Mp, G, dt, kc, vc, qn
+
+
 def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False):
     """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k (one cell copy).
 
@@ -221,14 +233,9 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     entry (c, p, g * 9 + k) is the weight of pixel p of cell c for superpixel c + offset k, head g.
     """
     B, M, h, w, d = q.shape
-    Mp = k.shape[1]
-    G = M // Mp
-    dt = _compute_dtype(q.dtype)
-    kc = pixels_to_cells(k.to(dt), cell)
-    vc = kc if shared_kv else pixels_to_cells(v.to(dt), cell)
+    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv)
     N, _, _, n, _ = kc.shape
     dv = vc.shape[-1]
-    qn = neighbors(q.to(dt), Mp).view(N, h, w, G * 9, d)
     logits = torch.matmul(kc, qn.transpose(-1, -2)).mul_(scale)  # (N, h, w, n, G9)
     # Softmax over all pixels of each superpixel's 3x3 cells: exact per-superpixel max folded
     # from per-cell maxima, sums folded the same way. Pairs whose superpixel lies outside the
@@ -248,14 +255,9 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     """grad_out and out heads-last (B, h, w, M, dv). Returns (dq, dk, dv); dv is None if ``shared_kv``
     (then dk holds the gradient of both uses)."""
     B, M, h, w, d = q.shape
-    Mp = k.shape[1]
-    G = M // Mp
-    dt = _compute_dtype(q.dtype)
-    kc = pixels_to_cells(k.to(dt), cell)
-    vc = kc if shared_kv else pixels_to_cells(v.to(dt), cell)
+    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv)
     N, _, _, n, _ = kc.shape
     dv = vc.shape[-1]
-    qn = neighbors(q.to(dt), Mp).view(N, h, w, G * 9, d)
     go = grad_out.to(dt)
     # D_j = <out_j, grad_j>, the softmax-backward row term, per superpixel and head.
     delta = (go * out.to(dt)).sum(-1)  # (B, h, w, M)
