@@ -1,10 +1,10 @@
 """Cell-major PyTorch backend (DESIGN.md section 1.4), with hand-written backward passes.
 
 Pixels are viewed cell by cell, (N, h, w, cell*cell, d). Only the small superpixel grid is
-gathered 3x3 (:func:`gather9`, 9x of a tensor 1/cell**2 the size of the pixels); every
+gathered 3x3 (:func:`neighbors`, 9x of a tensor 1/cell**2 the size of the pixels); every
 (pixel, neighbour) logit is one batched matmul per cell; superpixel results return to the
-grid with the adjoint :func:`fold9`. No pixel tensor is ever copied 9x, and gather-9 and
-fold-9 are each other's backward, so no full-size gradient is zero-filled.
+grid with the adjoint :func:`fold9`. No pixel tensor is ever copied 9x, and the gather and
+the fold are each other's backward, so no full-size gradient is zero-filled.
 
 Heads: the pixel tensors may carry either all M heads or a single head shared by all of
 them (M_p = 1; SPFormer's projection-free formulation does that). Internally N = B * M_p
@@ -53,19 +53,11 @@ def superpixels_grouped(s: torch.Tensor, Mp: int) -> torch.Tensor:
     return s.reshape(B, Mp, G, h, w, *rest).movedim(2, 4).reshape(B * Mp, h, w, G, *rest)
 
 
-def gather9(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """(N, h, w, *rest) -> (N, h, w, 9, *rest): entry k of cell c is x at cell c + offset k."""
-    N, h, w = x.shape[:3]
-    rest = x.shape[3:]
-    xp = F.pad(x.reshape(N, h, w, math.prod(rest)), (0, 0, 1, 1, 1, 1), value=fill)  # (N, h + 2, w + 2, r)
-    windows = xp.unfold(1, 3, 1).unfold(2, 3, 1)  # (N, h, w, r, 3, 3)
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(N, h, w, 9, *rest)
-
-
 def fold9(y: torch.Tensor, reduce: str = 'sum', axis: int = 3) -> torch.Tensor:
-    """Adjoint of :func:`gather9`: y with the 9 neighbours on ``axis`` (N, h, w, [G,] 9, *rest) ->
-    the same without that axis, out[j] = sum_k y[j - offset k, k] (or the max with ``reduce='amax'``).
-    Entries whose target lies outside the grid are dropped. Reads y in place, whatever its layout."""
+    """Adjoint of the neighbour gather (:func:`neighbors`): y with the 9 neighbours on ``axis``,
+    (N, h, w, [G,] 9, *rest) -> the same without that axis, out[j] = sum_k y[j - offset k, k] (or
+    the max with ``reduce='amax'``). Entries whose target lies outside the grid are dropped.
+    Reads y in place, whatever its layout."""
     N, h, w = y.shape[:3]
     shape = y.shape[:axis] + y.shape[axis + 1:]
     padded = (N, h + 2, w + 2) + tuple(shape[3:])
