@@ -74,6 +74,22 @@ def _neighbours(i, j, h, w, BK: tl.constexpr):
     return kk, ni * w + nj, valid
 
 
+@triton.jit
+def _heads_last_rows(nn, pix, h, w, Mp, G, CELL: tl.constexpr):
+    """Row (in units of DV) of pixels ``pix`` of image nn, head (nn % Mp) * G, in a heads-last
+    (B, H, W, Mp * G, DV) tensor; head g of the group is ``+ g``."""
+    return ((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G
+
+
+@triton.jit
+def _neighbour_kv(k_ptr, v_ptr, nn, G, h, w, nbr, kvalid, dc, ec, D, DV):
+    """Flat superpixel index of the 9 neighbours (head 0 of the group), pointers to their key and
+    value rows, and the load masks; head g is ``+ g * h * w`` rows away."""
+    sp = nn * G * (h * w) + nbr
+    return (sp, k_ptr + sp[:, None] * D + dc[None, :], v_ptr + sp[:, None] * DV + ec[None, :],
+            kvalid[:, None] & (dc < D)[None, :], kvalid[:, None] & (ec < DV)[None, :])
+
+
 # --- pixel queries over their 9 superpixels --------------------------------------------------
 
 @triton.jit
@@ -95,12 +111,8 @@ def _pixel_fwd_kernel(
     qt = tl.load(q_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :],
                  mask=pin[:, None] & (dc < D)[None, :], other=0.0).to(ACC)
     # per head g: + g * (h * w * channels) on the superpixel side, + g * DV on the output side
-    sp = nn * G * (h * w) + nbr
-    k_ptrs = k_ptr + sp[:, None] * D + dc[None, :]
-    v_ptrs = v_ptr + sp[:, None] * DV + ec[None, :]
-    kmask = kvalid[:, None] & (dc < D)[None, :]
-    vmask = kvalid[:, None] & (ec < DV)[None, :]
-    out_ptrs = out_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G)[:, None] * DV \
+    sp, k_ptrs, v_ptrs, kmask, vmask = _neighbour_kv(k_ptr, v_ptr, nn, G, h, w, nbr, kvalid, dc, ec, D, DV)
+    out_ptrs = out_ptr + _heads_last_rows(nn, pix, h, w, Mp, G, CELL)[:, None] * DV \
         + ec[None, :]
     omask = pin[:, None] & (ec < DV)[None, :]
     prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
@@ -136,12 +148,8 @@ def _pixel_bwd_dq_kernel(
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
-    sp = nn * G * (h * w) + nbr
-    k_ptrs = k_ptr + sp[:, None] * D + dc[None, :]
-    v_ptrs = v_ptr + sp[:, None] * DV + ec[None, :]
-    kmask = kvalid[:, None] & (dc < D)[None, :]
-    vmask = kvalid[:, None] & (ec < DV)[None, :]
-    go_ptrs = go_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G)[:, None] * DV \
+    sp, k_ptrs, v_ptrs, kmask, vmask = _neighbour_kv(k_ptr, v_ptr, nn, G, h, w, nbr, kvalid, dc, ec, D, DV)
+    go_ptrs = go_ptr + _heads_last_rows(nn, pix, h, w, Mp, G, CELL)[:, None] * DV \
         + ec[None, :]
     omask = pin[:, None] & (ec < DV)[None, :]
     prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + kk[None, :]
@@ -181,7 +189,7 @@ def _pixel_bwd_dkv_kernel(
     # pointers for the superpixel's own cell; cell (i, j) - offset t is a scalar shift away
     cell = nn * (h * w) + i * w + j
     q_ptrs = q_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
-    go_ptrs = go_ptr + (((nn // Mp) * (h * w * CELL * CELL) + pix) * (Mp * G) + (nn % Mp) * G + g)[:, None] * DV \
+    go_ptrs = go_ptr + (_heads_last_rows(nn, pix, h, w, Mp, G, CELL) + g)[:, None] * DV \
         + ec[None, :]
     prob_ptrs = probs_ptr + (cell * (CELL * CELL) + p) * (9 * G) + g * 9
     delta_ptrs = delta_ptr + (cell * G + g) * (CELL * CELL) + p
