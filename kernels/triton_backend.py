@@ -90,6 +90,17 @@ def _neighbour_kv(k_ptr, v_ptr, nn, G, h, w, nbr, kvalid, dc, ec, D, DV):
             kvalid[:, None] & (dc < D)[None, :], kvalid[:, None] & (ec < DV)[None, :])
 
 
+@triton.jit
+def _own_cell_pixels(k_ptr, v_ptr, probs_ptr, nn, pid, p, pix, pin, gg, gmask, dc, ec, h, w, G, D, DV,
+                     CELL: tl.constexpr):
+    """For the superpixel whose own cell is ``pid``: pointers to that cell's pixel keys, values and
+    (per head gg) probability rows, and their load masks; the cell at offset t is a scalar shift away."""
+    rows = nn * (h * w * CELL * CELL) + pix
+    return (k_ptr + rows[:, None] * D + dc[None, :], v_ptr + rows[:, None] * DV + ec[None, :],
+            probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + gg[None, :] * 9,
+            pin[:, None] & (dc < D)[None, :], pin[:, None] & (ec < DV)[None, :], pin[:, None] & gmask[None, :])
+
+
 # --- pixel queries over their 9 superpixels --------------------------------------------------
 
 @triton.jit
@@ -244,13 +255,8 @@ def _superpixel_fwd_kernel(
     gmask = gg < G
     qt = tl.load(q_ptr + ((nn * G + gg) * (h * w) + s)[:, None] * D + dc[None, :],
                  mask=gmask[:, None] & (dc < D)[None, :], other=0.0).to(ACC)  # (BG, BD)
-    # pointers for the own cell; the cell at offset t is a scalar shift away
-    k_ptrs = k_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
-    v_ptrs = v_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * DV + ec[None, :]
-    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + gg[None, :] * 9
-    kmask = pin[:, None] & (dc < D)[None, :]
-    vmask = pin[:, None] & (ec < DV)[None, :]
-    pmask = pin[:, None] & gmask[None, :]
+    k_ptrs, v_ptrs, prob_ptrs, kmask, vmask, pmask = _own_cell_pixels(
+        k_ptr, v_ptr, probs_ptr, nn, pid, p, pix, pin, gg, gmask, dc, ec, h, w, G, D, DV, CELL)
     # Pass 1: running max and sum; the own cell (always inside) comes first, so the max is
     # finite from the first step on.
     m_i = tl.full((BG,), float('-inf'), dtype=ACC)
@@ -319,12 +325,8 @@ def _superpixel_bwd_dq_kernel(
     go = tl.load(go_ptr + out_row[:, None] * DV + ec[None, :], mask=omask, other=0.0).to(ACC)  # (BG, BDV)
     o = tl.load(out_ptr + out_row[:, None] * DV + ec[None, :], mask=omask, other=0.0).to(ACC)
     delta = tl.sum(go * o, axis=1)  # (BG,) the softmax-backward row term <out, grad_out>
-    k_ptrs = k_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * D + dc[None, :]
-    v_ptrs = v_ptr + (nn * (h * w * CELL * CELL) + pix)[:, None] * DV + ec[None, :]
-    prob_ptrs = probs_ptr + (pid * (CELL * CELL) + p)[:, None] * (9 * G) + gg[None, :] * 9
-    kmask = pin[:, None] & (dc < D)[None, :]
-    vmask = pin[:, None] & (ec < DV)[None, :]
-    pmask = pin[:, None] & gmask[None, :]
+    k_ptrs, v_ptrs, prob_ptrs, kmask, vmask, pmask = _own_cell_pixels(
+        k_ptr, v_ptr, probs_ptr, nn, pid, p, pix, pin, gg, gmask, dc, ec, h, w, G, D, DV, CELL)
     acc = tl.zeros((BG, BD), dtype=ACC)
     for t in range(9):
         DY = t // 3 - 1
