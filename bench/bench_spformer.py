@@ -18,13 +18,14 @@ against the device's peak.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from model_table import machine_info, replace_between_markers  # bench/ is on sys.path when run as a script
 
 
 def _peak_tensor_mb(step, *tracked) -> float:
@@ -212,11 +213,16 @@ def _run_child(kind: str, *args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+README_START, README_END = '<!-- bench:start -->', '<!-- bench:end -->'
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--only', choices=['op', 'models', 'cuda'], default=None)
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--readme', default=None,
+                        help=f'also write the CPU tables between {README_START} and {README_END} of this file')
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -226,39 +232,58 @@ def main(argv=None):
         print(json.dumps(result))
         return
 
-    print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, batch {args.batch_size}')
+    lines = []
+
+    def emit(text: str = ''):
+        print(text)
+        lines.append(text)
+
+    emit(f'Machine: {machine_info(torch.get_num_threads())}; batch {args.batch_size}; '
+         f'`python bench/bench_spformer.py {" ".join(argv if argv is not None else sys.argv[1:])}`'.rstrip())
     if args.only in (None, 'op'):
-        print('\n## Local attention op, SPFormer-S layer shapes (forward + backward)\n')
-        print('| case | backend | fwd+bwd time (ms) | speed-up vs reference | peak above inputs (MB) '
-              '| vs reference | of which working memory (MB) | vs reference |')
-        print('|---|---|---|---|---|---|---|---|')
+        emit()
+        emit('**Local attention op**, SPFormer-S layer shapes (14×14 superpixels, 56×56 pixels, 2 heads), '
+             'forward + backward:')
+        emit()
+        emit('| case | backend | fwd+bwd time (ms) | speed-up vs reference | peak above inputs (MB) '
+             '| vs reference | of which working memory (MB) | vs reference |')
+        emit('|---|---|---|---|---|---|---|---|')
         for case in OP_CASES:
             ref = _run_child('op', 'reference', case, args.batch_size, args.repeats)
             r = _run_child('op', 'torch', case, args.batch_size, args.repeats)
             for backend, res in (('reference', ref), ('torch', r)):
-                print(f"| {case} | {backend} | {res['seconds'] * 1e3:.1f} | {ref['seconds'] / res['seconds']:.2f}x | "
-                      f"{res['peak_mb']:.0f} | {ref['peak_mb'] / res['peak_mb']:.1f}x less | "
-                      f"{res['working_mb']:.1f} | {ref['working_mb'] / max(res['working_mb'], 0.1):.1f}x less |")
+                emit(f"| {case} | {backend} | {res['seconds'] * 1e3:.1f} | {ref['seconds'] / res['seconds']:.2f}x | "
+                     f"{res['peak_mb']:.0f} | {ref['peak_mb'] / res['peak_mb']:.1f}x less | "
+                     f"{res['working_mb']:.1f} | {ref['working_mb'] / max(res['working_mb'], 0.1):.1f}x less |")
     if args.only in (None, 'models'):
-        print('\n## SPFormer-S vs DeiT-S (224 px)\n')
-        print('| model | inference img/s | train step (s) | train img/s | train peak memory (MB) |')
-        print('|---|---|---|---|---|')
+        emit()
+        emit('**SPFormer-S vs DeiT-S**, 224 px (train step = forward, backward, AdamW step):')
+        emit()
+        emit('| model | inference img/s | train step (s) | train img/s | train peak memory (MB) |')
+        emit('|---|---|---|---|---|')
         names = ('deit_small_patch16_224', 'spformer_small_sp16_224')
         infer = measure_models_time(names, 'infer', args.batch_size, args.repeats)
         train = measure_models_time(names, 'train', args.batch_size, max(2, args.repeats - 2))
         memory = {name: _run_child('model', name, 'train', args.batch_size)['peak_mb'] for name in names}
         for name in names:
-            print(f"| {name} | {args.batch_size / infer[name]:.1f} | {train[name]:.2f} | "
-                  f"{args.batch_size / train[name]:.1f} | {memory[name]:.0f} |")
+            emit(f"| {name} | {args.batch_size / infer[name]:.1f} | {train[name]:.2f} | "
+                 f"{args.batch_size / train[name]:.1f} | {memory[name]:.0f} |")
         deit, spf = names
-        print(f"\nSPFormer-S / DeiT-S: inference throughput {infer[deit] / infer[spf]:.2f}x, "
-              f"train-step throughput {train[deit] / train[spf]:.2f}x, "
-              f"train peak memory {memory[spf] / memory[deit]:.2f}x")
+        emit()
+        emit(f"SPFormer-S / DeiT-S: inference throughput {infer[deit] / infer[spf]:.2f}x, "
+             f"train-step throughput {train[deit] / train[spf]:.2f}x, "
+             f"train peak memory {memory[spf] / memory[deit]:.2f}x")
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, 'w') as f:
+            f.write(replace_between_markers(text, '\n'.join(lines) + '\n', README_START, README_END))
+        print(f'updated {args.readme}')
     if args.only == 'cuda' or (args.only is None and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SystemExit('--only cuda needs a CUDA device; torch.cuda.is_available() is False here')
         cuda_bandwidth()
+
 
 if __name__ == '__main__':
     main()
