@@ -1,16 +1,921 @@
-"""ImageNet training and fine-tuning of SPFormer with Accelerate (DeiT recipe) -- not written yet.
+#!/usr/bin/env python
+"""ImageNet training and fine-tuning of SPFormer (or any timm model) with Accelerate and the DeiT recipe.
 
-Planned as issue 4: ``accelerate launch train_imagenet.py --model spformer_small_sp16_224 --data-dir ...``.
-Until then, any timm-based training loop can build the models with
-``timm.create_model('spformer_small_sp16_224', drop_path_rate=0.1)`` after ``import spformer``.
+    accelerate launch train_imagenet.py --model spformer_small_sp16_224 --data-dir /data/imagenet
+    python train_imagenet.py --config configs/deit_in1k.yaml --data-dir /data/imagenet --batch-size 64
+    accelerate launch train_imagenet.py ... --resume latest        # continue exactly where it stopped
+
+Data: an ImageFolder directory (``--data-dir`` with ``train/`` and ``val/`` class folders) or a Hugging Face
+dataset (``--hf-dataset`` name or local path, map-style or ``--streaming``, ``image``/``label`` columns).
+The recipe is timm's: ``create_transform`` (RandAugment, random erasing, bicubic), Mixup/CutMix,
+``create_optimizer_v2`` (AdamW, layer decay), ``create_scheduler_v2`` stepped per optimizer update,
+``ModelEmaV3``, ``SoftTargetCrossEntropy``. Every default (``--help``) can be set by flag or in a YAML
+file given with ``--config`` (flags win).
+
+Everything goes under ``--output`` (default ``out/<model>``):
+
+    train_config.yaml     the effective configuration (reusable with --config)
+    metrics.jsonl         one JSON row per logged update ("train") and per epoch ("val")
+    checkpoints/step_N/   Accelerate state after N optimizer updates (model, optimizer, scaler, RNG) plus
+                          the lr scheduler, EMA and the position in the data; the last --keep-checkpoints
+    final/                config.json + model.safetensors (timm save_for_hf layout), model_ema.safetensors,
+                          train_config.yaml, results.json (final validation top-1/top-5)
+    training_curves.png   loss, lr and validation accuracy (needs matplotlib)
+
+Exact resumption: the order of the samples depends only on (--seed, epoch) and the augmentation of a
+sample only on (--seed, epoch, sample index), never on the process-wide RNGs, the number of loader
+workers or where a run stopped; drop path and Mixup draw from the process RNGs, which checkpoints save.
+A checkpoint is written to ``checkpoints/.tmp-step_N``, fsynced and renamed, so a crash mid-write leaves
+only a temporary folder that ``--resume latest`` ignores (and the next save removes).
+
+Test-only hooks (environment variables, for tests/test_train.py; never needed in real runs):
+    SPFORMER_TRAIN_TEST_KILL_AT=N   SIGKILL this process while it writes the checkpoint of update N
+                                    (after the state files are in the temporary folder, before the rename).
+    SPFORMER_TRAIN_TEST_DUMP=DIR    every process writes DIR/rank<i>.json (sample indices seen per epoch,
+                                    sha256 of its final weights); the main one also DIR/final_logits.pt.
 """
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
 import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm.auto import tqdm
+
+import timm
+from timm.data import Mixup, create_transform, resolve_model_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import save_for_hf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+import spformer  # noqa: F401  (registers the spformer_* models with timm)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
-def main() -> int:
-    print('train_imagenet.py is not implemented yet (issue 4). Meanwhile, any timm-based training loop '
-          'can build spformer_* models with timm.create_model after `import spformer`.', file=sys.stderr)
-    return 2
+class ConfigError(ValueError):
+    """Bad input: the message names the argument, what it got and what it expects."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments: flags, optionally a YAML file of defaults (--config), then checks of the combination.
+# ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description='Train or fine-tune SPFormer (any timm model) with Accelerate and the DeiT recipe.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--config', default=None, help='YAML file of defaults (keys are flag names); flags override it')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--data-dir', default=None, help='ImageFolder root with <train-split>/ and <val-split>/ class folders')
+    g.add_argument('--hf-dataset', default=None, help='Hugging Face dataset name or local path (load_dataset)')
+    g.add_argument('--hf-config', default=None, help='dataset configuration name of --hf-dataset')
+    g.add_argument('--train-split', default='train')
+    g.add_argument('--val-split', default=None, help="default: 'val' for --data-dir, 'validation' for --hf-dataset")
+    g.add_argument('--image-column', default='image')
+    g.add_argument('--label-column', default='label')
+    g.add_argument('--streaming', action='store_true', help='stream the training split of --hf-dataset')
+    g.add_argument('--train-samples', type=int, default=None,
+                   help='training split size, needed with --streaming when the dataset does not record it')
+    g.add_argument('--shuffle-buffer', type=int, default=10000, help='shuffle buffer of --streaming')
+    g.add_argument('--workers', type=int, default=8, help='data loader processes per training process')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='spformer_small_sp16_224', help="timm model name or 'hf-hub:ORG/NAME'")
+    g.add_argument('--pretrained', action='store_true', help='start from the registered (or hf-hub:) weights')
+    g.add_argument('--initial-checkpoint', default=None, help='start from a local .safetensors file')
+    g.add_argument('--num-classes', type=int, default=None, help='default: number of classes in the data')
+    g.add_argument('--img-size', type=int, default=None, help="default: the model's input size")
+    g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
+    g.add_argument('--attn-backend', default=None, choices=['auto', 'torch', 'triton', 'reference'],
+                   help='local attention backend of spformer models (default: the model default, auto)')
+    g.add_argument('--grad-checkpointing', action='store_true')
+
+    g = p.add_argument_group('augmentation (timm create_transform, Mixup)')
+    g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="auto-augment policy, 'none' to disable")
+    g.add_argument('--color-jitter', type=float, default=0.3, help='(timm uses it only without --aa)')
+    g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
+    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random resized crop scale')
+    g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random resized crop ratio')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--interpolation', default='bicubic')
+    g.add_argument('--crop-pct', type=float, default=None, help="validation center crop, default: the model's")
+    g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 disables')
+    g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 disables')
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+
+    g = p.add_argument_group('optimizer and schedule (timm create_optimizer_v2, create_scheduler_v2)')
+    g.add_argument('--opt', default='adamw')
+    g.add_argument('--lr', type=float, default=None, help='absolute lr; default: lr-base x global batch / lr-base-size')
+    g.add_argument('--lr-base', type=float, default=5e-4)
+    g.add_argument('--lr-base-size', type=int, default=512)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--opt-eps', type=float, default=1e-8)
+    g.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument('--momentum', type=float, default=0.9, help='(SGD-like optimizers)')
+    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay, e.g. 0.65 to fine-tune')
+    g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--warmup-epochs', type=float, default=5)
+    g.add_argument('--warmup-lr', type=float, default=1e-6)
+    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--batch-size', type=int, default=128, help='per process (and per accumulation step)')
+    g.add_argument('--eval-batch-size', type=int, default=None, help='per process, default: --batch-size')
+    g.add_argument('--grad-accum-steps', type=int, default=1)
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument('--model-ema-decay', type=float, default=0.99996)
+    g.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up (ModelEmaV3 use_warmup)')
+    g.add_argument('--seed', type=int, default=42)
+
+    g = p.add_argument_group('accelerate')
+    g.add_argument('--mixed-precision', default=None, choices=['no', 'fp16', 'bf16'],
+                   help='default: what `accelerate launch`/`accelerate config` says, else no')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (TorchDynamoPlugin)')
+    g.add_argument('--compile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
+
+    g = p.add_argument_group('outputs')
+    g.add_argument('--output', default=None, help='output folder, default: out/<model>')
+    g.add_argument('--checkpoint-every', type=int, default=1000, help='also checkpoint every N updates (0: epochs only)')
+    g.add_argument('--keep-checkpoints', type=int, default=3, help='keep the last K checkpoints (0: all)')
+    g.add_argument('--resume', default=None, help="checkpoint folder, or 'latest' in <output>/checkpoints")
+    g.add_argument('--stop-after-steps', type=int, default=None,
+                   help='checkpoint and stop after this many updates in total (the schedule still spans --epochs)')
+    g.add_argument('--log-interval', type=int, default=50, help='updates between metric rows')
+    g.add_argument('--log-with', default=None, help="Accelerate tracker, e.g. 'tensorboard'")
+    g.add_argument('--no-plot', action='store_true', help='skip training_curves.png')
+    g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
+    g.add_argument('--hub-private', action='store_true')
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('--config', default=None)
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise ConfigError(f'--config: {str(path)!r} is not a file; expected a YAML file of flag defaults')
+        with path.open() as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f'--config: {str(path)!r} holds a {type(cfg).__name__}; expected a mapping flag: value')
+        dests = {a.dest for a in parser._actions}
+        cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
+        unknown = sorted(set(cfg) - dests)
+        if unknown:
+            raise ConfigError(f'--config: {str(path)!r} sets unknown options {unknown}; expected flag names as in --help')
+        cfg.pop('config', None)
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations and ranges that can be judged before touching data or models."""
+    if (args.data_dir is None) == (args.hf_dataset is None):
+        raise ConfigError(f'--data-dir / --hf-dataset: got data_dir={args.data_dir!r}, hf_dataset={args.hf_dataset!r}; '
+                          'expected exactly one of them (an ImageFolder root or a Hugging Face dataset)')
+    if args.streaming and args.hf_dataset is None:
+        raise ConfigError('--streaming: needs --hf-dataset (an ImageFolder --data-dir is read map-style)')
+    if args.val_split is None:
+        args.val_split = 'val' if args.data_dir is not None else 'validation'
+    for name in ('batch_size', 'grad_accum_steps', 'epochs', 'log_interval'):
+        if getattr(args, name) < 1:
+            raise ConfigError(f'--{name.replace("_", "-")}: got {getattr(args, name)}; expected an integer >= 1')
+    for name in ('workers', 'checkpoint_every', 'keep_checkpoints'):
+        if getattr(args, name) < 0:
+            raise ConfigError(f'--{name.replace("_", "-")}: got {getattr(args, name)}; expected an integer >= 0')
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise ConfigError(f'--stop-after-steps: got {args.stop_after_steps}; expected an integer >= 1')
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise ConfigError(f'--layer-decay: got {args.layer_decay}; expected a value in (0, 1], e.g. 0.65')
+    if not 0 <= args.model_ema_decay < 1:
+        raise ConfigError(f'--model-ema-decay: got {args.model_ema_decay}; expected a value in [0, 1)')
+    if args.pretrained and args.initial_checkpoint:
+        raise ConfigError('--pretrained / --initial-checkpoint: got both; expected one source of initial weights')
+    if args.initial_checkpoint is not None and not Path(args.initial_checkpoint).is_file():
+        raise ConfigError(f'--initial-checkpoint: {args.initial_checkpoint!r} is not a file; '
+                          'expected a .safetensors file of model weights')
+    if mixup_active(args) and args.batch_size % 2:
+        raise ConfigError(f'--batch-size: got {args.batch_size} per process; Mixup/CutMix (--mixup {args.mixup}, '
+                          f'--cutmix {args.cutmix}) pair up the samples of a batch and need an even per-process '
+                          'batch size; pass an even --batch-size, or --mixup 0 --cutmix 0')
+    name = args.model
+    if not name.startswith(('hf-hub:', 'local-dir:')) and not timm.is_model(name):
+        raise ConfigError(f'--model: {name!r} is not a registered timm model; expected one of the spformer models '
+                          f'{timm.list_models("spformer*")} (or any timm model name, or hf-hub:ORG/NAME)')
+    if args.output is None:
+        args.output = str(Path('out') / re.sub(r'[^A-Za-z0-9_.-]+', '_', name))
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: a sample is drawn by (epoch, index); its augmentation is seeded by (seed, epoch, index).
+# ----------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def seeded_rngs(*key: int):
+    """Seed python's and torch's CPU RNG from `key` inside the block; restore both afterwards."""
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation of range(n) that depends only on (seed, epoch); yields (epoch, index) keys."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter([(self.epoch, i) for i in order.tolist()])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """Map-style samples -> {'image': tensor, 'label': int, 'index': int}, augmented with a per-sample seed."""
+
+    def __init__(self, get_sample: Callable[[int], Tuple[Any, int]], length: int, transform, seed: int):
+        self.get_sample, self.length, self.transform, self.seed = get_sample, length, transform, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, label = self.get_sample(index)
+        with seeded_rngs(self.seed, epoch, index):
+            image = self.transform(image.convert('RGB'))
+        return {'image': image, 'label': int(label), 'index': index}
+
+
+def scan_image_folder(root: Path, split: str, flag: str) -> List[str]:
+    """Class folder names of root/split, with clear errors for a missing or empty split."""
+    path = root / split
+    if not path.is_dir():
+        raise ConfigError(f'{flag}: {str(path)!r} does not exist; expected an ImageFolder split folder with one '
+                          f'sub-folder of images per class under --data-dir {str(root)!r}')
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f'{flag}: {str(path)!r} has no class folders; expected one sub-folder of images per class')
+    if not any(f.suffix.lower() in IMAGE_EXTENSIONS for c in classes for f in (path / c).rglob('*')):
+        raise ConfigError(f'{flag}: the class folders of {str(path)!r} hold no images; expected files ending in '
+                          f'{", ".join(IMAGE_EXTENSIONS)}')
+    return classes
+
+
+def load_image_folder(args) -> Tuple[Any, Any, List[str]]:
+    """(train, val, class names) of an ImageFolder root; train and val must have the same classes."""
+    import torchvision
+    root = Path(args.data_dir)
+    if not root.is_dir():
+        raise ConfigError(f'--data-dir: {str(root)!r} does not exist; expected a folder with '
+                          f'{args.train_split}/ and {args.val_split}/ holding one sub-folder of images per class')
+    train_classes = scan_image_folder(root, args.train_split, '--data-dir/--train-split')
+    val_classes = scan_image_folder(root, args.val_split, '--data-dir/--val-split')
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ConfigError(f'--data-dir: the class folders of {args.train_split}/ and {args.val_split}/ differ '
+                          f'(only in {args.train_split}/: {only_train[:10]}, only in {args.val_split}/: {only_val[:10]}); '
+                          'expected the same class folders in both')
+    train = torchvision.datasets.ImageFolder(str(root / args.train_split))
+    val = torchvision.datasets.ImageFolder(str(root / args.val_split))
+    return (train.__getitem__, len(train)), (val.__getitem__, len(val)), train_classes
+
+
+def load_hf_dataset(args) -> Tuple[Any, Any, List[str]]:
+    """(train, val, class names) of a Hugging Face dataset; train is a datasets.IterableDataset with --streaming."""
+    import datasets
+
+    def load(split: str, flag: str, streaming: bool):
+        try:
+            return datasets.load_dataset(args.hf_dataset, args.hf_config, split=split, streaming=streaming)
+        except ValueError as e:  # an unknown split
+            if 'split' in str(e).lower():
+                raise ConfigError(f'{flag}: {split!r} is not a split of --hf-dataset {args.hf_dataset!r} ({e})') from e
+            raise
+        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise ConfigError(f'--hf-dataset: could not load {args.hf_dataset!r} ({e}); expected a dataset name on '
+                              'the Hub or a local dataset folder') from e
+
+    train = load(args.train_split, '--train-split', args.streaming)
+    val = load(args.val_split, '--val-split', False)
+    for ds, split in ((train, args.train_split), (val, args.val_split)):
+        if ds.features is None:  # a stream that does not declare its columns: checked when read
+            continue
+        columns = list(ds.features)
+        for col, flag in ((args.image_column, '--image-column'), (args.label_column, '--label-column')):
+            if col not in columns:
+                raise ConfigError(f'{flag}: split {split!r} of {args.hf_dataset!r} has no column {col!r}; '
+                                  f'its columns are {columns}')
+    label_feature = train.features[args.label_column]
+    names = list(getattr(label_feature, 'names', None) or [])
+    val_names = list(getattr(val.features[args.label_column], 'names', None) or [])
+    if names != val_names:
+        raise ConfigError(f'--hf-dataset: the {args.label_column!r} classes of {args.train_split!r} and '
+                          f'{args.val_split!r} differ ({names[:10]} vs {val_names[:10]}); expected the same ClassLabel')
+    if not names and args.num_classes is None:
+        raise ConfigError(f'--num-classes: not given and column {args.label_column!r} of {args.hf_dataset!r} is not a '
+                          'ClassLabel with names; expected --num-classes N')
+
+    def getter(ds):
+        def get(index: int):
+            row = ds[index]
+            return row[args.image_column], row[args.label_column]
+        return get
+
+    if args.streaming:
+        n = args.train_samples
+        if n is None and train.info.splits and args.train_split in train.info.splits:
+            n = train.info.splits[args.train_split].num_examples or None
+        if n is None:
+            raise ConfigError(f'--train-samples: --streaming {args.hf_dataset!r} does not record the size of split '
+                              f'{args.train_split!r}; expected --train-samples N (the number of training images)')
+        train_data = (train, n)
+    else:
+        train_data = (getter(train), len(train))
+    return train_data, (getter(val), len(val)), names
+
+
+def stream_with_transform(stream, length: int, image_column: str, label_column: str, transform, seed: int,
+                          buffer: int, epoch_ref: Dict[str, int]):
+    """A streaming split, shuffled per epoch, mapped to augmented {'image', 'label', 'index'} samples.
+
+    A streamed sample has no stable index: its augmentation is seeded by (seed, epoch, hash of its pixels).
+    """
+    def augment(row):
+        image = row[image_column].convert('RGB')
+        key = int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=4).digest(), 'little')
+        with seeded_rngs(seed, epoch_ref['epoch'], key):
+            tensor = transform(image)
+        return {'image': tensor, 'label': int(row[label_column]), 'index': -1}
+
+    stream = stream.shuffle(seed=seed, buffer_size=buffer)
+    columns = list(stream.features or [])
+    return stream.map(augment, remove_columns=columns)
+
+
+def rng_isolated(loader):
+    """Iterate `loader` without disturbing the torch CPU RNG of the training loop: starting a DataLoader
+    iterator draws a worker seed from it, which would make a resumed run diverge from an uninterrupted one."""
+    iterator = iter(loader)
+    try:
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+            yield batch
+    finally:
+        getattr(iterator, 'close', lambda: None)()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: Accelerate state + registered objects, written to a temporary folder, fsynced, renamed.
+# ----------------------------------------------------------------------------------------------------------
+
+class TrainState:
+    """Position in training: epoch, batches consumed in it (per process) and optimizer updates so far."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.update = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return dict(epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, update=self.update)
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.batch_in_epoch, self.update = state['epoch'], state['batch_in_epoch'], state['update']
+
+
+CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoints under root, oldest first (temporary folders of unfinished writes are not listed)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def fsync_tree(path: Path) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text: str) -> Path:
+    """Atomically write checkpoints/step_<update>; keep the newest `keep` (0: all). Called by every process."""
+    final = root / f'step_{update:08d}'
+    tmp = root / f'.tmp-step_{update:08d}'
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob('.tmp-step_*'):  # left by a run that died while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its RNG state here (a shared filesystem)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / 'train_config.yaml').write_text(config_text)
+        if os.environ.get('SPFORMER_TRAIN_TEST_KILL_AT') == str(update):  # test hook: die mid-write
+            os.kill(os.getpid(), signal.SIGKILL)
+        fsync_tree(tmp)
+        if final.exists():  # a run resumed from an older checkpoint reached this update again
+            old = root / f'.tmp-old-step_{update:08d}'
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        fsync_tree_dir = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fsync_tree_dir)
+        finally:
+            os.close(fsync_tree_dir)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: str, output: Path) -> Optional[Path]:
+    if resume == 'latest':
+        found = list_checkpoints(output / 'checkpoints')
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir() or not (path / 'custom_checkpoint_0.pkl').is_file():
+        raise ConfigError(f'--resume: {resume!r} is not a complete checkpoint folder; expected a '
+                          f"checkpoints/step_N folder written by this script, or 'latest'")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation, logging, final export.
+# ----------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> Dict[str, float]:
+    """Top-1/top-5 (percent) and loss over the whole validation set, gathered across processes."""
+    model.eval()
+    k = min(5, num_classes)
+    correct1 = correct5 = loss_sum = count = 0.
+    for batch in rng_isolated(loader):
+        with accelerator.autocast():
+            logits = model(batch['image'])
+        losses = nn.functional.cross_entropy(logits.float(), batch['label'], reduction='none')
+        topk = logits.topk(k, dim=1).indices
+        topk, labels, losses = accelerator.gather_for_metrics((topk, batch['label'], losses))
+        hits = topk == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        loss_sum += losses.sum().item()
+        count += labels.numel()
+    return dict(top1=100. * correct1 / count, top5=100. * correct5 / count, loss=loss_sum / count, samples=int(count))
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process, plus the Accelerate trackers (if any)."""
+
+    def __init__(self, accelerator, path: Path, resume_update: Optional[int]):
+        self.accelerator, self.path = accelerator, path
+        if accelerator.is_main_process and resume_update is not None and path.exists():
+            # Rows logged after the checkpoint we resume from belong to a run that did not survive.
+            rows = [r for r in self.read(path) if r['update'] <= resume_update]
+            path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+    def log(self, row: Dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open('a') as f:
+                f.write(json.dumps(row) + '\n')
+        values = {f'{row["kind"]}/{k}': v for k, v in row.items() if isinstance(v, (int, float)) and k != 'update'}
+        self.accelerator.log(values, step=row['update'])
+
+    @staticmethod
+    def read(path: Path) -> List[Dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics: Path, out: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f'note: matplotlib is not installed (pip install matplotlib), so {out.name} was not drawn')
+        return
+    rows = MetricsLog.read(metrics)
+    train = [r for r in rows if r['kind'] == 'train']
+    val = [r for r in rows if r['kind'] == 'val']
+    fig = Figure(figsize=(13, 3.6), layout='constrained')
+    ax_loss, ax_lr, ax_acc = fig.subplots(1, 3)
+    ax_loss.plot([r['update'] for r in train], [r['loss'] for r in train])
+    ax_loss.set(xlabel='update', ylabel='train loss', title='training loss')
+    ax_lr.plot([r['update'] for r in train], [r['lr'] for r in train])
+    ax_lr.set(xlabel='update', ylabel='lr', title='learning rate')
+    for key, label in (('top1', 'top-1'), ('top5', 'top-5'), ('top1_ema', 'top-1 EMA')):
+        if any(key in r for r in val):
+            ax_acc.plot([r['epoch'] for r in val if key in r], [r[key] for r in val if key in r], 'o-', label=label)
+    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='validation')
+    ax_acc.legend()
+    fig.savefig(out, dpi=110)
+
+
+def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3], folder: Path,
+                 class_names: List[str], data_config: Dict[str, Any], config_text: str,
+                 results: Dict[str, Any]) -> None:
+    """final/: config.json + model.safetensors (timm save_for_hf), model_ema.safetensors, config, results."""
+    import safetensors.torch
+    if not accelerator.is_main_process:
+        return
+    tmp = folder.with_name(folder.name + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # attn_backend picks a kernel at run time; it is not part of the architecture a loader must rebuild.
+    getattr(unwrapped, '_model_args', {}).pop('attn_backend', None)
+    model_config = dict(label_names=list(class_names)) if class_names else None
+    export_data_config = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
+    save_for_hf(unwrapped, tmp, model_config=model_config, safe_serialization=True, data_config=export_data_config)
+    if model_ema is not None:
+        state = {k: v.detach().contiguous() for k, v in model_ema.module.state_dict().items()}
+        safetensors.torch.save_file(state, str(tmp / 'model_ema.safetensors'))
+    (tmp / 'train_config.yaml').write_text(config_text)
+    (tmp / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+    fsync_tree(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+
+
+def state_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training script.
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return train(parse_args(argv))
+    except ConfigError as e:
+        print(f'train_imagenet.py: error: {e}', file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+
+    output = Path(args.output)
+    push_to_hub = None
+    if args.push_to_hub:  # fail now rather than after training
+        try:
+            from spformer.hub import push_to_hub
+        except ImportError as e:
+            raise ConfigError(f'--push-to-hub: got {args.push_to_hub!r} but spformer.hub.push_to_hub is not '
+                              f'available in this install ({e}); expected the Hub tools of issue 5') from e
+    resume_from = resolve_resume(args.resume, output) if args.resume else None
+    if resume_from is None and list_checkpoints(output / 'checkpoints'):
+        raise ConfigError(f'--output: {str(output)!r} already holds checkpoints of an earlier run; expected '
+                          '--resume latest to continue it, or a new --output')
+    if args.log_with == 'tensorboard':
+        from accelerate.utils import is_tensorboard_available
+        if not is_tensorboard_available():
+            raise ConfigError("--log-with: got 'tensorboard' but neither tensorboard nor tensorboardX is installed; "
+                              'expected `pip install tensorboard` first')
+
+    # Data sources and class names (cheap: no image is decoded yet).
+    if args.data_dir is not None:
+        train_source, val_source, class_names = load_image_folder(args)
+    else:
+        train_source, val_source, class_names = load_hf_dataset(args)
+    num_classes = args.num_classes or len(class_names)
+    if class_names and num_classes < len(class_names):
+        raise ConfigError(f'--num-classes: got {num_classes} but the data has {len(class_names)} classes; '
+                          f'expected at least {len(class_names)}')
+
+    # Accelerator: processes, devices, mixed precision, gradient accumulation, trackers, torch.compile.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        log_with=args.log_with,
+        project_dir=str(output),
+        dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=args.compile_mode) if args.compile else None,
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.distributed_type == DistributedType.FSDP and args.model_ema:
+        raise ConfigError('--model-ema: ModelEmaV3 keeps a full copy of the weights and cannot follow FSDP shards; '
+                          'expected --no-model-ema with FSDP')
+    global_batch = args.batch_size * accelerator.num_processes * args.grad_accum_steps
+    if args.lr is None:
+        args.lr = args.lr_base * global_batch / args.lr_base_size
+
+    # Model: the same initial weights on every process (DDP would broadcast them anyway).
+    set_seed(args.seed)
+    model_kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
+    if args.img_size is not None:
+        model_kwargs['img_size'] = args.img_size
+    if args.attn_backend is not None:
+        model_kwargs['attn_backend'] = args.attn_backend
+    pretrained, overlay = args.pretrained, None
+    if args.initial_checkpoint:
+        from safetensors import safe_open
+        with safe_open(args.initial_checkpoint, 'pt') as f:
+            head = f.get_slice('head.weight').get_shape()[0] if 'head.weight' in f.keys() else num_classes
+        pretrained, overlay = True, dict(file=str(Path(args.initial_checkpoint).resolve()), num_classes=head)
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except ValueError as e:
+        if 'img_size' in str(e):
+            raise ConfigError(f'--img-size: got {args.img_size}; {e}') from e
+        raise
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
+    data_config = resolve_model_data_config(model, args=dict(
+        img_size=args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct))
+
+    # Transforms and loaders. Accelerate shards these plain loaders over the processes.
+    train_transform = create_transform(
+        data_config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        hflip=args.hflip, color_jitter=args.color_jitter,
+        auto_augment=None if args.aa in (None, 'none', '') else args.aa,
+        interpolation=args.interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    eval_transform = create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    epoch_ref = {'epoch': 0}
+    if args.streaming:
+        stream, train_samples = train_source
+        train_set = stream_with_transform(stream, train_samples, args.image_column, args.label_column,
+                                          train_transform, args.seed, args.shuffle_buffer, epoch_ref)
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, drop_last=True,
+                                                   **loader_kwargs)
+        train_sampler = None
+    else:
+        get_sample, train_samples = train_source
+        train_set = TransformedDataset(get_sample, train_samples, train_transform, args.seed)
+        train_sampler = EpochShuffleSampler(train_samples, args.seed)
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler,
+                                                   drop_last=True, **loader_kwargs)
+    val_set = TransformedDataset(val_source[0], val_source[1], eval_transform, args.seed)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size or args.batch_size,
+                                             **loader_kwargs)
+    # drop_last: every process gets the same number of full batches; the few images left over (fewer than
+    # one global batch) are a different random few every epoch.
+    batches_per_epoch = train_samples // (args.batch_size * accelerator.num_processes)
+    if batches_per_epoch < 1:
+        raise ConfigError(f'--batch-size: got {args.batch_size} per process x {accelerator.num_processes} processes, '
+                          f'more than the {train_samples} training images; expected a smaller batch')
+    updates_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
+
+    # Optimizer (weight-decay groups, layer decay), Mixup/CutMix and the loss.
+    optimizer = create_optimizer_v2(
+        model, args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+        layer_decay=args.layer_decay, eps=args.opt_eps, **({'betas': tuple(args.opt_betas)} if 'adam' in args.opt else {}))
+    mixup_fn = None
+    if mixup_active(args):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if not args.streaming:
+        assert len(train_loader) == batches_per_epoch, (len(train_loader), batches_per_epoch)
+
+    # The lr schedule is timm's, stepped by hand once per optimizer update (Accelerate does not drive it).
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    # EMA of the weights as DDP holds them after prepare (identical on every process).
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False),
+                               decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler, *([model_ema] if model_ema is not None else []))
+
+    config_text = (
+        f'# effective configuration of train_imagenet.py (reusable with --config)\n'
+        f'# {accelerator.num_processes} process(es) x batch {args.batch_size} x {args.grad_accum_steps} accumulation '
+        f'= global batch {global_batch}; lr {args.lr:.4g}; {updates_per_epoch} updates/epoch x {num_epochs} epochs; '
+        f'{num_classes} classes; input {tuple(data_config["input_size"])}; mixed precision '
+        f'{accelerator.mixed_precision}; timm {timm.__version__}, torch {torch.__version__}\n'
+        + yaml.safe_dump(vars(args), sort_keys=False))
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / 'train_config.yaml').write_text(config_text)
+    accelerator.print(config_text.split('\n')[1][2:])
+
+    # Resume: weights, optimizer, scaler, RNG states, scheduler, EMA and the position in the data.
+    set_seed(args.seed, device_specific=True)  # per-process drop path / Mixup draws
+    if args.resume and resume_from is None:
+        accelerator.print(f'--resume latest: no checkpoint under {output / "checkpoints"}, starting from scratch')
+    if resume_from is not None:
+        if not (resume_from / f'random_states_{accelerator.process_index}.pkl').is_file():
+            accelerator.print(f'warning: {resume_from} was written by fewer processes; the RNG streams of '
+                              'the extra processes restart, so this run will not repeat an uninterrupted one exactly')
+        try:
+            accelerator.load_state(str(resume_from))
+        except RuntimeError as e:
+            raise ConfigError(f'--resume: {str(resume_from)!r} does not match this configuration ({e}); '
+                              'expected the flags of the run that wrote it (e.g. the same --model-ema)') from e
+        accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
+                          f'update {state.update}')
+    if args.log_with:
+        accelerator.init_trackers('spformer', config={k: v for k, v in vars(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    metrics = MetricsLog(accelerator, output / 'metrics.jsonl', state.update if resume_from else None)
+    if accelerator.is_main_process and resume_from is None and metrics.path.exists():
+        metrics.path.unlink()
+    checkpoint_root = output / 'checkpoints'
+    test_dump = os.environ.get('SPFORMER_TRAIN_TEST_DUMP')
+    samples_seen: Dict[int, List[int]] = {}
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    val_results: Dict[str, Any] = {}
+    stopped = False
+
+    # The loop: one epoch = one pass over this process's shard; one update = grad_accum_steps batches.
+    for epoch in range(state.epoch, num_epochs):
+        model.train()
+        epoch_ref['epoch'] = epoch
+        if train_sampler is not None:
+            train_sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if state.batch_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, state.batch_in_epoch)
+        progress = tqdm(total=updates_per_epoch, initial=state.batch_in_epoch // args.grad_accum_steps,
+                        desc=f'epoch {epoch + 1}/{num_epochs}', disable=not accelerator.is_local_main_process,
+                        dynamic_ncols=True)
+        loss_sum, loss_count, interval_start, interval_batches = torch.zeros((), device=accelerator.device), 0, \
+            time.perf_counter(), 0
+        for batch in rng_isolated(loader):
+            if state.batch_in_epoch >= batches_per_epoch:  # a stream longer than its recorded size
+                break
+            images, targets = batch['image'], batch['label']
+            if test_dump:
+                samples_seen.setdefault(epoch, []).extend(batch['index'].tolist())
+            if mixup_fn is not None:
+                images, targets = mixup_fn(images, targets)
+            with accelerator.accumulate(model):
+                loss = criterion(model(images), targets)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.clip_grad is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+            interval_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            state.update += 1
+            scheduler.step_update(num_updates=state.update)
+            if model_ema is not None:
+                model_ema.update(unwrapped, step=state.update)
+            progress.update(1)
+            end_of_epoch = state.batch_in_epoch >= batches_per_epoch
+            if state.update % args.log_interval == 0 or end_of_epoch:
+                mean_loss = accelerator.reduce(loss_sum / loss_count, reduction='mean').item()
+                elapsed = time.perf_counter() - interval_start
+                row = dict(kind='train', epoch=epoch, update=state.update, loss=mean_loss,
+                           lr=max(group['lr'] for group in optimizer.param_groups),
+                           img_per_s=interval_batches * args.batch_size * accelerator.num_processes / elapsed)
+                metrics.log(row)
+                progress.set_postfix(loss=f'{mean_loss:.4f}', lr=f'{row["lr"]:.3g}', img_s=f'{row["img_per_s"]:.1f}')
+                loss_sum.zero_()
+                loss_count, interval_start, interval_batches = 0, time.perf_counter(), 0
+            stop = args.stop_after_steps is not None and state.update >= args.stop_after_steps
+            if not end_of_epoch and ((args.checkpoint_every and state.update % args.checkpoint_every == 0) or stop):
+                save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text)
+            if stop and not end_of_epoch:
+                stopped = True
+                break
+        progress.close()
+        if stopped:
+            break
+
+        # End of epoch: validate the weights and their EMA, then checkpoint at the new position.
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        val_results = evaluate(model, val_loader, accelerator, num_classes)
+        if model_ema is not None:
+            ema_results = evaluate(model_ema.module, val_loader, accelerator, num_classes)
+            val_results.update({f'{k}_ema': v for k, v in ema_results.items() if k != 'samples'})
+        metrics.log(dict(kind='val', epoch=epoch + 1, update=state.update, **val_results))
+        accelerator.print(f'epoch {epoch + 1}/{num_epochs}: val top-1 {val_results["top1"]:.2f}  '
+                          f'top-5 {val_results["top5"]:.2f}' + (
+                              f'  (EMA top-1 {val_results["top1_ema"]:.2f}  top-5 {val_results["top5_ema"]:.2f})'
+                              if model_ema is not None else ''))
+        save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text)
+        if args.stop_after_steps is not None and state.update >= args.stop_after_steps and epoch + 1 < num_epochs:
+            stopped = True
+            break
+
+    if test_dump:
+        Path(test_dump).mkdir(parents=True, exist_ok=True)
+        record = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                      samples={str(k): v for k, v in samples_seen.items()}, weights_sha256=state_digest(unwrapped),
+                      ema_sha256=state_digest(model_ema.module) if model_ema is not None else None)
+        (Path(test_dump) / f'rank{accelerator.process_index}.json').write_text(json.dumps(record))
+    if stopped:
+        accelerator.print(f'stopped after {state.update} updates (--stop-after-steps); continue with --resume latest')
+        accelerator.end_training()
+        return 0
+
+    # Final weights (timm layout), results, curves, and optionally the Hub.
+    if not val_results:  # resumed a finished run: validate again for results.json
+        val_results = evaluate(model, val_loader, accelerator, num_classes)
+        if model_ema is not None:
+            ema_results = evaluate(model_ema.module, val_loader, accelerator, num_classes)
+            val_results.update({f'{k}_ema': v for k, v in ema_results.items() if k != 'samples'})
+    results = dict(model=args.model, epochs=num_epochs, updates=state.update, **val_results)
+    final = output / 'final'
+    export_final(accelerator, model, model_ema, final, class_names, data_config, config_text, results)
+    if test_dump and accelerator.is_main_process:
+        x = torch.randn(2, *data_config['input_size'], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = dict(model=unwrapped.eval()(x.to(accelerator.device)).float().cpu())
+            if model_ema is not None:
+                logits['model_ema'] = model_ema.module.eval()(x.to(accelerator.device)).float().cpu()
+        torch.save(dict(input=x, **logits), Path(test_dump) / 'final_logits.pt')
+    if accelerator.is_main_process:
+        if not args.no_plot:
+            plot_curves(metrics.path, output / 'training_curves.png')
+        accelerator.print(f'final weights and results in {final}: ' + json.dumps(
+            {k: round(v, 3) for k, v in results.items() if isinstance(v, float)}))
+        if push_to_hub is not None:
+            push_to_hub(str(final), args.push_to_hub, private=args.hub_private)
+            accelerator.print(f'pushed {final} to https://huggingface.co/{args.push_to_hub}')
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
 if __name__ == '__main__':
