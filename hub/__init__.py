@@ -1,6 +1,23 @@
 """Hugging Face Hub tools, shipped as ``spformer.hub`` (``hub`` is another PyPI project's name).
 
-Publishing weights with a model card and loading them back the timm way is issue 5; until
-then, load local weights with
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors'))``.
+Publish trained SPFormer weights in timm's Hub format with a model card, and load them back the
+timm way (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` after ``import spformer``)::
+
+    from spformer.hub import save_pretrained, push_to_hub, load_checkpoint_folder
+    save_pretrained(model, 'out/')                             # config.json, model.safetensors, README.md, superpixels.png
+    push_to_hub(model_or_training_folder, 'ORG/NAME')          # one commit; returns its URL
+    model = load_checkpoint_folder('output/train/run1')        # a training folder (EMA weights when present)
+
+The command line is ``spformer-hub`` (:mod:`spformer.hub.cli`); :mod:`spformer.hub.testing` is an
+in-memory Hub for tests.
 """
+from .card import model_card, save_superpixel_picture
+from .checkpoint import (
+    CheckpointFolder, load_checkpoint_folder, load_safetensors_checkpoint, read_checkpoint_folder)
+from .publish import PUBLISHED_FILES, clean_state_dict, push_to_hub, save_pretrained, unwrap_model
+
+__all__ = [
+    'save_pretrained', 'push_to_hub', 'load_checkpoint_folder', 'load_safetensors_checkpoint',
+    'read_checkpoint_folder', 'CheckpointFolder', 'model_card', 'save_superpixel_picture', 'unwrap_model',
+    'clean_state_dict', 'PUBLISHED_FILES',
+]

@@ -30,13 +30,21 @@ _WEIGHT_KEYS = ('hf_hub_id', 'url', 'file')
 
 
 def published_weights(cfg: Union[Mapping[str, Any], Any, None]) -> Optional[str]:
-    """Where a pretrained cfg's weights come from ('hf_hub_id', 'url' or 'file'), or None if it has none."""
+    """Where a pretrained cfg's weights come from ('hf_hub_id', 'url' or 'file'), or None if it has none.
+
+    The registered SPFormer tags name their future Hub repos (``hf_hub_id``) before any weights are
+    published there: those count as none until listed in ``PUBLISHED_WEIGHTS``.
+    """
+    from spformer.models.spformer import HF_HUB_ORG, PUBLISHED_WEIGHTS
     if cfg is None:
         return None
     if not isinstance(cfg, Mapping):
         cfg = cfg.to_dict()  # timm PretrainedCfg
+    name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
     for key in _WEIGHT_KEYS:
         if cfg.get(key):
+            if key == 'hf_hub_id' and cfg[key] == f'{HF_HUB_ORG}/{name}' and name not in PUBLISHED_WEIGHTS:
+                continue
             return f'{key}={cfg[key]}'
     return None
 

@@ -676,7 +676,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         for prefix in ('module.', '_orig_mod.'):
             while k.startswith(prefix):
                 k = k[len(prefix):]
-        out[k] = v
+        out[k.replace('._orig_mod.', '.')] = v  # torch.compile'd submodules
 
     expected = model.state_dict()
     for k, v in out.items():
@@ -689,24 +689,97 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(t.shape)}'
         for k, t in expected.items()
         if k in out and out[k].shape != t.shape and not k.startswith('head.')]
-    if mismatched:
+    missing = [k for k in expected if k not in out and not k.startswith('head.')]
+    unexpected = [k for k in out if k not in expected and not k.startswith('head.')]
+    if mismatched or missing or unexpected:
+        name = model.pretrained_cfg.get('architecture') if isinstance(getattr(model, 'pretrained_cfg', None), dict) else None
+        problems = mismatched[:4] + [f'{k}: missing from the checkpoint' for k in missing[:2]] + [
+            f'{k}: not in the model' for k in unexpected[:2]]
         raise ValueError(
-            f'state_dict does not fit this SPFormer (pixel_dim={model.pixel_dim}, embed_dim={model.embed_dim}, '
-            f'depths={model.depths}, stem_stride={model.stem_stride}, cell_size={model.cell_size}); it was made '
-            f'for another variant. Mismatched tensors: ' + '; '.join(mismatched[:6]))
+            f'the checkpoint does not fit {name or "this SPFormer"} (pixel_dim={model.pixel_dim}, '
+            f'embed_dim={model.embed_dim}, depths={model.depths}, stem_stride={model.stem_stride}, '
+            f'cell_size={model.cell_size}): its tensors are those of {_describe_checkpoint(out)}. '
+            f'{len(mismatched)} tensors differ in shape, {len(missing)} are missing, {len(unexpected)} unexpected: '
+            + '; '.join(problems))
     return out
+
+
+def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
+    """Tensor shapes (but the head) of a registered variant, built with meta parameters: no memory, no init."""
+    from torch.overrides import TorchFunctionMode
+    from timm import create_model
+
+    class MetaParameters(TorchFunctionMode):  # not torch.device('meta'): __init__ calls .item() on a linspace
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.empty, torch.zeros, torch.ones, torch.full) and kwargs.get('device') is None:
+                kwargs['device'] = 'meta'
+            return func(*args, **kwargs)
+
+    if name not in _VARIANT_SHAPES:
+        with MetaParameters():
+            model = create_model(name)
+        _VARIANT_SHAPES[name] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith('head.')}
+    return _VARIANT_SHAPES[name]
+
+
+_VARIANT_SHAPES: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+
+
+def _describe_checkpoint(state_dict: Dict[str, torch.Tensor]) -> str:
+    """The registered SPFormer variants a state dict fits, at its image size or (pos_embed resampled) another."""
+    from timm import list_models
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith('head.')}
+    exact, resized = [], []
+    for name in list_models('spformer_*'):
+        ref = _variant_shapes(name)
+        if ref == shapes:
+            exact.append(name)
+        elif ref.keys() == shapes.keys() and all(
+                ref[k] == s or (k.endswith('pos_embed') and ref[k][-1] == s[-1]) for k, s in shapes.items()):
+            resized.append(name)
+    return ' or '.join(exact or resized) or 'no registered SPFormer variant'
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """``pretrained=True`` could not fetch the weights (not published, offline and not cached, missing file)."""
+
+
+def _weights_unavailable(variant: str, kwargs: Dict[str, Any], error: BaseException) -> PretrainedWeightsUnavailable:
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+    name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+    load_from, location = _resolve_pretrained_source(cfg)
+    where = f'the Hugging Face Hub repo {location}' if load_from == 'hf-hub' else f'{load_from} {location}'
+    cause = type(error).__name__ + (f': {str(error).splitlines()[0]}' if str(error).strip() else '')
+    unpublished = load_from == 'hf-hub' and location == f'{HF_HUB_ORG}/{name}' and name not in PUBLISHED_WEIGHTS
+    return PretrainedWeightsUnavailable(
+        f'pretrained=True: could not load the weights of {name} from {where} ({cause}). '
+        + ('No weights are published for it yet (see the README model table). ' if unpublished else '')
+        + "To load your own: timm.create_model('hf-hub:ORG/NAME', pretrained=True) for weights pushed with "
+        f"spformer-hub, or timm.create_model('{variant}', pretrained=True, "
+        "pretrained_cfg_overlay=dict(file='model.safetensors')) for a local file; or pretrained=False for a "
+        'random init.')
 
 
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        SPFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    try:
+        return build_model_with_cfg(
+            SPFormer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, ConnectionError, FileNotFoundError,
+            httpx2.TransportError) as e:
+        if not pretrained:
+            raise
+        raise _weights_unavailable(variant, kwargs, e) from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -727,13 +800,21 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# Every tag names the Hub repo its weights go to (`spformer-hub push`): hf_hub_id='spformer/<model>.<tag>'.
+# None is published yet (ImageNet training is issue 4), so pretrained=True loads only what a user pushed
+# there or has in the local Hub cache; PUBLISHED_WEIGHTS lists the tags whose repos exist.
+HF_HUB_ORG = 'spformer'
+PUBLISHED_WEIGHTS: Tuple[str, ...] = ()
+
 default_cfgs = generate_default_cfgs({
-    'spformer_tiny_sp16_224.in1k': _cfg(),
-    'spformer_small_sp16_224.in1k': _cfg(),
-    'spformer_base_sp16_224.in1k': _cfg(),
-    'spformer_small_sp32_224.in1k': _cfg(),
-    'spformer_small_sp56_224.in1k': _cfg(),
-    'spformer_small_sp32_448.in1k': _cfg(input_size=(3, 448, 448), crop_pct=1.0),
+    name: _cfg(hf_hub_id=f'{HF_HUB_ORG}/{name}', **cfg) for name, cfg in {
+        'spformer_tiny_sp16_224.in1k': {},
+        'spformer_small_sp16_224.in1k': {},
+        'spformer_base_sp16_224.in1k': {},
+        'spformer_small_sp32_224.in1k': {},
+        'spformer_small_sp56_224.in1k': {},
+        'spformer_small_sp32_448.in1k': dict(input_size=(3, 448, 448), crop_pct=1.0),
+    }.items()
 })
 
 _TINY = dict(pixel_dim=32, embed_dim=192, depths=(2, 10), num_heads=3, sca_heads=2)

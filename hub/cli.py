@@ -1,0 +1,123 @@
+"""spformer-hub: publish SPFormer weights to the Hugging Face Hub, and fetch them.
+
+    spformer-hub push OUTPUT_FOLDER --repo-id ORG/NAME [--private] [--revision R] [--no-ema]
+    spformer-hub push model.safetensors --model spformer_tiny_sp16_224 --repo-id ORG/NAME
+    spformer-hub export OUTPUT_FOLDER OUT_DIR           # the folder push would commit, without pushing
+    spformer-hub download ORG/NAME [--revision R]       # into the Hub cache; prints the snapshot path
+    python -m spformer.hub.cli --help
+
+A training output folder holds ``config.json`` + ``model.safetensors`` (timm ``save_for_hf``), and
+optionally ``model_ema.safetensors`` (pushed instead, unless ``--no-ema``), ``train_config.yaml`` and
+``results.json`` (both go into the model card). The token is ``--token``, else ``HF_TOKEN`` or the
+one saved by ``hf auth login``.
+"""
+import argparse
+import json
+import pathlib
+import sys
+from typing import List, Optional
+
+__all__ = ['main']
+
+
+def _label_names(path: Optional[str]) -> Optional[List[str]]:
+    """A JSON list, or a text file with one name per line."""
+    if path is None:
+        return None
+    text = pathlib.Path(path).read_text()
+    if path.endswith('.json'):
+        names = json.loads(text)
+        if not isinstance(names, list):
+            raise ValueError(f'--label-names {path}: expected a JSON list of names, got {type(names).__name__}')
+        return names
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='spformer-hub', description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog='\n'.join(__doc__.split('\n')[2:]))
+    sub = p.add_subparsers(dest='command', required=True)
+
+    def source_args(q):
+        q.add_argument('checkpoint', help='training output folder, or one .safetensors file (with --model)')
+        q.add_argument('--model', default=None, help='SPFormer variant of a .safetensors file (for a folder: '
+                                                     'the variant its config.json must name)')
+        q.add_argument('--no-ema', action='store_true', help='publish model.safetensors even if the folder has '
+                                                             'model_ema.safetensors')
+        q.add_argument('--label-names', default=None, metavar='FILE',
+                       help='class names: a JSON list or one name per line')
+        q.add_argument('--dataset', action='append', default=None, metavar='ID',
+                       help='Hub dataset id for the card (repeatable; default from train_config.yaml)')
+        q.add_argument('--sample-image', default=None, metavar='PATH',
+                       help="image for the superpixel picture (default: scikit-image's astronaut)")
+
+    push = sub.add_parser('push', help='publish a checkpoint to a Hub repo (one commit)')
+    source_args(push)
+    push.add_argument('--repo-id', required=True, help='ORG/NAME (created if missing)')
+    push.add_argument('--private', action='store_true', help='create the repo private')
+    push.add_argument('--revision', default=None, help='branch to commit to (created if missing; default main)')
+    push.add_argument('--token', default=None, help='Hub token (default: HF_TOKEN or the saved login)')
+    push.add_argument('--commit-message', default=None)
+
+    export = sub.add_parser('export', help='write the folder push would commit, without pushing')
+    source_args(export)
+    export.add_argument('out', help='output folder')
+    export.add_argument('--repo-id', default=None, help='ORG/NAME for the usage block of the card')
+
+    download = sub.add_parser('download', help='fetch a published model into the Hub cache and print its path')
+    download.add_argument('repo_id', help='ORG/NAME')
+    download.add_argument('--revision', default=None)
+    download.add_argument('--cache-dir', default=None, help='default: the Hub cache (HF_HOME, HF_HUB_CACHE)')
+    download.add_argument('--token', default=None)
+    return p
+
+
+def _run(args) -> int:
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from .publish import PUBLISHED_FILES, _load_source, push_to_hub, save_pretrained
+
+    if args.command == 'push':
+        url = push_to_hub(
+            args.checkpoint, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+            commit_message=args.commit_message, label_names=_label_names(args.label_names),
+            use_ema=not args.no_ema, model_name=args.model, datasets=args.dataset, sample_image=args.sample_image)
+        print(url)
+        return 0
+    if args.command == 'export':
+        model, found = _load_source(args.checkpoint, use_ema=not args.no_ema, model_name=args.model)
+        label_names = _label_names(args.label_names)
+        out = save_pretrained(
+            model, args.out, label_names=label_names if label_names is not None else found.get('label_names'),
+            train_config=found.get('train_config'), metrics=found.get('metrics'), sample_image=args.sample_image,
+            datasets=args.dataset, ema=found.get('ema', False), repo_id=args.repo_id)
+        print(out)
+        return 0
+    # download
+    from huggingface_hub import snapshot_download
+    path = pathlib.Path(snapshot_download(
+        args.repo_id, revision=args.revision, cache_dir=args.cache_dir, token=args.token,
+        allow_patterns=list(PUBLISHED_FILES)))  # safetensors and metadata only: no pickles
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f'{args.repo_id} has no {" or ".join(missing)}: not a published SPFormer '
+                                f'(pickled weights are not downloaded)')
+    print(path)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:
+        # Bad input and Hub refusals: one line, not a traceback (set SPFORMER_HUB_DEBUG=1 for one).
+        import os
+        if os.environ.get('SPFORMER_HUB_DEBUG'):
+            raise
+        raise SystemExit(f'spformer-hub {args.command}: {type(e).__name__}: {e}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Publishing SPFormer weights: the timm Hub folder (:func:`save_pretrained`) and the push (:func:`push_to_hub`).
+
+The folder is what timm's ``save_for_hf`` writes (``config.json`` through
+``timm.models._hub.save_config_for_hf``, weights as ``model.safetensors`` only) plus a model card
+``README.md`` and the superpixel picture, so ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``
+loads it with nothing but ``import spformer`` first. timm's ``push_to_hf_hub`` is not used: it also
+writes ``pytorch_model.bin`` by default, keeps an existing card, and has no EMA / training metadata.
+"""
+import json
+import pathlib
+import tempfile
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .card import PICTURE_NAME, model_card, resolve_datasets, save_superpixel_picture
+from .checkpoint import (
+    CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_checkpoint_folder, load_safetensors_checkpoint,
+    read_checkpoint_folder)
+
+__all__ = ['save_pretrained', 'push_to_hub', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES']
+
+README_NAME = 'README.md'
+# Exactly what save_pretrained writes and push_to_hub commits.
+PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME, PICTURE_NAME)
+# Construction arguments that choose how a model runs, not what it is: never exported.
+_RUNTIME_ARGS = ('attn_backend',)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel, ``torch.compile`` and timm ``ModelEma*`` wrappers."""
+    from timm.utils.model_ema import ModelEma, ModelEmaV2, ModelEmaV3
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel, ModelEma, ModelEmaV2, ModelEmaV3)
+    while True:
+        if type(model).__name__ == 'OptimizedModule' and hasattr(model, '_orig_mod'):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.ema if isinstance(model, ModelEma) else model.module
+        else:
+            return model
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` wrapper prefixes (and compiled submodules' ``._orig_mod.``) from keys;
+    contiguous CPU tensors, as safetensors wants them."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        k = k.replace('._orig_mod.', '.')
+        if k in out:
+            raise ValueError(f'state_dict key {k!r} appears twice once wrapper prefixes are removed')
+        out[k] = v.detach().to('cpu').contiguous()
+    return out
+
+
+def _check_spformer(model: Any) -> nn.Module:
+    from spformer.models.spformer import SPFormer
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be an SPFormer (torch.nn.Module), got {type(model).__name__}')
+    inner = unwrap_model(model)
+    if not isinstance(inner, SPFormer):
+        raise TypeError(
+            f'model must be an SPFormer made by timm.create_model (optionally inside DDP, torch.compile or '
+            f'ModelEma), got {type(inner).__name__}')
+    cfg = getattr(inner, 'pretrained_cfg', None)
+    if not isinstance(cfg, dict) or not cfg.get('architecture'):
+        raise ValueError('model has no pretrained_cfg["architecture"]: build it with timm.create_model(name, ...) '
+                         'so config.json can name its variant')
+    return inner
+
+
+def _check_label_names(label_names, num_classes: int):
+    if label_names is None:
+        return None
+    if isinstance(label_names, str) or not isinstance(label_names, (list, tuple)) or \
+            not all(isinstance(n, str) for n in label_names):
+        raise TypeError(f'label_names must be a list of strings, got {type(label_names).__name__}')
+    if len(label_names) != num_classes:
+        raise ValueError(f'label_names has {len(label_names)} names but the model has num_classes={num_classes}')
+    return list(label_names)
+
+
+def _check_mapping(value, argument: str):
+    if value is not None and not isinstance(value, Mapping):
+        raise TypeError(f'{argument} must be a dict (or None), got {type(value).__name__}')
+    return dict(value) if value is not None else None
+
+
+def save_pretrained(
+        model: nn.Module,
+        save_directory: Union[str, pathlib.Path],
+        *,
+        label_names: Optional[Sequence[str]] = None,
+        train_config: Optional[Dict[str, Any]] = None,
+        metrics: Optional[Dict[str, Any]] = None,
+        sample_image=None,
+        datasets: Union[str, Sequence[str], None] = None,
+        ema: bool = False,
+        repo_id: Optional[str] = None,
+        revision: Optional[str] = None,
+) -> pathlib.Path:
+    """Write the Hub folder of an SPFormer: ``config.json``, ``model.safetensors``, ``README.md``, ``superpixels.png``.
+
+    Args:
+        model: An SPFormer from ``timm.create_model`` (DDP / ``torch.compile`` / ``ModelEma`` wrappers are
+            removed, and never reach the key names).
+        save_directory: Folder to write (created if needed; other files in it are left alone).
+        label_names: One name per class; default: the model's own, or ImageNet-1k's synsets for a
+            1000-class model trained on ``imagenet-1k``.
+        train_config: The effective training configuration (shown in the card).
+        metrics: Evaluation results, e.g. ``{'top1': 72.1, 'top5': 91.0, 'top1_ema': 72.4}``.
+        sample_image: Image for the superpixel picture: a path, PIL image or (H, W, 3) uint8 array;
+            default scikit-image's astronaut.
+        datasets: Hub dataset ids for the card; default from ``train_config`` (``dataset`` key).
+        ema: The weights are EMA weights (the card says so and reports the ``*_ema`` metrics).
+        repo_id / revision: Where the folder will be pushed (for the card's usage block).
+
+    Returns:
+        The folder.
+    """
+    from timm.models._hub import save_config_for_hf
+    import safetensors.torch
+
+    inner = _check_spformer(model)
+    train_config = _check_mapping(train_config, 'train_config')
+    metrics = _check_mapping(metrics, 'metrics')
+    label_names = _check_label_names(label_names, inner.num_classes)
+    datasets = resolve_datasets(datasets, train_config)
+    if label_names is None:
+        label_names = inner.pretrained_cfg.get('label_names')
+        if label_names is not None and len(label_names) != inner.num_classes:
+            label_names = None
+    if label_names is None and inner.num_classes == 1000 and datasets[:1] == ['imagenet-1k']:
+        from timm.data import ImageNetInfo
+        label_names = list(ImageNetInfo('imagenet-1k').label_names())
+    save_directory = pathlib.Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+
+    safetensors.torch.save_file(clean_state_dict(inner.state_dict()), str(save_directory / WEIGHTS_NAME),
+                                metadata={'format': 'pt'})
+    config_path = save_directory / CONFIG_NAME
+    save_config_for_hf(inner, str(config_path), model_config=dict(label_names=label_names) if label_names else None)
+    config = json.loads(config_path.read_text())
+    for key in _RUNTIME_ARGS:
+        config.get('model_args', {}).pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2))
+
+    arch = config['architecture']
+    save_superpixel_picture(inner, save_directory / PICTURE_NAME, sample_image,
+                            title=f'{repo_id or arch}: superpixels per stage')
+    card = model_card(
+        repo_id or 'ORG/NAME', config, num_params=sum(p.numel() for p in inner.parameters()),
+        datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, revision=revision)
+    (save_directory / README_NAME).write_text(card, encoding='utf-8')
+    return save_directory
+
+
+def _load_source(model_or_folder, *, use_ema: bool, model_name: Optional[str]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model to publish, and what its source knows (label names, training config, results, EMA)."""
+    if isinstance(model_or_folder, nn.Module):
+        if model_name is not None:
+            raise ValueError('model_name is only for a .safetensors file or a folder, not for a model')
+        return model_or_folder, {}
+    if not isinstance(model_or_folder, (str, pathlib.Path)):
+        raise TypeError(f'model_or_folder must be an SPFormer, a training output folder or a .safetensors file, '
+                        f'got {type(model_or_folder).__name__}')
+    path = pathlib.Path(model_or_folder)
+    if path.is_dir():
+        ckpt = read_checkpoint_folder(path)
+        ema = use_ema and ckpt.ema_weights is not None
+        model = load_checkpoint_folder(path, model_name=model_name, ema=ema)
+        return model, dict(label_names=ckpt.config.get('label_names'), train_config=ckpt.train_config,
+                           metrics=ckpt.results, ema=ema)
+    if path.suffix == '.safetensors' or path.is_file():
+        if model_name is None:
+            raise ValueError(f'a single weights file ({path}) needs model_name (the SPFormer variant it is for)')
+        return load_safetensors_checkpoint(path, model_name), {}
+    raise FileNotFoundError(f'model_or_folder {str(model_or_folder)!r} is neither a folder nor a file')
+
+
+def push_to_hub(
+        model_or_folder: Union[nn.Module, str, pathlib.Path],
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        label_names: Optional[Sequence[str]] = None,
+        train_config: Optional[Dict[str, Any]] = None,
+        metrics: Optional[Dict[str, Any]] = None,
+        use_ema: bool = True,
+        model_name: Optional[str] = None,
+        datasets: Union[str, Sequence[str], None] = None,
+        sample_image=None,
+) -> str:
+    """Publish an SPFormer to the Hub repo ``repo_id`` in one commit; returns the commit URL.
+
+    Args:
+        model_or_folder: An SPFormer model; a training output folder (``config.json``, ``model.safetensors``,
+            optional ``model_ema.safetensors``, ``train_config.yaml``, ``results.json``); or one
+            ``.safetensors`` file together with ``model_name``.
+        repo_id: ``ORG/NAME``; created (``private`` or public) if it does not exist.
+        revision: Branch to commit to (created from ``main`` if missing); default ``main``.
+        token: Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, ``hf auth login``).
+        commit_message: Default ``'Add <architecture> weights'``.
+        label_names / train_config / metrics: Override what a folder carries (see :func:`save_pretrained`).
+        use_ema: Publish ``model_ema.safetensors`` (as ``model.safetensors``) when a folder has it.
+        model_name: The variant of a single ``.safetensors`` file; for a folder, the variant it must be.
+        datasets: Hub dataset ids for the card (default from the training configuration).
+        sample_image: Image for the superpixel picture (default scikit-image's astronaut).
+
+    The commit holds exactly ``config.json``, ``model.safetensors``, ``README.md`` and ``superpixels.png``
+    and deletes pickled weights (``*.bin``, ``*.pth``, ...) left in the repo; the card is always rewritten.
+    """
+    from huggingface_hub import HfApi
+    import spformer
+
+    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"repo_id must be 'ORG/NAME' (namespace and name), got {repo_id!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise ValueError(f'revision must be a branch name, got {revision!r}')
+    model, found = _load_source(model_or_folder, use_ema=use_ema, model_name=model_name)
+    _check_spformer(model)
+    api = HfApi(token=token, library_name='spformer', library_version=spformer.__version__)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != 'main':
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='spformer-hub-') as tmp:
+        save_pretrained(
+            model, tmp,
+            label_names=label_names if label_names is not None else found.get('label_names'),
+            train_config=train_config if train_config is not None else found.get('train_config'),
+            metrics=metrics if metrics is not None else found.get('metrics'),
+            sample_image=sample_image, datasets=datasets, ema=found.get('ema', False),
+            repo_id=repo_id, revision=revision)
+        arch = json.loads((pathlib.Path(tmp) / CONFIG_NAME).read_text())['architecture']
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, revision=revision,
+            commit_message=commit_message or f'Add {arch} weights' + (' (EMA)' if found.get('ema') else ''),
+            allow_patterns=list(PUBLISHED_FILES), delete_patterns=list(PICKLE_PATTERNS))
+    return info.commit_url
