@@ -244,15 +244,18 @@ def mixup_active(args: argparse.Namespace) -> bool:
 
 @contextlib.contextmanager
 def seeded_rngs(*key: int):
-    """Seed python's and torch's CPU RNG from `key` inside the block; restore both afterwards."""
+    """Seed the python, numpy and torch CPU RNGs (timm's transforms draw from all three) from `key` inside
+    the block; restore them afterwards, so that loading data never moves the training loop's RNGs."""
     seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
-    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(py_state)
+        np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
 
 
@@ -796,6 +799,9 @@ def train(args: argparse.Namespace) -> int:
     test_dump = os.environ.get('SPFORMER_TRAIN_TEST_DUMP')
     samples_seen: Dict[int, List[int]] = {}
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    broadcast_buffers = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
+                                                         DistributedType.MULTI_XPU, DistributedType.MULTI_NPU) \
+        and any(True for _ in unwrapped.buffers())
     val_results: Dict[str, Any] = {}
     stopped = False
 
@@ -838,6 +844,9 @@ def train(args: argparse.Namespace) -> int:
 
             state.update += 1
             scheduler.step_update(num_updates=state.update)
+            if broadcast_buffers:  # BatchNorm statistics of the last forward are per process; take rank 0's, as
+                for buffer in unwrapped.buffers():  # DDP does before each forward, so all ranks hold equal models
+                    torch.distributed.broadcast(buffer, src=0)
             if model_ema is not None:
                 model_ema.update(unwrapped, step=state.update)
             progress.update(1)
