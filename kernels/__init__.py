@@ -10,6 +10,12 @@ Backends: ``'reference'`` (dense and naive; the test oracle), ``'torch'`` (cell-
 PyTorch, the CPU default) and ``'triton'`` (fused kernels, the CUDA default, once built).
 Neighbour ``k`` in 0..8 of a cell is the cell at offset ``NEIGHBOR_OFFSETS[k] = (k // 3 - 1,
 k % 3 - 1)`` (raster order, 4 = own cell); neighbours outside the image get probability 0.
+
+Neighbourhood attention re-weighted by superpixels (kernels/neighborhood.py, DESIGN.md section 4):
+
+* :func:`neighborhood_attention` -- NA over a k x k window (shifted inward at borders, as NATTEN);
+* :func:`soft_superpixel_attention` -- SNA, weights times the soft superpixel agreement;
+* :func:`hard_superpixel_attention` -- H-SNA, weights times 1[same superpixel label].
 """
 from .functional import (
     BACKENDS,
@@ -18,7 +24,14 @@ from .functional import (
     superpixel_association,
     superpixel_attention,
 )
+from .neighborhood import (
+    hard_superpixel_attention,
+    neighborhood_attention,
+    soft_superpixel_attention,
+    superpixel_labels,
+)
 
 __all__ = [
     'BACKENDS', 'NEIGHBOR_OFFSETS', 'pixel_attention', 'superpixel_association', 'superpixel_attention',
+    'hard_superpixel_attention', 'neighborhood_attention', 'soft_superpixel_attention', 'superpixel_labels',
 ]
