@@ -24,8 +24,9 @@ CITATION = """@article{mei2024spformer,
   year={2024}
 }"""
 
-# Training-config keys that name the dataset, in the order they are looked up.
-_DATASET_KEYS = ('dataset', 'dataset_name', 'data', 'hf_dataset')
+# Training-config keys that name the dataset, in the order they are looked up (train_imagenet.py writes
+# `hf_dataset` or `data_dir`).
+_DATASET_KEYS = ('dataset', 'dataset_name', 'hf_dataset', 'data', 'data_dir')
 # Hub dataset ids for the names a training configuration uses (timm's `hfds/`, `torch/` prefixes stripped).
 _DATASET_IDS = {
     'imagenet': 'imagenet-1k', 'imagenet-1k': 'imagenet-1k', 'imagenet1k': 'imagenet-1k', 'in1k': 'imagenet-1k',
@@ -44,15 +45,17 @@ def resolve_datasets(datasets: Union[str, Sequence[str], None], train_config: Op
         return datasets
     for key in _DATASET_KEYS:
         value = (train_config or {}).get(key)
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value.strip():
             name = value.strip().rstrip('/')
             for prefix in ('hfds/', 'hfids/', 'hf-hub:', 'torch/', 'tfds/', 'wds/'):
                 if name.lower().startswith(prefix):
                     name = name[len(prefix):]
             if name.lower() in _DATASET_IDS:
                 return [_DATASET_IDS[name.lower()]]
-            base = pathlib.PurePath(name).name.lower()  # a local folder such as /data/imagenet
-            return [_DATASET_IDS.get(base, name)]
+            if key == 'data_dir' or name.startswith(('/', '.', '~')):  # a local folder, e.g. /data/imagenet
+                base = pathlib.PurePath(name).name.lower()
+                return [_DATASET_IDS[base]] if base in _DATASET_IDS else []
+            return [name]  # a Hub dataset id
     return []
 
 
@@ -66,8 +69,6 @@ def split_metrics(metrics: Optional[Mapping[str, Any]], ema: bool) -> Dict[str, 
             out[key[:-len('_ema')]] = value
         elif not ema and not key.endswith('_ema'):
             out[key] = value
-    if ema and not out:  # EMA weights but only plain results: say nothing rather than the wrong numbers
-        return {}
     return out
 
 
@@ -107,6 +108,7 @@ def model_card(
         ema: bool = False,
         revision: Optional[str] = None,
         picture: Optional[str] = PICTURE_NAME,
+        picture_image: str = "scikit-image's astronaut",
 ) -> str:
     """README.md text: YAML front matter, what the model is, its superpixels, usage, results, training config.
 
@@ -120,6 +122,7 @@ def model_card(
         ema: The published weights are the EMA weights.
         revision: Branch the weights are pushed to (the usage block pins it).
         picture: File name of the superpixel picture in the repo, or None.
+        picture_image: What the picture shows.
     """
     arch = config['architecture']
     pcfg = config.get('pretrained_cfg', {})
@@ -141,9 +144,8 @@ def model_card(
         lines += ['No training configuration or evaluation results came with these weights.', '']
     if picture:
         lines += [f'![Superpixels of {repo_name}]({picture})', '',
-                  f'*The superpixels these weights use on scikit-image\'s astronaut (or the sample image given '
-                  f'when publishing): the input crop, then per stage the hard superpixels of the merged association '
-                  f'heads and (small) of each head.*', '']
+                  f'*The superpixels of these weights on {picture_image}: the input crop, then per stage the hard '
+                  f'superpixels of the merged association heads and (small) of each head.*', '']
     lines += ['## Model details', '']
     details = [
         ('Architecture', f'`{arch}`'),
@@ -180,9 +182,13 @@ def model_card(
         if numeric:
             lines += ['| metric | value | weights |', '|---|---|---|']
             for k, v in numeric.items():
-                which = 'EMA' if k.endswith('_ema') else 'model'
-                published = ' (published)' if (which == 'EMA') == ema else ''
-                lines.append(f'| {k} | {v:.4g} | {which}{published} |')
+                if k.endswith('_ema'):
+                    which = 'EMA' + (' (published)' if ema else '')
+                elif f'{k}_ema' in numeric:
+                    which = 'model' + ('' if ema else ' (published)')
+                else:
+                    which = ''
+                lines.append(f'| {k} | {v:.6g} | {which} |')
             lines.append('')
         other = {k: v for k, v in metrics.items() if k not in numeric}
         if other:

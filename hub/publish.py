@@ -153,7 +153,10 @@ def save_pretrained(
                             title=f'{repo_id or arch}: superpixels per stage')
     card = model_card(
         repo_id or 'ORG/NAME', config, num_params=sum(p.numel() for p in inner.parameters()),
-        datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, revision=revision)
+        datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, revision=revision,
+        picture_image=("scikit-image's astronaut" if sample_image is None else
+                       f'`{pathlib.Path(sample_image).name}`' if isinstance(sample_image, (str, pathlib.Path))
+                       else 'a sample image'))
     (save_directory / README_NAME).write_text(card, encoding='utf-8')
     return save_directory
 

@@ -1,0 +1,491 @@
+"""spformer.hub: publishing to the Hugging Face Hub and loading back the timm way.
+
+The Hub is never reached: pushes go through the real ``huggingface_hub`` client to
+``spformer.hub.testing.FakeHub`` (an ``httpx2.MockTransport`` behind ``set_client_factory``), and the
+loads are timm's own (``hf-hub:`` ids, registered tags with ``hf_hub_id``, ``pretrained_cfg_overlay``).
+Oracles are independent of the code under test: timm's ``save_for_hf`` writes the training folders
+(the layout train_imagenet.py exports), ``safetensors`` reads what was pushed, logits come from the
+in-memory model that was trained, and ``yaml.safe_load`` parses the card.
+"""
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import timm
+import yaml
+from huggingface_hub import HfApi, constants, hf_hub_download
+from timm.models import save_for_hf
+from timm.utils.model_ema import ModelEmaV3
+
+import spformer  # noqa: F401  (registers the models)
+from spformer.hub import load_checkpoint_folder, push_to_hub, save_pretrained
+from spformer.hub.cli import main as hub_cli
+from spformer.hub.testing import FakeHub
+from spformer.models.spformer import HF_HUB_ORG, PUBLISHED_WEIGHTS, PretrainedWeightsUnavailable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = 'spformer_tiny_sp16_224'
+IMG = 64  # 4x4 tokens: fast
+LABELS = ['cat', 'dog', 'owl', 'fox', 'eel']
+PUBLISHED = {'config.json', 'model.safetensors', 'README.md', 'superpixels.png'}
+TOKEN = 'hf_fake_token'
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(autouse=True)
+def hub_home(tmp_path, monkeypatch):
+    """A fresh Hub cache and no stored token, in this process (constants are read at import) and subprocesses."""
+    home = tmp_path / 'hf_home'
+    monkeypatch.setenv('HF_HOME', str(home))
+    monkeypatch.delenv('HF_HUB_CACHE', raising=False)
+    monkeypatch.delenv('HUGGINGFACE_HUB_CACHE', raising=False)
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(home / 'hub'))
+    monkeypatch.setattr(constants, 'HF_TOKEN_PATH', str(home / 'token'))
+    monkeypatch.setattr(constants, 'HF_STORED_TOKENS_PATH', str(home / 'stored_tokens'))
+    return home
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The in-memory Hub, installed as huggingface_hub's HTTP client.
+
+    conftest.py sets HF_HUB_OFFLINE=1 so that no test can reach the network; the client then refuses
+    every request before it is sent. Requests to the fake never leave this process, so these tests
+    turn offline mode off for their own duration only (the constant the client reads at call time).
+    """
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    hub = FakeHub()
+    with hub.installed():
+        yield hub
+
+
+def _train(num_classes: int, seed: int):
+    """A few SGD steps on random data, with an EMA of the weights (so the two differ)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY, img_size=IMG, num_classes=num_classes)
+    ema = ModelEmaV3(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, IMG, IMG), torch.randint(0, num_classes, (4,))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+    return model.eval(), ema.module.eval()
+
+
+@pytest.fixture(scope='module')
+def trained():
+    return _train(len(LABELS), seed=0)
+
+
+@pytest.fixture(scope='module')
+def x():
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope='module')
+def train_folder(trained, tmp_path_factory):
+    """A training output folder as train_imagenet.py writes it, made with timm's own save_for_hf."""
+    model, ema = trained
+    folder = tmp_path_factory.mktemp('run') / 'final'
+    save_for_hf(model, folder, model_config=dict(label_names=LABELS), safe_serialization=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                                str(folder / 'model_ema.safetensors'))
+    (folder / 'train_config.yaml').write_text(
+        '# effective configuration\n' + yaml.safe_dump(dict(model=TINY, hf_dataset='ILSVRC/imagenet-1k',
+                                                            epochs=3, lr=0.05, img_size=IMG)))
+    (folder / 'results.json').write_text(json.dumps(
+        dict(model=TINY, epochs=3, top1=41.25, top5=88.5, top1_ema=43.75, top5_ema=90.0)))
+    return folder
+
+
+def _logits(model, x):
+    with torch.inference_mode():
+        return model.eval()(x)
+
+
+def _front_matter(card: str) -> dict:
+    m = re.match(r'^---\n(.*?)\n---\n', card, re.S)
+    assert m, card[:200]
+    return yaml.safe_load(m.group(1))
+
+
+def _run_python(code: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """A fresh interpreter (nothing of this process's timm/hub state), same threads as conftest."""
+    env = dict(os.environ, **(env or {}))
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+# Load a model in a fresh process, optionally serving the saved fake Hub there, and write its logits.
+_LOAD_SCRIPT = '''
+import sys, torch, safetensors.torch
+torch.set_num_threads(max(1, min(2, __import__('os').cpu_count() or 1)))
+state, name, x_path, out_path = sys.argv[1:5]
+import spformer  # registers the SPFormer models with timm: all a user needs before create_model
+import timm
+if state != '-':
+    from spformer.hub.testing import FakeHub
+    with FakeHub.load(state).installed():
+        model = timm.create_model(name, pretrained=True, **eval(sys.argv[5]))
+else:
+    model = timm.create_model(name, pretrained=True, **eval(sys.argv[5]))
+x = safetensors.torch.load_file(x_path)['x']
+with torch.inference_mode():
+    logits = model.eval()(x)
+safetensors.torch.save_file({'logits': logits.contiguous()}, out_path)
+print(model.pretrained_cfg.get('source'), model.pretrained_cfg.get('hf_hub_id'), model.pretrained_cfg.get('label_names'))
+'''
+
+
+def _load_in_fresh_process(tmp_path, name, x, state='-', env=None, **kwargs):
+    safetensors.torch.save_file({'x': x.contiguous()}, str(tmp_path / 'x.safetensors'))
+    proc = _run_python(_LOAD_SCRIPT, state, name, tmp_path / 'x.safetensors', tmp_path / 'logits.safetensors',
+                       repr(kwargs), env=env)
+    return safetensors.torch.load_file(str(tmp_path / 'logits.safetensors'))['logits'], proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+
+def test_push_training_folder_to_fake_hub_and_load_hf_hub_id_in_fresh_process(
+        fake_hub, train_folder, trained, x, tmp_path):
+    model, ema = trained
+    repo = 'spformer-test/tiny-64'
+    url = push_to_hub(train_folder, repo, token=TOKEN)
+
+    # One commit with exactly the published files, through the real client's endpoints.
+    commits = fake_hub.commits(repo)
+    assert url == f'{constants.ENDPOINT}/{repo}/commit/{commits[-1].oid}'
+    assert sorted(commits[-1].added) == sorted(PUBLISHED) and commits[-1].deleted == []
+    assert set(fake_hub.files(repo)) == PUBLISHED | {'.gitattributes'}  # .gitattributes: the Hub's, at creation
+    assert ('POST', f'/api/models/{repo}/commit/main') in fake_hub.requests
+
+    files = fake_hub.files(repo)
+    # The EMA weights were pushed (as model.safetensors), tensor for tensor, under plain key names.
+    pushed = safetensors.torch.load(files['model.safetensors'])
+    ema_file = safetensors.torch.load_file(str(train_folder / 'model_ema.safetensors'))
+    assert pushed.keys() == ema_file.keys() == ema.state_dict().keys()
+    assert all(torch.equal(pushed[k], ema_file[k]) for k in pushed)
+    assert not all(torch.equal(pushed[k], v) for k, v in model.state_dict().items())  # not the raw weights
+
+    config = json.loads(files['config.json'])
+    assert config['architecture'] == TINY and config['num_classes'] == 5 and config['num_features'] == 192
+    assert config['label_names'] == LABELS
+    assert config['model_args']['img_size'] == [IMG, IMG] and 'attn_backend' not in config['model_args']
+    assert config['pretrained_cfg']['input_size'] == [3, IMG, IMG]
+
+    card = files['README.md'].decode()
+    meta = _front_matter(card)
+    assert meta['library_name'] == 'timm'
+    assert {'image-classification', 'timm', 'spformer'} <= set(meta['tags'])
+    assert meta['license'] == 'apache-2.0'
+    assert meta['datasets'] == ['imagenet-1k']  # from train_config.yaml's hf_dataset
+    assert meta['metrics'] == ['accuracy', 'top_5_accuracy']
+    reported = {m['name']: m['value'] for m in meta['model-index'][0]['results'][0]['metrics']}
+    assert reported == {'Top-1 accuracy': 43.75, 'Top-5 accuracy': 90.0}  # the EMA results: EMA weights
+    usage = re.search(r'## Usage\n\n```python\n(.*?)```', card, re.S).group(1)
+    assert usage.splitlines()[0].startswith('import spformer')
+    assert f"timm.create_model('hf-hub:{repo}', pretrained=True)" in usage
+    train_cfg = yaml.safe_load(re.search(r'## Training configuration\n\n```yaml\n(.*?)```', card, re.S).group(1))
+    assert train_cfg == yaml.safe_load((train_folder / 'train_config.yaml').read_text())
+    assert '| top1_ema | 43.75 | EMA (published) |' in card and '| top1 | 41.25 | model |' in card
+    assert '![Superpixels of tiny-64](superpixels.png)' in card
+    assert files['superpixels.png'][:8] == b'\x89PNG\r\n\x1a\n' and len(files['superpixels.png']) > 20_000
+
+    # A fresh process that only imports spformer and timm loads it with timm's hf-hub: path, served by
+    # the same repos (the fake cannot be shared across processes: its state is saved and served there).
+    logits, out = _load_in_fresh_process(tmp_path, f'hf-hub:{repo}', x, state=fake_hub.save(tmp_path / 'hub'),
+                                         env=dict(HF_HUB_OFFLINE='0'))
+    assert out.split()[:2] == ['hf-hub', repo]
+    assert torch.equal(logits, _logits(ema, x))
+
+
+def test_registered_tag_loads_from_filled_cache_offline(fake_hub, x, monkeypatch, tmp_path):
+    torch.manual_seed(3)
+    model = timm.create_model(TINY, img_size=IMG).eval()  # 1000 classes, as the registered cfg
+    hub_id = timm.models.get_pretrained_cfg(f'{TINY}.in1k').hf_hub_id
+    assert hub_id == f'{HF_HUB_ORG}/{TINY}.in1k'
+    push_to_hub(model, hub_id, token=TOKEN)
+    hf_hub_download(hub_id, 'model.safetensors')  # fill the cache through the fake, as a user's download would
+
+    # No Hub at all now: offline, and the fake uninstalled.
+    fake_hub_requests = len(fake_hub.requests)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    from huggingface_hub.utils import _http
+    _http.set_client_factory(_http.default_client_factory)
+    loaded = timm.create_model(f'{TINY}.in1k', pretrained=True, img_size=IMG)
+    assert loaded.pretrained_cfg['hf_hub_id'] == hub_id and loaded.pretrained_cfg['tag'] == 'in1k'
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    assert len(fake_hub.requests) == fake_hub_requests
+
+    # The same in a fresh process with HF_HUB_OFFLINE=1 and that cache (HF_HOME from the fixture).
+    logits, out = _load_in_fresh_process(tmp_path, f'{TINY}.in1k', x, env=dict(HF_HUB_OFFLINE='1'), img_size=IMG)
+    assert out.split()[1] == hub_id
+    assert torch.equal(logits, _logits(model, x))
+
+
+@pytest.mark.parametrize('name', timm.list_models('spformer_*'))
+def test_unpublished_weights_fail_at_once_with_how_to(name):
+    # Offline with an empty cache (the conftest + fixture state): no Hub stack trace, a clear message.
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        timm.create_model(name, pretrained=True)
+    msg = str(info.value)
+    assert f'{name}.in1k' in msg and f'{HF_HUB_ORG}/{name}.in1k' in msg
+    assert 'No weights are published for it yet' in msg
+    assert "'hf-hub:ORG/NAME'" in msg and 'pretrained_cfg_overlay=dict(file=' in msg
+    assert type(info.value.__cause__).__name__ in ('LocalEntryNotFoundError', 'OfflineModeIsEnabled')
+
+
+def test_unpublished_weights_online_fail_after_one_request(fake_hub):
+    # Online, the Hub answers "repository not found" to the first request; that is all it takes.
+    with pytest.raises(PretrainedWeightsUnavailable, match='No weights are published') as info:
+        timm.create_model(TINY, pretrained=True, img_size=IMG)
+    assert type(info.value.__cause__).__name__ == 'RepositoryNotFoundError'
+    hub_requests = [r for r in fake_hub.requests if 'agent-harnesses' not in r[1]]
+    assert hub_requests == [('HEAD', f'/{HF_HUB_ORG}/{TINY}.in1k/resolve/main/model.safetensors')]
+
+
+def test_missing_local_file_fails_clearly(tmp_path):
+    missing = tmp_path / 'nope.safetensors'
+    with pytest.raises(PretrainedWeightsUnavailable, match=f'file {missing}'):
+        timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+
+def test_config_naming_another_variant_is_refused_naming_both(train_folder):
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_folder(train_folder, model_name='spformer_small_sp16_224')
+    assert TINY in str(info.value) and 'spformer_small_sp16_224' in str(info.value)
+
+
+def test_tensors_of_another_variant_are_refused_naming_both(train_folder, tmp_path):
+    # A config that names spformer_small_sp16_224 over tiny weights: timm builds small, the filter refuses.
+    folder = tmp_path / 'relabelled'
+    folder.mkdir()
+    config = json.loads((train_folder / 'config.json').read_text())
+    config['architecture'] = 'spformer_small_sp16_224'
+    (folder / 'config.json').write_text(json.dumps(config))
+    (folder / 'model.safetensors').write_bytes((train_folder / 'model.safetensors').read_bytes())
+    with pytest.raises(ValueError) as info:
+        load_checkpoint_folder(folder)
+    msg = str(info.value)
+    assert 'does not fit spformer_small_sp16_224' in msg and f'tensors are those of {TINY}' in msg
+    assert 'stem.conv.weight: checkpoint (32, 3, 4, 4) vs model (64, 3, 4, 4)' in msg
+
+    # The same through timm's file path, and for a state dict of no registered variant.
+    with pytest.raises(ValueError, match=f'does not fit spformer_small_sp32_224.*those of {TINY}'):
+        timm.create_model('spformer_small_sp32_224', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(train_folder / 'model.safetensors')))
+    state = safetensors.torch.load_file(str(train_folder / 'model.safetensors'))
+    state['stem.extra'] = torch.zeros(1)
+    safetensors.torch.save_file(state, str(tmp_path / 'extra.safetensors'))
+    with pytest.raises(ValueError, match=f'does not fit {TINY}.*no registered SPFormer variant.*stem.extra'):
+        timm.create_model(TINY, pretrained=True, img_size=IMG, num_classes=5,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'extra.safetensors'), num_classes=5))
+
+
+def test_registered_cfgs_name_hub_repos_and_readme_says_unpublished():
+    readme = (ROOT / 'README.md').read_text()
+    for name in timm.list_models('spformer_*'):
+        cfg = timm.models.get_pretrained_cfg(f'{name}.in1k')
+        assert cfg.hf_hub_id == f'{HF_HUB_ORG}/{name}.in1k'
+        row = next(line for line in readme.splitlines() if line.startswith(f'| `{name}` |'))
+        if f'{name}.in1k' not in PUBLISHED_WEIGHTS:
+            assert row.endswith('| none published yet |'), row
+
+
+# ------------------------------------------------------------------------------------------ save_pretrained
+
+def test_save_pretrained_writes_exactly_the_hub_files_and_loads_back_with_timm(trained, x, tmp_path):
+    model, _ = trained
+    out = save_pretrained(model, tmp_path / 'out', label_names=LABELS, metrics=dict(top1=41.25),
+                          train_config=dict(data_dir='/data/imagenet', epochs=3))
+    assert {p.name for p in out.iterdir()} == PUBLISHED
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)  # timm's own local-folder loader
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    assert loaded.pretrained_cfg['label_names'] == LABELS
+    meta = _front_matter((out / 'README.md').read_text())
+    assert meta['datasets'] == ['imagenet-1k'] and meta['metrics'] == ['accuracy']
+    assert 'These are the exponential-moving-average' not in (out / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('wrap', ['compile', 'ddp_prefix', 'compiled_submodule', 'model_ema'])
+def test_save_pretrained_strips_wrappers_from_key_names(trained, tmp_path, wrap):
+    model, _ = trained
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    if wrap == 'compile':
+        wrapped = torch.compile(model)  # never called: nothing is compiled
+    elif wrap == 'ddp_prefix':
+        wrapped = torch.nn.DataParallel(model)  # keys 'module.*', as DDP's
+        assert next(iter(wrapped.state_dict())).startswith('module.')
+    elif wrap == 'compiled_submodule':
+        wrapped = timm.create_model(TINY, img_size=IMG, num_classes=5)
+        wrapped.load_state_dict(expected)
+        wrapped.stages[0] = torch.compile(wrapped.stages[0])
+        assert any('._orig_mod.' in k for k in wrapped.state_dict())
+    else:
+        wrapped = ModelEmaV3(model, decay=0.9)
+        expected = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
+    save_pretrained(wrapped, tmp_path, label_names=LABELS)
+    saved = safetensors.torch.load_file(str(tmp_path / 'model.safetensors'))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert json.loads((tmp_path / 'config.json').read_text())['architecture'] == TINY
+
+
+def test_save_pretrained_imagenet_label_names_and_sample_image(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, img_size=IMG)
+    image = torch.randint(0, 256, (80, 96, 3), dtype=torch.uint8).numpy()
+    save_pretrained(model, tmp_path, train_config=dict(hf_dataset='imagenet-1k'), sample_image=image)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['label_names'] == list(timm.data.ImageNetInfo().label_names())
+    card = (tmp_path / 'README.md').read_text()
+    assert 'on a sample image' in card
+    assert 'No training configuration or evaluation results' not in card
+
+
+def test_save_pretrained_rejects_bad_input(trained, tmp_path):
+    model, _ = trained
+    with pytest.raises(TypeError, match='model must be an SPFormer.*got Linear'):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path)
+    with pytest.raises(ValueError, match='label_names has 2 names but the model has num_classes=5'):
+        save_pretrained(model, tmp_path, label_names=['a', 'b'])
+    with pytest.raises(TypeError, match='label_names must be a list of strings, got str'):
+        save_pretrained(model, tmp_path, label_names='abcde')
+    with pytest.raises(TypeError, match='metrics must be a dict.*got list'):
+        save_pretrained(model, tmp_path, metrics=[1, 2])
+    with pytest.raises(TypeError, match='sample_image must be None.*got int'):
+        save_pretrained(model, tmp_path, sample_image=3)
+    with pytest.raises(ValueError, match="repo_id must be 'ORG/NAME'.*got 'no-namespace'"):
+        push_to_hub(model, 'no-namespace')
+    with pytest.raises(ValueError, match='needs model_name'):
+        push_to_hub(tmp_path / 'x.safetensors', 'org/name')
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def test_cli_push_no_ema_private_revision_and_download(fake_hub, train_folder, trained, capsys, monkeypatch):
+    model, _ = trained
+    repo = 'spformer-test/cli'
+    assert hub_cli(['push', str(train_folder), '--repo-id', repo, '--private', '--revision', 'v1', '--no-ema',
+                    '--token', TOKEN]) == 0
+    url = capsys.readouterr().out.strip()
+    assert fake_hub.repos[repo].private and set(fake_hub.repos[repo].branches) == {'main', 'v1'}
+    assert url.endswith(fake_hub.repos[repo].branches['v1'])
+    assert set(fake_hub.files(repo, 'main')) == {'.gitattributes'}  # main untouched
+    files = fake_hub.files(repo, 'v1')
+    pushed = safetensors.torch.load(files['model.safetensors'])
+    assert all(torch.equal(pushed[k], v) for k, v in model.state_dict().items())  # --no-ema: the model weights
+    card = files['README.md'].decode()
+    assert "timm.create_model('hf-hub:spformer-test/cli@v1', pretrained=True)" in card
+    assert 'exponential-moving-average' not in card and '| top1 | 41.25 | model (published) |' in card
+    assert {m['value'] for m in _front_matter(card)['model-index'][0]['results'][0]['metrics']} == {41.25, 88.5}
+
+    # Private: anonymous downloads are refused as on the Hub; with the token they work.
+    with pytest.raises(SystemExit, match='RepositoryNotFoundError'):
+        hub_cli(['download', repo, '--revision', 'v1'])
+    assert hub_cli(['download', repo, '--revision', 'v1', '--token', TOKEN]) == 0
+    path = pathlib.Path(capsys.readouterr().out.strip())
+    assert path.is_relative_to(constants.HF_HUB_CACHE)
+    assert {p.name for p in path.iterdir()} == PUBLISHED
+    assert (path / 'model.safetensors').read_bytes() == files['model.safetensors']
+
+
+def test_cli_push_single_safetensors_file_and_replace_pickles(fake_hub, train_folder, trained, x, capsys):
+    model, _ = trained
+    repo = 'spformer-test/single'
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo)
+    api.upload_file(path_or_fileobj=b'old pickle', path_in_repo='pytorch_model.bin', repo_id=repo)
+    weights = train_folder / 'model.safetensors'
+    assert hub_cli(['push', str(weights), '--model', TINY, '--repo-id', repo, '--token', TOKEN]) == 0
+    assert set(fake_hub.files(repo)) == PUBLISHED | {'.gitattributes'}  # the pickle is gone
+    assert fake_hub.commits(repo)[-1].deleted == ['pytorch_model.bin']
+    config = json.loads(fake_hub.files(repo)['config.json'])
+    assert config['num_classes'] == 5 and config['model_args']['img_size'] == [IMG, IMG]  # from the tensors
+    pushed = safetensors.torch.load(fake_hub.files(repo)['model.safetensors'])
+    assert all(torch.equal(pushed[k], v) for k, v in model.state_dict().items())
+
+    # The wrong variant for those tensors: refused before anything is pushed, naming both.
+    commits = len(fake_hub.commits(repo))
+    with pytest.raises(SystemExit, match=f'does not fit spformer_small_sp16_224.*those of {TINY}'):
+        hub_cli(['push', str(weights), '--model', 'spformer_small_sp16_224', '--repo-id', repo, '--token', TOKEN])
+    assert len(fake_hub.commits(repo)) == commits
+
+
+def test_cli_rejects_bad_input(fake_hub, train_folder, tmp_path):
+    with pytest.raises(SystemExit, match="repo_id must be 'ORG/NAME'.*got 'bad'"):
+        hub_cli(['push', str(train_folder), '--repo-id', 'bad', '--token', TOKEN])
+    with pytest.raises(SystemExit, match='needs model_name'):
+        hub_cli(['push', str(train_folder / 'model.safetensors'), '--repo-id', 'o/n', '--token', TOKEN])
+    (tmp_path / 'model.pth').write_bytes(b'pickle')
+    with pytest.raises(SystemExit, match=r'must be a \.safetensors file \(pickled weights are never loaded\)'):
+        hub_cli(['push', str(tmp_path / 'model.pth'), '--model', TINY, '--repo-id', 'o/n', '--token', TOKEN])
+    with pytest.raises(SystemExit, match="model_name='resnet50' is not an SPFormer variant"):
+        hub_cli(['push', str(train_folder / 'model.safetensors'), '--model', 'resnet50', '--repo-id', 'o/n'])
+    with pytest.raises(SystemExit, match='has neither model.safetensors nor model_ema.safetensors.*model.pth'):
+        (tmp_path / 'config.json').write_text((train_folder / 'config.json').read_text())
+        hub_cli(['push', str(tmp_path), '--repo-id', 'o/n', '--token', TOKEN])
+    with pytest.raises(SystemExit, match='not a published SPFormer'):
+        HfApi(token=TOKEN).create_repo('o/empty')
+        hub_cli(['download', 'o/empty'])
+    assert 'o/n' not in fake_hub.repos  # nothing was created by a refused push
+
+
+def test_cli_export_is_the_pushed_folder(train_folder, tmp_path, capsys):
+    assert hub_cli(['export', str(train_folder), str(tmp_path / 'out'), '--repo-id', 'org/name']) == 0
+    out = pathlib.Path(capsys.readouterr().out.strip())
+    assert {p.name for p in out.iterdir()} == PUBLISHED
+    pushed = safetensors.torch.load_file(str(out / 'model.safetensors'))
+    ema = safetensors.torch.load_file(str(train_folder / 'model_ema.safetensors'))
+    assert all(torch.equal(pushed[k], ema[k]) for k in ema)
+
+
+# ------------------------------------------------------------------------------------------ the real Hub
+
+def _real_hub_skip_reason():
+    if not os.environ.get('HF_TOKEN'):
+        return 'real-Hub test: needs HF_TOKEN (a write token) and network access to huggingface.co; HF_TOKEN is unset'
+    try:
+        socket.create_connection(('huggingface.co', 443), timeout=3).close()
+    except OSError as e:
+        return f'real-Hub test: HF_TOKEN is set but huggingface.co:443 is unreachable ({e})'
+    return None
+
+
+_REAL_HUB_TOKEN = os.environ.get('HF_TOKEN')
+_REAL_HUB_SKIP = _real_hub_skip_reason()
+
+
+@pytest.mark.skipif(_REAL_HUB_SKIP is not None, reason=_REAL_HUB_SKIP or '')
+def test_real_hub_push_and_load_private_repo(trained, x, monkeypatch, tmp_path):
+    # The real Hub: conftest's offline mode is turned off for this test only.
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    _, ema = trained
+    api = HfApi(token=_REAL_HUB_TOKEN)
+    repo = f"{api.whoami()['name']}/spformer-hub-test-{uuid.uuid4().hex[:8]}"
+    try:
+        url = push_to_hub(ema, repo, private=True, token=_REAL_HUB_TOKEN, label_names=LABELS)
+        assert url.startswith(f'{constants.ENDPOINT}/{repo}/commit/')
+        assert set(api.list_repo_files(repo)) == PUBLISHED | {'.gitattributes'}
+        logits, _ = _load_in_fresh_process(tmp_path, f'hf-hub:{repo}', x,
+                                           env=dict(HF_HUB_OFFLINE='0', HF_TOKEN=_REAL_HUB_TOKEN))
+        assert torch.equal(logits, _logits(ema, x))
+    finally:
+        api.delete_repo(repo, missing_ok=True)
