@@ -1,0 +1,346 @@
+"""train_imagenet.py on CPU: learning, exact resume, crash safety, two processes, datasets, export, errors."""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+CLASSES = ('red_circle', 'green_square', 'blue_triangle', 'yellow_bar')
+
+
+def make_shapes(root, n_train: int = 32, n_val: int = 12, size: int = 64, seed: int = 0) -> Path:
+    """An ImageFolder (train/, val/) of 4 classes, one coloured shape each, at random places and sizes
+    on a noisy background; colour and shape both tell the class, so a tiny model learns it in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    colours = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 70, 230), 'yellow': (230, 210, 40)}
+    root = Path(root)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour, shape = name.split('_')
+            for i in range(n):
+                background = rng.integers(60, 140, size=(size, size, 3), dtype=np.uint8)
+                image = Image.fromarray(background)
+                draw = ImageDraw.Draw(image)
+                r = rng.uniform(0.22, 0.4) * size
+                cx, cy = rng.uniform(r, size - r, size=2)
+                fill = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in colours[colour])
+                if shape == 'circle':
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+                elif shape == 'square':
+                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+                elif shape == 'triangle':
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+                else:
+                    draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
+                image.save(folder / f'{i:03d}.png')
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers: every training run is a fresh process, as a user would start it.
+# ------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'train_imagenet.py'
+MODEL = 'spformer_tiny_sp16_224'
+
+
+def run_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    env.pop('SPFORMER_TRAIN_TEST_KILL_AT', None)
+    env.pop('SPFORMER_TRAIN_TEST_DUMP', None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, env=None, timeout=240, expect_rc=0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env or run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(f'{" ".join(map(str, cmd))}\nexited {proc.returncode} (expected {expect_rc})\n'
+                             f'--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}')
+    return proc
+
+
+def train_cmd(*args) -> list:
+    return [sys.executable, SCRIPT, *args]
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def same_safetensors(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def shapes64(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp('shapes64'), n_train=32, n_val=12, size=64)
+
+
+@pytest.fixture(scope='module')
+def shapes32(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp('shapes32'), n_train=12, n_val=4, size=32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One learning run (64 px, light augmentation), shared by the tests below it. It is started through a
+# wrapper that replaces spformer.hub.push_to_hub by a recorder, so --push-to-hub is exercised without a Hub.
+# ------------------------------------------------------------------------------------------------------------
+
+PUSH_WRAPPER = '''
+import json, runpy, sys
+import spformer.hub
+log = sys.argv[1]
+def fake_push_to_hub(folder, repo_id, **kwargs):
+    with open(log, 'w') as f:
+        json.dump(dict(folder=str(folder), repo_id=repo_id, **kwargs), f)
+    return 'https://huggingface.co/fake/commit'
+spformer.hub.push_to_hub = fake_push_to_hub
+script, sys.argv = sys.argv[2], sys.argv[2:]
+runpy.run_path(script, run_name='__main__')
+'''
+
+
+@pytest.fixture(scope='module')
+def learned(tmp_path_factory, shapes64):
+    out = tmp_path_factory.mktemp('learned')
+    dump, push_log = out / 'dump', out / 'push.json'
+    proc = run([sys.executable, '-c', PUSH_WRAPPER, push_log, SCRIPT,
+                '--data-dir', shapes64, '--model', MODEL, '--img-size', 64, '--batch-size', 16, '--epochs', 4,
+                '--lr', 1e-3, '--warmup-epochs', 1, '--aa', 'none', '--reprob', 0, '--mixup', 0, '--cutmix', 0,
+                '--model-ema-decay', 0.9, '--workers', 1, '--log-interval', 1, '--checkpoint-every', 5,
+                '--keep-checkpoints', 2, '--output', out / 'run', '--push-to-hub', 'someone/spformer-shapes'],
+               env=run_env(SPFORMER_TRAIN_TEST_DUMP=dump))
+    return dict(out=out / 'run', dump=dump, push_log=push_log, proc=proc)
+
+
+def test_loss_drops_and_validation_beats_chance(learned):
+    rows = read_jsonl(learned['out'] / 'metrics.jsonl')
+    losses = [r['loss'] for r in rows if r['kind'] == 'train']
+    assert len(losses) == 32  # 4 epochs x 8 updates, one row each (--log-interval 1)
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.6 * first, f'loss did not drop clearly: first four {losses[:4]}, last four {losses[-4:]}'
+    val = [r for r in rows if r['kind'] == 'val']
+    assert [r['epoch'] for r in val] == [1, 2, 3, 4] and all(r['samples'] == 48 for r in val)
+    results = json.loads((learned['out'] / 'final' / 'results.json').read_text())
+    chance = 100. / len(CLASSES)
+    assert results['top1'] >= chance + 35, results  # 48 held-out images; chance is 25 %
+    assert results['top1_ema'] >= chance + 35, results
+    assert 'val top-1' in learned['proc'].stdout + learned['proc'].stderr
+
+
+def test_outputs_config_checkpoints_curves_and_push(learned):
+    out = learned['out']
+    final = out / 'final'
+    assert sorted(p.name for p in final.iterdir()) == [
+        'config.json', 'model.safetensors', 'model_ema.safetensors', 'results.json', 'train_config.yaml']
+    config = json.loads((final / 'config.json').read_text())
+    assert config['architecture'] == MODEL and config['num_classes'] == 4
+    assert config['label_names'] == sorted(CLASSES)
+    assert config['model_args']['img_size'] == [64, 64] and 'attn_backend' not in config['model_args']
+    effective = yaml.safe_load((out / 'train_config.yaml').read_text())
+    assert effective['batch_size'] == 16 and effective['lr'] == 1e-3 and effective['mixup'] == 0
+    assert effective['model_ema_decay'] == 0.9 and effective['opt'] == 'adamw' and effective['epochs'] == 4
+    assert (final / 'train_config.yaml').read_text() == (out / 'train_config.yaml').read_text()
+    # Checkpoints every 5 updates and at each epoch end (8, 16, 24, 32), the last two kept.
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step_00000030', 'step_00000032']
+    assert (out / 'checkpoints' / 'step_00000032' / 'train_config.yaml').is_file()
+    pytest.importorskip('matplotlib', reason='matplotlib (a dev extra) draws training_curves.png')
+    assert (out / 'training_curves.png').stat().st_size > 10_000
+    push = json.loads(learned['push_log'].read_text())
+    assert push == dict(folder=str(final), repo_id='someone/spformer-shapes', private=False)
+
+
+LOAD_CHECK = '''
+import sys, torch, timm
+import spformer  # registers the models
+final, ref = sys.argv[1], torch.load(sys.argv[2])
+for weights, key in (('model.safetensors', 'model'), ('model_ema.safetensors', 'model_ema')):
+    model = timm.create_model('spformer_tiny_sp16_224', pretrained=True, num_classes=4, img_size=64,
+                              pretrained_cfg_overlay=dict(file=f'{final}/{weights}', num_classes=4)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ref['input']), ref[key]), key
+model = timm.create_model(f'local-dir:{final}', pretrained=True).eval()  # config.json rebuilds it alone
+with torch.no_grad():
+    assert torch.equal(model(ref['input']), ref['model'])
+assert model.pretrained_cfg['label_names'] == ['blue_triangle', 'green_square', 'red_circle', 'yellow_bar']
+print('same logits')
+'''
+
+
+def test_final_folder_loads_in_a_fresh_process_with_the_same_logits(learned):
+    proc = run([sys.executable, '-c', LOAD_CHECK, learned['out'] / 'final', learned['dump'] / 'final_logits.pt'])
+    assert 'same logits' in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exact resumption: the full DeiT recipe (RandAugment, random erasing, Mixup/CutMix, drop path, EMA) with
+# gradient accumulation, 32 px; 2 epochs of 3 updates. Interrupted runs must end bit-identical to this one.
+# ------------------------------------------------------------------------------------------------------------
+
+def recipe_args(data: Path, output: Path, *extra) -> list:
+    return ['--data-dir', data, '--model', MODEL, '--img-size', 32, '--batch-size', 8, '--grad-accum-steps', 2,
+            '--epochs', 2, '--lr', 1e-3, '--warmup-epochs', 1, '--model-ema-decay', 0.9, '--checkpoint-every', 2,
+            '--log-interval', 1, '--no-plot', '--output', output, *extra]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, shapes32) -> Path:
+    out = tmp_path_factory.mktemp('uninterrupted') / 'run'
+    run(train_cmd(*recipe_args(shapes32, out, '--workers', 0)))
+    return out
+
+
+def assert_same_final(a: Path, b: Path):
+    for name in ('model.safetensors', 'model_ema.safetensors'):
+        assert same_safetensors(a / 'final' / name, b / 'final' / name), f'{name} differs from the uninterrupted run'
+    rows_a, rows_b = read_jsonl(a / 'metrics.jsonl'), read_jsonl(b / 'metrics.jsonl')
+    assert [(r['kind'], r['update']) for r in rows_a] == [(r['kind'], r['update']) for r in rows_b]
+    assert [r.get('loss') for r in rows_a] == [r.get('loss') for r in rows_b]
+
+
+def test_stop_then_resume_equals_one_uninterrupted_run(tmp_path, shapes32, uninterrupted):
+    out = tmp_path / 'run'
+    proc = run(train_cmd(*recipe_args(shapes32, out, '--workers', 0, '--stop-after-steps', 4)))
+    assert 'stopped after 4 updates' in proc.stdout + proc.stderr
+    assert not (out / 'final').exists()
+    assert (out / 'checkpoints' / 'step_00000004').is_dir()  # mid-epoch 2: 2 of its 6 batches done
+    # Resume with two loader workers: the augmentation of a sample does not depend on who loads it.
+    proc = run(train_cmd(*recipe_args(shapes32, out, '--workers', 2, '--resume', 'latest')))
+    assert 'resumed from' in proc.stdout + proc.stderr and 'epoch 1, batch 2, update 4' in proc.stdout
+    assert_same_final(uninterrupted, out)
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, shapes32, uninterrupted):
+    out = tmp_path / 'run'
+    # Killed while writing the epoch-end checkpoint of update 3: the state files are in the temporary folder.
+    proc = run(train_cmd(*recipe_args(shapes32, out, '--workers', 0)),
+               env=run_env(SPFORMER_TRAIN_TEST_KILL_AT=3), expect_rc=-signal.SIGKILL)
+    ckpts = out / 'checkpoints'
+    assert sorted(p.name for p in ckpts.iterdir()) == ['.tmp-step_00000003', 'step_00000002']
+    assert (ckpts / '.tmp-step_00000003' / 'model.safetensors').is_file()
+    proc = run(train_cmd(*recipe_args(shapes32, out, '--workers', 0, '--resume', 'latest')))
+    assert 'step_00000002: epoch 0, batch 4, update 2' in proc.stdout
+    assert not (ckpts / '.tmp-step_00000003').exists()
+    assert_same_final(uninterrupted, out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two processes (torchrun + gloo on CPU), Hugging Face datasets, bad input.
+# ------------------------------------------------------------------------------------------------------------
+
+def test_two_processes_see_disjoint_shards_and_end_with_identical_weights(tmp_path, shapes32):
+    dump = tmp_path / 'dump'
+    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--master_addr', '127.0.0.1',
+         '--master_port', free_port(), SCRIPT, '--data-dir', shapes32, '--model', MODEL, '--img-size', 32,
+         '--batch-size', 4, '--epochs', 2, '--warmup-epochs', 0, '--model-ema-decay', 0.9, '--workers', 0,
+         '--no-plot', '--output', tmp_path / 'run'],
+        env=run_env(ACCELERATE_USE_CPU=1, SPFORMER_TRAIN_TEST_DUMP=dump))
+    ranks = [json.loads((dump / f'rank{i}.json').read_text()) for i in range(2)]
+    assert [r['num_processes'] for r in ranks] == [2, 2]
+    orders = []
+    for epoch in ('0', '1'):
+        seen = [r['samples'][epoch] for r in ranks]
+        assert len(seen[0]) == len(seen[1]) == 24
+        assert not set(seen[0]) & set(seen[1]), f'epoch {epoch}: both processes saw {set(seen[0]) & set(seen[1])}'
+        assert sorted(seen[0] + seen[1]) == list(range(48))  # 48 = 6 global batches of 2 x 4: nothing dropped
+        orders.append(seen[0])
+    assert orders[0] != orders[1]  # reshuffled every epoch
+    assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
+    assert ranks[0]['ema_sha256'] == ranks[1]['ema_sha256']
+    assert (tmp_path / 'run' / 'final' / 'model.safetensors').is_file()
+
+
+@pytest.mark.parametrize('streaming', [False, True], ids=['map-style', 'streaming'])
+def test_hugging_face_datasets_imagefolder(tmp_path, shapes32, streaming):
+    out = tmp_path / 'run'
+    run(train_cmd('--hf-dataset', shapes32, '--model', MODEL, '--img-size', 32, '--batch-size', 8, '--epochs', 1,
+                  '--warmup-epochs', 0, '--workers', 0, '--log-interval', 1, '--no-plot', '--output', out,
+                  *(['--streaming', '--train-samples', 48] if streaming else [])),
+        env=run_env(HF_HOME=tmp_path / 'hf_home', HF_DATASETS_OFFLINE=1))
+    rows = read_jsonl(out / 'metrics.jsonl')
+    assert [r['update'] for r in rows if r['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]  # 48 images / 8
+    assert [r['samples'] for r in rows if r['kind'] == 'val'] == [16]
+    config = json.loads((out / 'final' / 'config.json').read_text())
+    assert config['label_names'] == sorted(CLASSES)  # from the ClassLabel feature
+    effective = yaml.safe_load((out / 'train_config.yaml').read_text())
+    assert effective['val_split'] == 'validation' and effective['streaming'] is streaming
+
+
+@pytest.fixture(scope='module')
+def script():
+    spec = importlib.util.spec_from_file_location('train_imagenet', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def errors_of(script, capsys, *args) -> str:
+    assert script.main([str(a) for a in args]) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_names_the_argument_what_it_got_and_what_it_expects(script, capsys, tmp_path, shapes32):
+    base = ['--model', MODEL, '--batch-size', 8, '--output', tmp_path / 'out']
+    err = errors_of(script, capsys, '--data-dir', tmp_path / 'missing', *base)
+    assert '--data-dir' in err and 'missing' in err and 'train/' in err
+    (tmp_path / 'empty').mkdir()
+    err = errors_of(script, capsys, '--data-dir', tmp_path / 'empty', *base)
+    assert '--data-dir/--train-split' in err and 'empty/train' in err
+    (tmp_path / 'no_images' / 'train' / 'cat').mkdir(parents=True)
+    err = errors_of(script, capsys, '--data-dir', tmp_path / 'no_images', *base)
+    assert 'hold no images' in err
+    shutil.copytree(shapes32, tmp_path / 'differ')
+    shutil.move(tmp_path / 'differ' / 'val' / 'red_circle', tmp_path / 'differ' / 'val' / 'red_disc')
+    err = errors_of(script, capsys, '--data-dir', tmp_path / 'differ', *base)
+    assert "only in train/: ['red_circle']" in err and "only in val/: ['red_disc']" in err
+    err = errors_of(script, capsys, '--data-dir', shapes32, *base, '--batch-size', 7)
+    assert '--batch-size: got 7' in err and 'even' in err and '--mixup 0 --cutmix 0' in err
+    err = errors_of(script, capsys, '--data-dir', shapes32, *base, '--model', 'spformer_huge')
+    assert "--model: 'spformer_huge'" in err and 'spformer_small_sp16_224' in err
+    err = errors_of(script, capsys, *base)
+    assert '--data-dir / --hf-dataset' in err and 'exactly one' in err
+    err = errors_of(script, capsys, '--data-dir', shapes32, *base, '--pretrained', '--initial-checkpoint', 'x')
+    assert '--pretrained / --initial-checkpoint' in err
+    err = errors_of(script, capsys, '--data-dir', shapes32, *base, '--resume', tmp_path / 'nowhere')
+    assert '--resume' in err and 'nowhere' in err and 'checkpoints/step_N' in err
+    err = errors_of(script, capsys, '--hf-dataset', shapes32, *base, '--data-dir', shapes32)
+    assert 'exactly one' in err
+    (tmp_path / 'taken' / 'checkpoints' / 'step_00000001').mkdir(parents=True)
+    err = errors_of(script, capsys, '--data-dir', shapes32, *base, '--output', tmp_path / 'taken')
+    assert '--output' in err and '--resume latest' in err
+
+
+def test_yaml_config_sets_defaults_and_flags_override_it(script, tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('model: spformer_tiny_sp16_224\nbatch-size: 32\nlr: 0.002\nmixup: 0.0\nepochs: 7\n')
+    args = script.parse_args(['--config', str(cfg), '--data-dir', 'x', '--batch-size', '16'])
+    assert (args.model, args.batch_size, args.lr, args.mixup, args.epochs) == (MODEL, 16, 0.002, 0.0, 7)
+    assert args.weight_decay == 0.05 and args.cutmix == 1.0 and args.aa == 'rand-m9-mstd0.5-inc1'  # DeiT defaults
+    cfg.write_text('batch_sise: 32\n')
+    with pytest.raises(script.ConfigError, match=r"--config: .* unknown options \['batch_sise'\]"):
+        script.parse_args(['--config', str(cfg), '--data-dir', 'x'])
+    example = script.parse_args(['--config', str(ROOT / 'configs' / 'deit_in1k.yaml'), '--data-dir', 'x'])
+    assert example.epochs == 300 and example.model_ema and example.smoothing == 0.1
