@@ -3,9 +3,17 @@
 :func:`superpixel_boundaries` draws a hard superpixel map onto an image;
 :func:`save_superpixel_figure` writes one PNG with the photo and, for every stage of
 ``model.forward_superpixels(x)``, the superpixels of the merged heads (large) and of each
-association head (small panels).
+association head (small panels); :func:`save_comparison_figure` puts several segmentations of one
+image side by side with its ground truth (``spformer-eval-superpixels`` pictures).
+
+    spformer-visualize IMAGE --model spformer_small_sp16_224 [--out superpixels.png]
+
+draws every stage and association head of a model's superpixels on any image (:func:`main`).
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+import argparse
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +21,8 @@ from skimage.segmentation import mark_boundaries
 
 from spformer.models.spformer import association_to_labels
 
-__all__ = ['superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure']
+__all__ = ['superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure', 'save_stages_figure',
+           'save_comparison_figure', 'main']
 
 
 def superpixel_boundaries(
@@ -94,22 +103,38 @@ def save_superpixel_figure(
     Returns:
         ``path``.
     """
-    # Agg canvas on a bare Figure: no pyplot, so the caller's matplotlib backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
+    stages = []
+    for stage in superpixel_outputs:
+        merged, heads = stage_labels(stage)
+        stages.append(dict(merged=merged, heads=heads, grid=tuple(int(v) for v in stage['grid'])))
+    return save_stages_figure(image, stages, path, title=title, noun='superpixels', index=index, dpi=dpi, scale=scale)
 
-    num_stages = len(superpixel_outputs)
-    num_heads = superpixel_outputs[0]['association'].shape[1]
+
+def save_stages_figure(
+        image: np.ndarray,
+        stages: List[Dict[str, Any]],
+        path: str,
+        title: Optional[str] = None,
+        noun: str = 'superpixels',
+        index: int = 0,
+        dpi: int = 100,
+        scale: int = 2,
+) -> str:
+    """:func:`save_superpixel_figure` for any level of hard labels (superpixels, later groups).
+
+    Args:
+        image: (H, W, 3) uint8 image at the model's input resolution.
+        stages: One dict per stage: ``merged`` (B, H, W) labels, ``heads`` (list of (B, H, W) labels)
+            and ``grid`` (h, w), as :data:`spformer.superpixel_eval.LEVELS` produce them.
+        noun: What the segments are called in the panel titles.
+        Others: as :func:`save_superpixel_figure`.
+    """
+    num_stages = len(stages)
+    num_heads = len(stages[0]['heads'])
     # Columns: the photo (spanning all rows), the merged heads, then the heads stacked in one column.
-    fig = Figure(figsize=(7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
-    FigureCanvasAgg(fig)
+    fig, canvas = _figure((7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
+    from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
     gs = GridSpec(num_stages, 3, figure=fig, width_ratios=[1.0, 1.0, 1.0 / num_heads], wspace=0.04, hspace=0.12)
-
-    def show(ax, img, text, fontsize=9):
-        ax.imshow(img, interpolation='nearest')
-        ax.set_title(text, fontsize=fontsize, pad=3)
-        ax.set_axis_off()
 
     def draw(labels):
         # Upsampled before drawing so the 1-px boundaries stay thin next to the photo.
@@ -117,17 +142,147 @@ def save_superpixel_figure(
         return superpixel_boundaries(big, lab)
 
     big = np.asarray(image).repeat(scale, 0).repeat(scale, 1)
-    show(fig.add_subplot(gs[:, 0]), image, 'input', fontsize=10)
-    for i, stage in enumerate(superpixel_outputs):
-        merged, heads = stage_labels(stage)
-        h, w = (int(v) for v in stage['grid'])
+    _show(fig.add_subplot(gs[:, 0]), image, 'input', fontsize=10)
+    for i, stage in enumerate(stages):
+        merged, heads = stage['merged'], stage['heads']
+        h, w = stage['grid']
         n = int(merged[index].unique().numel())
-        show(fig.add_subplot(gs[i, 1]), draw(merged[index]), f'stage {i + 1}: {n} of {h * w} superpixels', 10)
+        _show(fig.add_subplot(gs[i, 1]), draw(merged[index]), f'stage {i + 1}: {n} of {h * w} {noun}', 10)
         head_gs = GridSpecFromSubplotSpec(num_heads, 1, subplot_spec=gs[i, 2], hspace=0.25)
         for m, head in enumerate(heads):
             n = int(head[index].unique().numel())
-            show(fig.add_subplot(head_gs[m]), draw(head[index]), f'head {m + 1}: {n}', 8)
+            _show(fig.add_subplot(head_gs[m]), draw(head[index]), f'head {m + 1}: {n}', 8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=dpi, bbox_inches='tight')
     return path
+
+
+def save_comparison_figure(
+        image: np.ndarray,
+        ground_truth: np.ndarray,
+        panels: Sequence[Tuple[str, np.ndarray]],
+        path: str,
+        title: Optional[str] = None,
+        ignore_index: Optional[int] = 255,
+        columns: int = 4,
+        panel_inches: float = 3.2,
+        dpi: int = 100,
+        min_width: int = 320,
+) -> str:
+    """Write one PNG comparing segmentations of one image side by side.
+
+    Panels, row by row: the image, its ground truth (region boundaries in red, ignored pixels
+    greyed), then every (title, (H, W) labels) of ``panels`` as yellow boundaries on the image.
+
+    Args:
+        image: (H, W, 3) uint8 image.
+        ground_truth: (H, W) label map of the image.
+        panels: (title, labels) pairs, labels of the image's size.
+        path: Output PNG path.
+        title: Figure title.
+        ignore_index: Ground-truth label drawn greyed (None: none).
+        columns: Panels per row.
+        panel_inches: Width of one panel.
+        dpi: Resolution of the PNG.
+        min_width: Smaller images are upsampled (nearest, by an integer factor) to at least this
+            width before the 1-pixel boundaries are drawn, so the lines stay thin.
+
+    Returns:
+        ``path``.
+    """
+    scale = max(1, -(-min_width // np.asarray(image).shape[1]))
+
+    def up(a):
+        return np.asarray(a).repeat(scale, 0).repeat(scale, 1)
+
+    image, gt = up(image), up(ground_truth)
+    shown = image.copy()
+    if ignore_index is not None:
+        void = gt == ignore_index
+        shown[void] = (shown[void] * 0.4 + 128 * 0.6).astype(np.uint8)
+    items = [('input', image), ('ground truth', superpixel_boundaries(shown, gt, color=(1.0, 0.0, 0.0)))]
+    items += [(text, superpixel_boundaries(image, up(labels))) for text, labels in panels]
+    cols = min(columns, len(items))
+    rows = -(-len(items) // cols)
+    aspect = image.shape[0] / image.shape[1]
+    fig, _ = _figure((panel_inches * cols, (panel_inches * aspect + 0.45) * rows + (0.35 if title else 0.0)))
+    for k, (text, img) in enumerate(items):
+        _show(fig.add_subplot(rows, cols, k + 1), img, text, fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9 if title and rows == 1 else 0.94,
+                        wspace=0.03, hspace=0.2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight')
+    return path
+
+
+def _figure(size: Tuple[float, float]):
+    # Agg canvas on a bare Figure: no pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size)
+    return fig, FigureCanvasAgg(fig)
+
+
+def _show(ax, img, text, fontsize=9):
+    ax.imshow(img, interpolation='nearest')
+    ax.set_title(text, fontsize=fontsize, pad=3)
+    ax.set_axis_off()
+
+
+def _parser() -> argparse.ArgumentParser:
+    from spformer.superpixel_eval import LEVELS
+    p = argparse.ArgumentParser(
+        prog='spformer-visualize',
+        description="Draw a model's superpixels of every stage and association head on one image.")
+    p.add_argument('image', help='image file')
+    p.add_argument('--model', required=True, metavar='SPEC',
+                   help="registered name, 'hf-hub:ORG/REPO', 'local-dir:FOLDER' or 'NAME=CHECKPOINT.safetensors'")
+    p.add_argument('--out', default=None, help='output PNG (default: <image name>_superpixels.png)')
+    p.add_argument('--level', default='superpixel', choices=list(LEVELS), help='what to draw (default: %(default)s)')
+    p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random init of untrained models')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """spformer-visualize IMAGE --model SPEC: the image resized to the model's input size (as
+    spformer-eval-superpixels does, no crop), then a PNG of every stage's and head's segments."""
+    from spformer.datasets import DatasetError, read_image
+    from spformer.superpixel_eval import LEVELS, InputError, ModelSuperpixels, load_model, resize_image
+
+    args = _parser().parse_args(argv)
+    out = args.out or os.path.splitext(os.path.basename(args.image))[0] + '_superpixels.png'
+    try:
+        if not os.path.isfile(args.image):
+            raise InputError(f'IMAGE {args.image!r} is not a file')
+        try:
+            image = read_image(args.image)
+        except Exception as e:
+            raise InputError(f'IMAGE {args.image!r} could not be read as an image: {e}') from e
+        model, weights, trained = load_model(args.model, args.device, args.seed)
+        segmenter = ModelSuperpixels(model, args.model, level=args.level, weights=weights, device=args.device)
+    except (InputError, DatasetError) as e:
+        raise SystemExit(f'spformer-visualize: {e}')
+    resized = resize_image(image, segmenter.input_size)
+    stages = segmenter.stages(resized[None])
+    level = LEVELS[args.level]
+    print(f'model   : {args.model}: {weights}')
+    if not trained:
+        print('!!  UNTRAINED weights: these superpixels come from a random init (colour/texture only).')
+    print(f'image   : {args.image} ({image.shape[1]}x{image.shape[0]}) resized to '
+          f'{resized.shape[1]}x{resized.shape[0]}')
+    for i, stage in enumerate(stages):
+        h, w = stage['grid']
+        used = [int(stage['merged'][0].unique().numel())] + [int(x[0].unique().numel()) for x in stage['heads']]
+        print(f'stage {i + 1} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
+              f'{", ".join(str(u) for u in used[1:])}')
+    title = f'{args.model} ({"trained" if trained else "UNTRAINED"} weights)'
+    save_stages_figure(resized, stages, out, title=title, noun=level.noun)
+    print(f'wrote   : {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
