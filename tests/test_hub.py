@@ -225,14 +225,12 @@ def test_registered_tag_loads_from_filled_cache_offline(fake_hub, x, monkeypatch
     hf_hub_download(hub_id, 'model.safetensors')  # fill the cache through the fake, as a user's download would
 
     # No Hub at all now: offline, and the fake uninstalled.
-    fake_hub_requests = len(fake_hub.requests)
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     from huggingface_hub.utils import _http
     _http.set_client_factory(_http.default_client_factory)
     loaded = timm.create_model(f'{TINY}.in1k', pretrained=True, img_size=IMG)
     assert loaded.pretrained_cfg['hf_hub_id'] == hub_id and loaded.pretrained_cfg['tag'] == 'in1k'
     assert torch.equal(_logits(loaded, x), _logits(model, x))
-    assert len(fake_hub.requests) == fake_hub_requests
 
     # The same in a fresh process with HF_HUB_OFFLINE=1 and that cache (HF_HOME from the fixture).
     logits, out = _load_in_fresh_process(tmp_path, f'{TINY}.in1k', x, env=dict(HF_HUB_OFFLINE='1'), img_size=IMG)
@@ -240,7 +238,7 @@ def test_registered_tag_loads_from_filled_cache_offline(fake_hub, x, monkeypatch
     assert torch.equal(logits, _logits(model, x))
 
 
-@pytest.mark.parametrize('name', timm.list_models('spformer_*'))
+@pytest.mark.parametrize('name', [TINY, 'spformer_small_sp32_448'])  # one path for all; every cfg's id is checked below
 def test_unpublished_weights_fail_at_once_with_how_to(name):
     # Offline with an empty cache (the conftest + fixture state): no Hub stack trace, a clear message.
     with pytest.raises(PretrainedWeightsUnavailable) as info:
@@ -324,20 +322,18 @@ def test_save_pretrained_writes_exactly_the_hub_files_and_loads_back_with_timm(t
     assert 'These are the exponential-moving-average' not in (out / 'README.md').read_text()
 
 
-@pytest.mark.parametrize('wrap', ['compile', 'ddp_prefix', 'compiled_submodule', 'model_ema'])
+@pytest.mark.parametrize('wrap', ['ddp_compile_nested', 'model_ema'])
 def test_save_pretrained_strips_wrappers_from_key_names(trained, tmp_path, wrap):
     model, _ = trained
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    if wrap == 'compile':
-        wrapped = torch.compile(model)  # never called: nothing is compiled
-    elif wrap == 'ddp_prefix':
-        wrapped = torch.nn.DataParallel(model)  # keys 'module.*', as DDP's
-        assert next(iter(wrapped.state_dict())).startswith('module.')
-    elif wrap == 'compiled_submodule':
-        wrapped = timm.create_model(TINY, img_size=IMG, num_classes=5)
-        wrapped.load_state_dict(expected)
-        wrapped.stages[0] = torch.compile(wrapped.stages[0])
-        assert any('._orig_mod.' in k for k in wrapped.state_dict())
+    if wrap == 'ddp_compile_nested':
+        # DataParallel (keys 'module.*', as DDP's) around torch.compile ('_orig_mod.*') around a model with a
+        # compiled submodule ('stages.0._orig_mod.*'); nothing is ever called, so nothing compiles.
+        inner = timm.create_model(TINY, img_size=IMG, num_classes=5)
+        inner.load_state_dict(expected)
+        inner.stages[0] = torch.compile(inner.stages[0])
+        wrapped = torch.nn.DataParallel(torch.compile(inner))
+        assert any(k.startswith('module._orig_mod.stages.0._orig_mod.') for k in wrapped.state_dict())
     else:
         wrapped = ModelEmaV3(model, decay=0.9)
         expected = {k: v.clone() for k, v in wrapped.module.state_dict().items()}
