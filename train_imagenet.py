@@ -323,8 +323,11 @@ def load_image_folder(args) -> Tuple[Any, Any, List[str]]:
         raise ConfigError(f'--data-dir: the class folders of {args.train_split}/ and {args.val_split}/ differ '
                           f'(only in {args.train_split}/: {only_train[:10]}, only in {args.val_split}/: {only_val[:10]}); '
                           'expected the same class folders in both')
-    train = torchvision.datasets.ImageFolder(str(root / args.train_split))
-    val = torchvision.datasets.ImageFolder(str(root / args.val_split))
+    try:
+        train = torchvision.datasets.ImageFolder(str(root / args.train_split))
+        val = torchvision.datasets.ImageFolder(str(root / args.val_split))
+    except FileNotFoundError as e:  # e.g. a class folder without images
+        raise ConfigError(f'--data-dir: {e}; expected every class folder to hold images') from e
     return (train.__getitem__, len(train)), (val.__getitem__, len(val)), train_classes
 
 
@@ -421,18 +424,25 @@ def rng_isolated(loader):
 # ----------------------------------------------------------------------------------------------------------
 
 class TrainState:
-    """Position in training: epoch, batches consumed in it (per process) and optimizer updates so far."""
+    """Position in training: epoch, batches consumed in it (per process) and optimizer updates so far, and
+    the settings that give those numbers their meaning (`layout`)."""
 
-    def __init__(self):
+    def __init__(self, layout: Dict[str, Any]):
         self.epoch = 0
         self.batch_in_epoch = 0
         self.update = 0
+        self.layout = dict(layout)
+        self.saved_layout = dict(layout)
 
-    def state_dict(self) -> Dict[str, int]:
-        return dict(epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, update=self.update)
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, update=self.update, layout=self.layout)
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch, self.batch_in_epoch, self.update = state['epoch'], state['batch_in_epoch'], state['update']
+        self.saved_layout = state.get('layout', {})
+
+    def layout_changes(self) -> List[str]:
+        return [f'{k} {self.saved_layout.get(k)} -> {v}' for k, v in self.layout.items() if self.saved_layout.get(k) != v]
 
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
@@ -467,7 +477,7 @@ def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text
     tmp = root / f'.tmp-step_{update:08d}'
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob('.tmp-step_*'):  # left by a run that died while writing
+        for stale in root.glob('.tmp-*'):  # left by a run that died while writing
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
@@ -589,7 +599,8 @@ def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3],
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # attn_backend picks a kernel at run time; it is not part of the architecture a loader must rebuild.
     getattr(unwrapped, '_model_args', {}).pop('attn_backend', None)
-    model_config = dict(label_names=list(class_names)) if class_names else None
+    label_names = list(class_names) if len(class_names) == unwrapped.num_classes else None
+    model_config = dict(label_names=label_names) if label_names else None
     export_data_config = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
     save_for_hf(unwrapped, tmp, model_config=model_config, safe_serialization=True, data_config=export_data_config)
     if model_ema is not None:
@@ -681,8 +692,9 @@ def train(args: argparse.Namespace) -> int:
     pretrained, overlay = args.pretrained, None
     if args.initial_checkpoint:
         from safetensors import safe_open
-        with safe_open(args.initial_checkpoint, 'pt') as f:
-            head = f.get_slice('head.weight').get_shape()[0] if 'head.weight' in f.keys() else num_classes
+        with safe_open(args.initial_checkpoint, 'pt') as f:  # keep its classifier if it has num_classes rows
+            heads = [k for k in f.keys() if re.sub(r'^(module\.|_orig_mod\.)+', '', k) == 'head.weight']
+            head = f.get_slice(heads[0]).get_shape()[0] if heads else num_classes
         pretrained, overlay = True, dict(file=str(Path(args.initial_checkpoint).resolve()), num_classes=head)
     try:
         model = timm.create_model(args.model, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
@@ -759,7 +771,9 @@ def train(args: argparse.Namespace) -> int:
     if args.model_ema:
         model_ema = ModelEmaV3(accelerator.unwrap_model(model, keep_torch_compile=False),
                                decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-    state = TrainState()
+    state = TrainState(dict(
+        num_processes=accelerator.num_processes, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+        epochs=args.epochs, seed=args.seed, train_samples=train_samples, model=args.model, lr=args.lr))
     accelerator.register_for_checkpointing(state, scheduler, *([model_ema] if model_ema is not None else []))
 
     config_text = (
@@ -789,6 +803,9 @@ def train(args: argparse.Namespace) -> int:
                               'expected the flags of the run that wrote it (e.g. the same --model-ema)') from e
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
                           f'update {state.update}')
+        if state.layout_changes():
+            accelerator.print(f'warning: resuming with changed settings ({", ".join(state.layout_changes())}): '
+                              'training continues from the saved state but will not repeat an uninterrupted run')
     if args.log_with:
         accelerator.init_trackers('spformer', config={k: v for k, v in vars(args).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -904,7 +921,7 @@ def train(args: argparse.Namespace) -> int:
         if model_ema is not None:
             ema_results = evaluate(model_ema.module, val_loader, accelerator, num_classes)
             val_results.update({f'{k}_ema': v for k, v in ema_results.items() if k != 'samples'})
-    results = dict(model=args.model, epochs=num_epochs, updates=state.update, **val_results)
+    results = {k: v for k, v in val_results.items() if not k.startswith('samples')}
     final = output / 'final'
     export_final(accelerator, model, model_ema, final, class_names, data_config, config_text, results)
     if test_dump and accelerator.is_main_process:
