@@ -318,8 +318,8 @@ class Slic(Segmenter):
     """SLIC superpixels (Achanta et al., TPAMI 2012) from :func:`skimage.segmentation.slic`.
 
     scikit-image's ``n_segments`` only places seeds: connectivity enforcement then merges small
-    fragments, which leaves 20-35% fewer segments than asked for (196 -> 129 on the astronaut at
-    224 px). With ``match_count`` (default) ``n_segments`` is rescaled per image by the ratio
+    fragments, which often leaves 20-40% fewer segments than asked for (196 -> 129 on the astronaut
+    at 224 px). With ``match_count`` (default) ``n_segments`` is rescaled per image by the ratio
     asked / got, up to ``max_runs`` runs, and the run whose count is closest to ``segments`` is kept.
     """
 
@@ -407,6 +407,12 @@ def load_model(spec: str, device: Union[str, torch.device] = 'cpu', seed: int = 
     known = ', '.join(timm.list_models('spformer*'))
     expected = (f"a registered name ({known}), 'hf-hub:ORG/REPO', 'local-dir:FOLDER' or "
                 f"'NAME=CHECKPOINT.safetensors'")
+    if spec.startswith(('hf-hub:', 'local-dir:')):
+        try:
+            model = timm.create_model(spec, pretrained=True)
+        except Exception as e:
+            raise InputError(f'--model {spec!r}: timm could not load it: {type(e).__name__}: {e}') from e
+        return model.to(device).eval(), spec, True
     if '=' in spec:
         name, path = spec.split('=', 1)
         if name not in timm.list_models():
@@ -418,12 +424,6 @@ def load_model(spec: str, device: Union[str, torch.device] = 'cpu', seed: int = 
         except Exception as e:
             raise InputError(f'--model {spec!r}: could not load checkpoint {path!r} into {name}: {e}') from e
         return model.to(device).eval(), f'checkpoint {path}', True
-    if spec.startswith(('hf-hub:', 'local-dir:')):
-        try:
-            model = timm.create_model(spec, pretrained=True)
-        except Exception as e:
-            raise InputError(f'--model {spec!r}: timm could not load it: {type(e).__name__}: {e}') from e
-        return model.to(device).eval(), spec, True
     if spec not in timm.list_models():
         raise InputError(f'--model {spec!r}: unknown model; expected {expected}')
     source = published_weights(timm.models.get_pretrained_cfg(spec))
@@ -492,6 +492,7 @@ class ModelSuperpixels(Segmenter):
         self.name = f'{name} ({", ".join(details)})' if details else name
 
     def stages(self, images: np.ndarray) -> List[Dict[str, object]]:
+        """The level's per-stage label dicts (see :class:`Level`) of (B, H, W, 3) uint8 images at the input size."""
         x = torch.tensor(np.asarray(images, np.uint8)).permute(0, 3, 1, 2).float().div(255)  # a copy: inputs may be read-only
         x = ((x - self.mean) / self.std).to(self.device)
         with torch.inference_mode():
@@ -781,7 +782,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--slic-compactness', type=float, default=10.0, help='SLIC compactness (default: 10)')
     p.add_argument('--slic-runs', type=int, default=4,
                    help="SLIC runs per image to match the segment count (default: 4; 1: scikit-image's n_segments "
-                        "as is, which leaves 20-35%% fewer segments)")
+                        "as is, which often leaves 20-40%% fewer segments)")
     p.add_argument('--limit', type=int, default=None, help='evaluate only the first N images')
     p.add_argument('--batch-size', type=int, default=8, help='images per model batch (default: 8)')
     p.add_argument('--pictures', type=int, default=4, help='comparison PNGs for the first N images (default: 4)')

@@ -167,7 +167,7 @@ def save_comparison_figure(
         ignore_index: Optional[int] = 255,
         columns: int = 4,
         panel_inches: float = 3.2,
-        dpi: int = 100,
+        dpi: Optional[float] = None,
         min_width: int = 320,
 ) -> str:
     """Write one PNG comparing segmentations of one image side by side.
@@ -184,7 +184,7 @@ def save_comparison_figure(
         ignore_index: Ground-truth label drawn greyed (None: none).
         columns: Panels per row.
         panel_inches: Width of one panel.
-        dpi: Resolution of the PNG.
+        dpi: Resolution of the PNG (default: one figure pixel per image pixel, at least 100).
         min_width: Smaller images are upsampled (nearest, by an integer factor) to at least this
             width before the 1-pixel boundaries are drawn, so the lines stay thin.
 
@@ -209,11 +209,10 @@ def save_comparison_figure(
     fig, _ = _figure((panel_inches * cols, (panel_inches * aspect + 0.45) * rows + (0.35 if title else 0.0)))
     for k, (text, img) in enumerate(items):
         _show(fig.add_subplot(rows, cols, k + 1), img, text, fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9 if title and rows == 1 else 0.94,
-                        wspace=0.03, hspace=0.2)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.03, hspace=0.12)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=dpi, bbox_inches='tight')
+        fig.suptitle(title, fontsize=9, y=1.0, va='bottom')  # above the panels' titles (tight bbox keeps it)
+    fig.savefig(path, dpi=dpi or max(100.0, image.shape[1] / panel_inches), bbox_inches='tight')
     return path
 
 
