@@ -17,9 +17,9 @@ Three layouts, found by :func:`open_dataset` (``layout='auto'``) or named explic
                                                  ``Segmentation`` field (uint16 segment ids from 1),
                                                  one per human annotator (split 'test' by default)
 
-           The root may also be ``BSR/BSDS500/`` or ``BSDS500/`` (holding ``data/``). Every human
-           segmentation is scored and the scores are averaged per image. Segment ids are not
-           classes, and there is no ignore label.
+           The root may also be the folder holding ``data/`` (``BSR/BSDS500``) or ``BSDS500/data``
+           (``BSR``). Every human segmentation is scored and the scores are averaged per image.
+           Segment ids are not classes, and there is no ignore label.
 
 ``folder`` a plain folder::
 
@@ -148,7 +148,8 @@ class BSDS500(SegmentationDataset):
     def __init__(self, root: str, split: str = 'test'):
         image_dir = os.path.join(root, 'images', split)
         if not os.path.isdir(image_dir):
-            have = sorted(d for d in _listdir(os.path.join(root, 'images')) if os.path.isdir(os.path.join(root, 'images', d)))
+            images = os.path.join(root, 'images')
+            have = sorted(d for d in _listdir(images) if os.path.isdir(os.path.join(images, d)))
             raise DatasetError(f'BSDS500 split folder {image_dir} not found (split {split!r}); '
                                f'splits in this folder: {", ".join(have) or "none"}')
         names = _stems(image_dir, ('.jpg',))
@@ -168,7 +169,8 @@ class BSDS500(SegmentationDataset):
         path = self.label_path(name)
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
         if 'groundTruth' not in mat:
-            raise DatasetError(f'{path}: no "groundTruth" variable (has {", ".join(k for k in mat if not k.startswith("__"))})')
+            variables = ', '.join(k for k in mat if not k.startswith('__'))
+            raise DatasetError(f'{path}: no "groundTruth" variable (it has: {variables or "none"})')
         humans = np.atleast_1d(mat['groundTruth'])
         segmentations = [np.asarray(h.Segmentation).astype(np.int64) for h in humans]
         if not segmentations:
@@ -309,7 +311,7 @@ def read_image(path: str) -> np.ndarray:
 def _read_label_png(path: str) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
-        if im.mode not in ('P', 'L', 'I', 'I;16', 'I;16B', 'I;16L'):
+        if im.mode not in ('1', 'P', 'L', 'I', 'I;16', 'I;16B', 'I;16L'):
             raise DatasetError(
                 f'{path}: label PNG has mode {im.mode!r}; expected one channel of label ids (palette "P", '
                 f'8-bit "L" or 16-bit grey), not colours')

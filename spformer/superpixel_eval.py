@@ -493,7 +493,8 @@ class ModelSuperpixels(Segmenter):
 
     def stages(self, images: np.ndarray) -> List[Dict[str, object]]:
         """The level's per-stage label dicts (see :class:`Level`) of (B, H, W, 3) uint8 images at the input size."""
-        x = torch.tensor(np.asarray(images, np.uint8)).permute(0, 3, 1, 2).float().div(255)  # a copy: inputs may be read-only
+        x = torch.tensor(np.asarray(images, np.uint8))  # a copy: the images may be read-only
+        x = x.permute(0, 3, 1, 2).float().div(255)
         x = ((x - self.mean) / self.std).to(self.device)
         with torch.inference_mode():
             return self.level.stages(self.model, x)
@@ -772,7 +773,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--segments', type=int, default=None,
                    help="segments of the baselines (default: the models' token count, else 196)")
     p.add_argument('--input-size', type=int, default=None,
-                   help="side of the square input the images are resized to (default: the models' input size, else 224)")
+                   help="side of the square input the images are resized to "
+                        "(default: the models' input size, else 224)")
     p.add_argument('--score-at', default='gt', choices=['gt', 'input'],
                    help="'gt': resize segment maps to the ground truth (nearest; default); "
                         "'input': resize the ground truth to the input size (nearest)")
@@ -826,7 +828,8 @@ def _run(args: argparse.Namespace) -> int:
     if models:
         sizes = {m.input_size for m in models}
         if len(sizes) > 1:
-            raise InputError(f'--model: the models take different input sizes ({", ".join(f"{m.name}: {m.input_size}" for m in models)}); '
+            listed = ', '.join(f'{m.name}: {m.input_size}' for m in models)
+            raise InputError(f'--model: the models take different input sizes ({listed}); '
                              f'evaluate them in separate runs so the baselines match each')
         input_size = sizes.pop()
         if args.input_size is not None and (args.input_size, args.input_size) != input_size:
@@ -834,7 +837,8 @@ def _run(args: argparse.Namespace) -> int:
                              f'leave --input-size out or make it match')
         tokens = {m.tokens for m in models}
         if args.segments is None and len(tokens) > 1:
-            raise InputError(f'--model: the models use different token counts ({", ".join(f"{m.name}: {m.tokens}" for m in models)}); '
+            listed = ', '.join(f'{m.name}: {m.tokens}' for m in models)
+            raise InputError(f'--model: the models use different token counts ({listed}); '
                              f'give --segments N for the baselines or evaluate them separately')
         segments = args.segments if args.segments is not None else tokens.pop()
     else:
@@ -864,16 +868,18 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(dataset, baselines + models, input_size, args.score_at, args.tolerance, args.limit,
                       args.batch_size, args.pictures, picture_dir, progress=not args.no_progress)
     result.config.update(segments=segments, weights={m.name: m.weights for m in models},
-                         slic=dict(compactness=args.slic_compactness, runs=args.slic_runs) if 'slic' in args.methods else None)
+                         slic=dict(compactness=args.slic_compactness, runs=args.slic_runs)
+                         if 'slic' in args.methods else None)
     paths = write_results(result, args.out_dir)
     print()
     print(format_table(result.summary))
     print()
-    print(f'mIoU/mAcc: oracle (majority label per segment), '
-          f'{"one confusion matrix over the dataset" if dataset.label_kind == "class" else "per ground truth, averaged"}; '
+    pooled = 'one confusion matrix over the dataset' if dataset.label_kind == 'class' else 'per ground truth, averaged'
+    print(f'mIoU/mAcc: oracle (majority label per segment), {pooled}; '
           f'BR: tolerance {args.tolerance} px; UE: Neubert-Protzel; CO: Schick et al.; '
           f'segments: mean used per image.')
-    print(f'wrote     : {", ".join(paths)}' + (f' and {len(result.pictures)} pictures in {picture_dir}' if result.pictures else ''))
+    pictures = f' and {len(result.pictures)} pictures in {picture_dir}' if result.pictures else ''
+    print(f'wrote     : {", ".join(paths)}{pictures}')
     return 0
 
 

@@ -132,7 +132,7 @@ def save_stages_figure(
     num_stages = len(stages)
     num_heads = len(stages[0]['heads'])
     # Columns: the photo (spanning all rows), the merged heads, then the heads stacked in one column.
-    fig, canvas = _figure((7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
+    fig, _ = _figure((7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
     from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
     gs = GridSpec(num_stages, 3, figure=fig, width_ratios=[1.0, 1.0, 1.0 / num_heads], wspace=0.04, hspace=0.12)
 
