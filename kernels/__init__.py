@@ -14,11 +14,15 @@ k % 3 - 1)`` (raster order, 4 = own cell); neighbours outside the image get prob
 from .functional import (
     BACKENDS,
     NEIGHBOR_OFFSETS,
+    PIXEL_LAYOUTS,
+    cells_to_image,
+    image_to_cells,
     pixel_attention,
     superpixel_association,
     superpixel_attention,
 )
 
 __all__ = [
-    'BACKENDS', 'NEIGHBOR_OFFSETS', 'pixel_attention', 'superpixel_association', 'superpixel_attention',
+    'BACKENDS', 'NEIGHBOR_OFFSETS', 'PIXEL_LAYOUTS', 'cells_to_image', 'image_to_cells', 'pixel_attention',
+    'superpixel_association', 'superpixel_attention',
 ]
