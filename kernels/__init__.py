@@ -20,6 +20,9 @@ Neighbourhood attention re-weighted by superpixels (kernels/neighborhood.py, DES
 from .functional import (
     BACKENDS,
     NEIGHBOR_OFFSETS,
+    PIXEL_LAYOUTS,
+    cells_to_image,
+    image_to_cells,
     pixel_attention,
     superpixel_association,
     superpixel_attention,
@@ -32,6 +35,7 @@ from .neighborhood import (
 )
 
 __all__ = [
-    'BACKENDS', 'NEIGHBOR_OFFSETS', 'pixel_attention', 'superpixel_association', 'superpixel_attention',
+    'BACKENDS', 'NEIGHBOR_OFFSETS', 'PIXEL_LAYOUTS', 'cells_to_image', 'image_to_cells', 'pixel_attention',
+    'superpixel_association', 'superpixel_attention',
     'hard_superpixel_attention', 'neighborhood_attention', 'soft_superpixel_attention', 'superpixel_labels',
 ]

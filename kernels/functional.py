@@ -40,17 +40,17 @@ def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op('spformer::pixel_attention', mutates_args=())
 def _pixel_attention_op(
-        q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str,
+        q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str, cells: bool,
 ) -> Tuple[Tensor, Tensor]:
-    out, probs = _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale)
+    out, probs = _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale, cells)
     return out.contiguous(), probs.contiguous()  # the layouts the fake implementation promises
 
 
 @_pixel_attention_op.register_fake
-def _(q, k, v, bias, cell, scale, backend):
-    B, Mp, H, W, _ = q.shape
+def _(q, k, v, bias, cell, scale, backend, cells):
+    B, Mp = q.shape[:2]
     M, h, w, dv = v.shape[1], v.shape[2], v.shape[3], v.shape[4]
-    out = q.new_empty(B, H, W, M, dv)
+    out = q.new_empty(B, h, w, cell * cell, M, dv) if cells else q.new_empty(B, h * cell, w * cell, M, dv)
     probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=_probs_dtype(q.dtype))
     return out, probs
 
@@ -58,31 +58,31 @@ def _(q, k, v, bias, cell, scale, backend):
 @torch.library.custom_op('spformer::pixel_attention_backward', mutates_args=())
 def _pixel_attention_backward_op(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], probs: Tensor,
-        cell: int, scale: float, backend: str,
+        cell: int, scale: float, backend: str, cells: bool,
 ) -> List[Tensor]:
     dq, dk, dv, dbias = _impl(backend, q.device).pixel_attention_bwd(
-        grad_out.contiguous(), q, k, v, bias, probs, cell, scale)
+        grad_out.contiguous(), q, k, v, bias, probs, cell, scale, cells)
     return [g.contiguous() for g in [dq, dk, dv] + ([] if dbias is None else [dbias])]
 
 
 @_pixel_attention_backward_op.register_fake
-def _(grad_out, q, k, v, bias, probs, cell, scale, backend):
+def _(grad_out, q, k, v, bias, probs, cell, scale, backend, cells):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format),
              torch.empty_like(v, memory_format=torch.contiguous_format)]
     return grads + ([] if bias is None else [torch.empty_like(bias, memory_format=torch.contiguous_format)])
 
 
 def _pixel_setup_context(ctx, inputs, output):
-    q, k, v, bias, cell, scale, backend = inputs
+    q, k, v, bias, cell, scale, backend, cells = inputs
     ctx.save_for_backward(q, k, v, bias, output[1])
-    ctx.cell, ctx.scale, ctx.backend, ctx.has_bias = cell, scale, backend, bias is not None
+    ctx.cell, ctx.scale, ctx.backend, ctx.has_bias, ctx.cells = cell, scale, backend, bias is not None, cells
 
 
 def _pixel_backward(ctx, grad_out, grad_probs):
     q, k, v, bias, probs = ctx.saved_tensors
     grads = torch.ops.spformer.pixel_attention_backward(
-        grad_out, q, k, v, bias, probs, ctx.cell, ctx.scale, ctx.backend)
-    return grads[0], grads[1], grads[2], grads[3] if ctx.has_bias else None, None, None, None
+        grad_out, q, k, v, bias, probs, ctx.cell, ctx.scale, ctx.backend, ctx.cells)
+    return grads[0], grads[1], grads[2], grads[3] if ctx.has_bias else None, None, None, None, None
 
 
 _pixel_attention_op.register_autograd(_pixel_backward, setup_context=_pixel_setup_context)
@@ -90,14 +90,14 @@ _pixel_attention_op.register_autograd(_pixel_backward, setup_context=_pixel_setu
 
 @torch.library.custom_op('spformer::superpixel_attention', mutates_args=())
 def _superpixel_attention_op(
-        q: Tensor, k: Tensor, v: Tensor, cell: int, scale: float, shared_kv: bool, backend: str,
+        q: Tensor, k: Tensor, v: Tensor, cell: int, scale: float, shared_kv: bool, backend: str, cells: bool,
 ) -> Tuple[Tensor, Tensor]:
-    out, probs = _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv)
+    out, probs = _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
     return out.contiguous(), probs.contiguous()
 
 
 @_superpixel_attention_op.register_fake
-def _(q, k, v, cell, scale, shared_kv, backend):
+def _(q, k, v, cell, scale, shared_kv, backend, cells):
     B, M, h, w, _ = q.shape
     Mp, dv = k.shape[1], v.shape[-1]
     out = q.new_empty(B, h, w, M, dv)
@@ -108,31 +108,31 @@ def _(q, k, v, cell, scale, shared_kv, backend):
 @torch.library.custom_op('spformer::superpixel_attention_backward', mutates_args=())
 def _superpixel_attention_backward_op(
         grad_out: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor,
-        cell: int, scale: float, shared_kv: bool, backend: str,
+        cell: int, scale: float, shared_kv: bool, backend: str, cells: bool,
 ) -> List[Tensor]:
     dq, dk, dv = _impl(backend, q.device).superpixel_attention_bwd(
-        grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv)
+        grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv, cells)
     return [g.contiguous() for g in [dq, dk] + ([] if dv is None else [dv])]
 
 
 @_superpixel_attention_backward_op.register_fake
-def _(grad_out, out, q, k, v, probs, cell, scale, shared_kv, backend):
+def _(grad_out, out, q, k, v, probs, cell, scale, shared_kv, backend, cells):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)]
     return grads + ([] if shared_kv else [torch.empty_like(v, memory_format=torch.contiguous_format)])
 
 
 def _superpixel_setup_context(ctx, inputs, output):
-    q, k, v, cell, scale, shared_kv, backend = inputs
+    q, k, v, cell, scale, shared_kv, backend, cells = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1])
-    ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend = cell, scale, shared_kv, backend
+    ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend, ctx.cells = cell, scale, shared_kv, backend, cells
 
 
 def _superpixel_backward(ctx, grad_out, grad_probs):
     q, k, v, out, probs = ctx.saved_tensors
     grads = torch.ops.spformer.superpixel_attention_backward(
-        grad_out, out, q, k, v, probs, ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend)
+        grad_out, out, q, k, v, probs, ctx.cell, ctx.scale, ctx.shared_kv, ctx.backend, ctx.cells)
     # With shared k/v the gradient of both uses comes back once, for k.
-    return grads[0], grads[1], None if ctx.shared_kv else grads[2], None, None, None, None
+    return grads[0], grads[1], None if ctx.shared_kv else grads[2], None, None, None, None, None
 
 
 _superpixel_attention_op.register_autograd(_superpixel_backward, setup_context=_superpixel_setup_context)
@@ -141,8 +141,8 @@ _superpixel_attention_op.register_autograd(_superpixel_backward, setup_context=_
 # FLOP formulas for torch.utils.flop_counter (custom ops are invisible to it otherwise): every
 # pixel meets 9 superpixels per head, once for the logit (d MACs) and once for the value (dv).
 def _pairs(pixel_shape, sp_shape) -> int:
-    B, _, H, W = pixel_shape[:4]
-    return B * sp_shape[1] * H * W * 9
+    num_pixels = math.prod(pixel_shape[2:-1])  # H * W, or h * w * cell**2 for cell-major pixels
+    return pixel_shape[0] * sp_shape[1] * num_pixels * 9
 
 
 @register_flop_formula(torch.ops.spformer.pixel_attention)
@@ -169,16 +169,45 @@ def _shape(t: torch.Tensor) -> str:
     return '(' + ', '.join(str(s) for s in t.shape) + ')'
 
 
-def _check_common(fn: str, cell, backend: str, tensors):
+PIXEL_LAYOUTS = ('image', 'cells')
+
+
+def image_to_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """Pixel tensor (B, M, H, W, c) -> cell-major (B, M, h, w, cell * cell, c), pixel ``p`` of a cell at
+    row ``p // cell`` and column ``p % cell`` inside it (one copy; differentiable)."""
+    B, M, H, W, c = x.shape
+    return x.reshape(B, M, H // cell, cell, W // cell, cell, c).transpose(3, 4).reshape(
+        B, M, H // cell, W // cell, cell * cell, c)
+
+
+def cells_to_image(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """Inverse of :func:`image_to_cells`: (B, M, h, w, cell * cell, ...) -> (B, M, h * cell, w * cell, ...)."""
+    B, M, h, w, n = x.shape[:5]
+    rest = x.shape[5:]
+    return x.reshape(B, M, h, w, cell, cell, *rest).transpose(3, 4).reshape(B, M, h * cell, w * cell, *rest)
+
+
+def _check_layout(fn: str, pixel_layout) -> bool:
+    if pixel_layout not in PIXEL_LAYOUTS:
+        raise ValueError(f"{fn}: pixel_layout must be one of {PIXEL_LAYOUTS}, got {pixel_layout!r}")
+    return pixel_layout == 'cells'
+
+
+def _check_common(fn: str, cell, backend: str, tensors, cells: bool = False):
+    """``tensors``: (name, tensor, is_pixel_tensor); cell-major pixel tensors are 6-D."""
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
         raise ValueError(f'{fn}: cell must be a positive int (pixels per superpixel cell side), got {cell!r}')
     if backend not in BACKENDS:
         raise ValueError(f'{fn}: backend must be one of {BACKENDS}, got {backend!r}')
-    first_name, first = tensors[0]
-    for name, t in tensors:
+    first_name, first, _ = tensors[0]
+    for name, t, is_pixel in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{fn}: {name} must be a torch.Tensor, got {type(t).__name__}')
-        if t.dim() != 5:
+        if is_pixel and cells:
+            if t.dim() != 6 or t.shape[4] != cell * cell:
+                raise ValueError(f"{fn}: with pixel_layout='cells', {name} must be 6-D (B, heads, h, w, "
+                                 f"cell*cell={cell * cell}, channels), got shape {_shape(t)}")
+        elif t.dim() != 5:
             raise ValueError(f'{fn}: {name} must be 5-D (B, heads, height, width, channels), got shape {_shape(t)}')
         if not t.is_floating_point():
             raise TypeError(f'{fn}: {name} must be a floating point tensor, got {t.dtype}')
@@ -201,11 +230,17 @@ def _check_heads(fn: str, pixel_names, pixel_tensors, sp_name: str, sp: torch.Te
                 f'{M} heads or 1 head shared by all {M} (and the same number as each other)')
 
 
-def _check_grids(fn: str, pix_name: str, pix: torch.Tensor, sp_name: str, sp: torch.Tensor, cell: int):
-    H, W = pix.shape[2:4]
+def _check_grids(fn: str, pix_name: str, pix: torch.Tensor, sp_name: str, sp: torch.Tensor, cell: int,
+                 cells: bool = False):
     h, w = sp.shape[2:4]
     if h < 1 or w < 1:
         raise ValueError(f'{fn}: {sp_name} must have a superpixel grid of at least 1x1, got shape {_shape(sp)}')
+    if cells:
+        if tuple(pix.shape[2:4]) != (h, w):
+            raise ValueError(f'{fn}: {pix_name} (cell-major) has a grid of {pix.shape[2]}x{pix.shape[3]} cells but '
+                             f'{sp_name} has a superpixel grid of {h}x{w}; they must match')
+        return
+    H, W = pix.shape[2:4]
     if (H, W) != (h * cell, w * cell):
         raise ValueError(
             f'{fn}: {pix_name} has a pixel grid of {H}x{W} but {sp_name} has a superpixel grid of {h}x{w} '
@@ -215,6 +250,11 @@ def _check_grids(fn: str, pix_name: str, pix: torch.Tensor, sp_name: str, sp: to
 def _check_same(fn: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, dims: slice, what: str):
     if a.shape[dims] != b.shape[dims]:
         raise ValueError(f'{fn}: {a_name} {_shape(a)} and {b_name} {_shape(b)} must have the same {what}')
+
+
+def _check_channels(fn: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor):
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f'{fn}: {a_name} {_shape(a)} and {b_name} {_shape(b)} must have the same channels (last dim)')
 
 
 def _check_bias(fn: str, bias: Optional[torch.Tensor], k_s: torch.Tensor):
@@ -238,6 +278,12 @@ def _scale(fn: str, scale: Optional[float], d: int) -> float:
     return float(scale)
 
 
+_LAYOUT_DOC = """pixel_layout: ``'image'`` (pixel tensors (B, M, H, W, c)) or ``'cells'``: pixel tensors
+            cell-major, (B, M, h, w, cell * cell, c) as made by :func:`image_to_cells`. Models that keep
+            their pixel features cell-major skip two layout copies per call; pixel-side outputs come back
+            in the same layout."""
+
+
 def superpixel_attention(
         q_s: torch.Tensor,
         k_p: torch.Tensor,
@@ -245,6 +291,7 @@ def superpixel_attention(
         cell: int,
         scale: Optional[float] = None,
         backend: str = 'auto',
+        pixel_layout: str = 'image',
 ) -> torch.Tensor:
     """Superpixel queries attend over the pixels of the 3x3 cells around them.
 
@@ -255,6 +302,7 @@ def superpixel_attention(
         cell: side of a superpixel's own cell in pixels.
         scale: logit scale, default d**-0.5.
         backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
+        {layout}
 
     Returns:
         (B, M, h, w, dv): for superpixel j, sum over pixels p of the 3x3 cells around j of
@@ -262,15 +310,18 @@ def superpixel_attention(
         is a view of a heads-last (B, h, w, M, dv) tensor.
     """
     fn = 'superpixel_attention'
-    _check_common(fn, cell, backend, [('q_s', q_s), ('k_p', k_p), ('v_p', v_p)])
+    cells = _check_layout(fn, pixel_layout)
+    _check_common(fn, cell, backend, [('q_s', q_s, False), ('k_p', k_p, True), ('v_p', v_p, True)], cells)
     _check_heads(fn, ('k_p', 'v_p'), (k_p, v_p), 'q_s', q_s)
-    _check_grids(fn, 'k_p', k_p, 'q_s', q_s, cell)
-    _check_same(fn, 'k_p', k_p, 'v_p', v_p, slice(2, 4), 'pixel grid')
-    _check_same(fn, 'q_s', q_s, 'k_p', k_p, slice(4, 5), 'channels (last dim)')
+    _check_grids(fn, 'k_p', k_p, 'q_s', q_s, cell, cells)
+    _check_same(fn, 'k_p', k_p, 'v_p', v_p, slice(2, -1), 'pixel grid')
+    _check_channels(fn, 'q_s', q_s, 'k_p', k_p)
     scale = _scale(fn, scale, q_s.shape[-1])
     if backend == 'reference':
+        if cells:
+            k_p, v_p = cells_to_image(k_p, cell), cells_to_image(v_p, cell)
         return reference.superpixel_attention(q_s, k_p, v_p, cell, scale)
-    out, _ = _superpixel_attention_op(q_s, k_p, v_p, cell, scale, v_p is k_p, backend)
+    out, _ = _superpixel_attention_op(q_s, k_p, v_p, cell, scale, v_p is k_p, backend, cells)
     return out.permute(0, 3, 1, 2, 4)
 
 
@@ -283,6 +334,7 @@ def pixel_attention(
         bias: Optional[torch.Tensor] = None,
         return_weights: bool = False,
         backend: str = 'auto',
+        pixel_layout: str = 'image',
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Pixel queries attend over the (at most) 9 superpixels around their cell.
 
@@ -297,28 +349,34 @@ def pixel_attention(
             the cell at offset ``NEIGHBOR_OFFSETS[k]`` from the pixel's own cell (0 outside the image).
             For differentiable probabilities use :func:`superpixel_association`.
         backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
+        {layout}
 
     Returns:
         (B, M, H, W, dv) (a view of a heads-last (B, H, W, M, dv) tensor), and the weights if
-        ``return_weights``.
+        ``return_weights``; with ``pixel_layout='cells'`` (B, M, h, w, cell*cell, dv) (a view of a
+        heads-last (B, h, w, cell*cell, M, dv) tensor) and (B, M, h, w, cell*cell, 9).
     """
     fn = 'pixel_attention'
-    _check_common(fn, cell, backend, [('q_p', q_p), ('k_s', k_s), ('v_s', v_s)])
+    cells = _check_layout(fn, pixel_layout)
+    _check_common(fn, cell, backend, [('q_p', q_p, True), ('k_s', k_s, False), ('v_s', v_s, False)], cells)
     _check_heads(fn, ('q_p',), (q_p,), 'k_s', k_s)
     _check_same(fn, 'k_s', k_s, 'v_s', v_s, slice(1, 4), 'heads and superpixel grid')
-    _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell)
-    _check_same(fn, 'q_p', q_p, 'k_s', k_s, slice(4, 5), 'channels (last dim)')
+    _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell, cells)
+    _check_channels(fn, 'q_p', q_p, 'k_s', k_s)
     _check_bias(fn, bias, k_s)
     scale = _scale(fn, scale, q_p.shape[-1])
     if backend == 'reference':
-        out, weights = reference.pixel_attention(q_p, k_s, v_s, cell, scale, bias)
+        out, weights = reference.pixel_attention(cells_to_image(q_p, cell) if cells else q_p, k_s, v_s, cell, scale,
+                                                 bias)
+        if cells:
+            out, weights = image_to_cells(out, cell), image_to_cells(weights, cell)
     else:
-        out, probs = _pixel_attention_op(q_p, k_s, v_s, bias, cell, scale, backend)
-        out = out.permute(0, 3, 1, 2, 4)
+        out, probs = _pixel_attention_op(q_p, k_s, v_s, bias, cell, scale, backend, cells)
+        out = out.movedim(-2, 1)
         if not return_weights:
             return out
         B, Mp = q_p.shape[:2]
-        weights = torch_backend.probs_to_weights(probs, B, Mp, k_s.shape[1] // Mp, cell).to(q_p.dtype)
+        weights = torch_backend.probs_to_weights(probs, B, Mp, k_s.shape[1] // Mp, cell, cells).to(q_p.dtype)
     return (out, weights.detach()) if return_weights else out
 
 
@@ -329,19 +387,26 @@ def superpixel_association(
         scale: Optional[float] = None,
         bias: Optional[torch.Tensor] = None,
         backend: str = 'auto',
+        pixel_layout: str = 'image',
 ) -> torch.Tensor:
     """Soft pixel -> superpixel assignment: softmax over the 9 neighbours of scale * <q_p, k_s> + bias.
 
-    Returns (B, M, H, W, 9) probabilities in ``NEIGHBOR_OFFSETS`` order, exactly 0 for
-    neighbours outside the image; differentiable.
+    Returns (B, M, H, W, 9) probabilities in ``NEIGHBOR_OFFSETS`` order ((B, M, h, w, cell*cell, 9)
+    with ``pixel_layout='cells'``), exactly 0 for neighbours outside the image; differentiable.
     """
     fn = 'superpixel_association'
-    _check_common(fn, cell, backend, [('q_p', q_p), ('k_s', k_s)])
+    cells = _check_layout(fn, pixel_layout)
+    _check_common(fn, cell, backend, [('q_p', q_p, True), ('k_s', k_s, False)], cells)
     _check_heads(fn, ('q_p',), (q_p,), 'k_s', k_s)
-    _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell)
-    _check_same(fn, 'q_p', q_p, 'k_s', k_s, slice(4, 5), 'channels (last dim)')
+    _check_grids(fn, 'q_p', q_p, 'k_s', k_s, cell, cells)
+    _check_channels(fn, 'q_p', q_p, 'k_s', k_s)
     _check_bias(fn, bias, k_s)
     scale = _scale(fn, scale, q_p.shape[-1])
     if backend == 'reference':
-        return reference.superpixel_association(q_p, k_s, cell, scale, bias)
-    return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale)
+        weights = reference.superpixel_association(cells_to_image(q_p, cell) if cells else q_p, k_s, cell, scale, bias)
+        return image_to_cells(weights, cell) if cells else weights
+    return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale, cells)
+
+
+for _f in (superpixel_attention, pixel_attention, superpixel_association):
+    _f.__doc__ = _f.__doc__.replace('{layout}', _LAYOUT_DOC)

@@ -43,6 +43,38 @@ def cells_to_heads_last(y: torch.Tensor, B: int, Mp: int, G: int, cell: int) -> 
     return y.reshape(B, h * cell, w * cell, Mp * G, c)
 
 
+def as_cells(x: torch.Tensor, cell: int, cells: bool) -> torch.Tensor:
+    """A pixel tensor, image (B, Mp, H, W, c) or cell-major (B, Mp, h, w, n, c) -> (B * Mp, h, w, n, c)."""
+    if cells:
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return pixels_to_cells(x, cell)
+
+
+def heads_last_out(y: torch.Tensor, B: int, Mp: int, G: int, cell: int, cells: bool) -> torch.Tensor:
+    """Pixel-side result (B * Mp, h, w, n, G, c) -> heads-last (B, H, W, M, c), or (B, h, w, n, M, c) if ``cells``."""
+    if not cells:
+        return cells_to_heads_last(y, B, Mp, G, cell)
+    _, h, w, n, _, c = y.shape
+    if Mp == 1:
+        return y.reshape(B, h, w, n, G, c)
+    return y.reshape(B, Mp, h, w, n, G, c).permute(0, 2, 3, 4, 1, 5, 6).reshape(B, h, w, n, Mp * G, c)
+
+
+def heads_last_to_cells(g: torch.Tensor, Mp: int, cell: int, cells: bool) -> torch.Tensor:
+    """Inverse of :func:`heads_last_out`: (B, H, W, M, c) or (B, h, w, n, M, c) -> (B * Mp, h, w, n, G, c)."""
+    if cells:
+        B, h, w, n, M, c = g.shape
+        G = M // Mp
+        if Mp == 1:
+            return g.reshape(B, h, w, n, G, c)
+        return g.reshape(B, h, w, n, Mp, G, c).permute(0, 4, 1, 2, 3, 5, 6).reshape(B * Mp, h, w, n, G, c)
+    B, H, W, M, c = g.shape
+    G = M // Mp
+    h, w = H // cell, W // cell
+    g = g.reshape(B, h, cell, w, cell, Mp, G, c).permute(0, 5, 1, 3, 2, 4, 6, 7)
+    return g.reshape(B * Mp, h, w, cell * cell, G, c)
+
+
 def superpixels_grouped(s: torch.Tensor, Mp: int) -> torch.Tensor:
     """(B, M, h, w, *c) -> (B * Mp, h, w, G, *c) with G = M // Mp (a view when G == 1)."""
     B, M, h, w = s.shape[:4]
@@ -99,9 +131,11 @@ def _ungroup(t: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
     return t.reshape(B, Mp, h, w, G, *rest).movedim(4, 2).reshape(B, Mp * G, h, w, *rest)
 
 
-def _cells_to_pixels(t: torch.Tensor, B: int, Mp: int, cell: int) -> torch.Tensor:
-    """(B * Mp, h, w, n, c) -> (B, Mp, H, W, c)."""
-    _, h, w, _, c = t.shape
+def _cells_to_pixels(t: torch.Tensor, B: int, Mp: int, cell: int, cells: bool = False) -> torch.Tensor:
+    """(B * Mp, h, w, n, c) -> (B, Mp, H, W, c), or the view (B, Mp, h, w, n, c) if ``cells``."""
+    _, h, w, n, c = t.shape
+    if cells:
+        return t.view(B, Mp, h, w, n, c)
     return t.reshape(B, Mp, h, w, cell, cell, c).transpose(3, 4).reshape(B, Mp, h * cell, w * cell, c)
 
 
@@ -134,16 +168,18 @@ def _pixel_probs(qc: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
     return softmax_last(logits.view(N, h, w, n, G, 9)).view(N, h, w, n, G * 9), kn
 
 
-def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float):
-    """q (B, Mp, H, W, d), k (B, M, h, w, d), v (B, M, h, w, dv), bias (B, M, h, w) or None.
+def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float, cells: bool = False):
+    """q (B, Mp, H, W, d) (or cell-major (B, Mp, h, w, n, d) if ``cells``), k (B, M, h, w, d),
+    v (B, M, h, w, dv), bias (B, M, h, w) or None.
 
-    Returns the output heads-last (B, H, W, M, dv) and the probabilities, cell-major (N, h, w, n, G * 9).
+    Returns the output heads-last (B, H, W, M, dv) (or (B, h, w, n, M, dv)) and the probabilities,
+    cell-major (N, h, w, n, G * 9).
     """
     B, Mp = q.shape[:2]
     M, dv = v.shape[1], v.shape[-1]
     G = M // Mp
     dt = _compute_dtype(q.dtype)
-    qc = pixels_to_cells(q.to(dt), cell)
+    qc = as_cells(q.to(dt), cell, cells)
     N, h, w, n, _ = qc.shape
     probs, _ = _pixel_probs(qc, k.to(dt), None if bias is None else bias.to(dt), B, Mp, scale)
     vn = neighbors(v.to(dt), Mp)  # (N, h, w, G, 9, dv)
@@ -151,22 +187,21 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
         out = torch.matmul(probs, vn.view(N, h, w, 9, dv)).view(N, h, w, n, 1, dv)
     else:
         out = torch.einsum('Nhwngk,Nhwgkd->Nhwngd', probs.view(N, h, w, n, G, 9), vn)
-    return cells_to_heads_last(out, B, Mp, G, cell).to(q.dtype), probs
+    return heads_last_out(out, B, Mp, G, cell, cells).to(q.dtype), probs
 
 
-def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float):
-    """grad_out (B, H, W, M, dv) heads-last. Returns (dq, dk, dv, dbias) in the inputs' layouts."""
-    B, Mp, H, W, d = q.shape
+def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
+    """grad_out heads-last, (B, H, W, M, dv) or (B, h, w, n, M, dv) if ``cells``.
+    Returns (dq, dk, dv, dbias) in the inputs' layouts."""
+    B, Mp, d = q.shape[0], q.shape[1], q.shape[-1]
     M, h, w, dv = v.shape[1], v.shape[2], v.shape[3], v.shape[-1]
     G = M // Mp
     dt = _compute_dtype(q.dtype)
     N, n = B * Mp, cell * cell
-    qc = pixels_to_cells(q.to(dt), cell)
+    qc = as_cells(q.to(dt), cell, cells)
     kn = neighbors(k.to(dt), Mp).view(N, h, w, G * 9, d)
     vn = neighbors(v.to(dt), Mp)  # (N, h, w, G, 9, dv)
-    # grad_out heads-last (B, H, W, Mp * G, dv) -> cells (N, h, w, n, G, dv)
-    go = grad_out.to(dt).reshape(B, h, cell, w, cell, Mp, G, dv).permute(0, 5, 1, 3, 2, 4, 6, 7)
-    go = go.reshape(N, h, w, n, G, dv)
+    go = heads_last_to_cells(grad_out.to(dt), Mp, cell, cells)  # (N, h, w, n, G, dv)
     p = probs.view(N, h, w, n, G, 9)
     if G == 1:
         go1 = go.view(N, h, w, n, dv)
@@ -181,51 +216,54 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float)
     if bias is not None:
         dbias = _ungroup(fold_neighbors(dlogits.sum(dim=3)), B, Mp).to(bias.dtype)  # (B, M, h, w)
     dlogits = dlogits.reshape(N, h, w, n, G * 9).mul_(scale)
-    dq = _cells_to_pixels(torch.matmul(dlogits, kn), B, Mp, cell).to(q.dtype)
+    dq = _cells_to_pixels(torch.matmul(dlogits, kn), B, Mp, cell, cells).to(q.dtype)
     dkn = torch.matmul(dlogits.transpose(-1, -2), qc).view(N, h, w, G, 9, d)
     dk = _ungroup(fold_neighbors(dkn), B, Mp).to(k.dtype)
     dv_ = _ungroup(fold_neighbors(dvn), B, Mp).to(v.dtype)
     return dq, dk, dv_, dbias
 
 
-def probs_to_weights(probs: torch.Tensor, B: int, Mp: int, G: int, cell: int) -> torch.Tensor:
-    """Cell-major probabilities (N, h, w, n, G * 9) -> (B, M, H, W, 9)."""
+def probs_to_weights(probs: torch.Tensor, B: int, Mp: int, G: int, cell: int, cells: bool = False) -> torch.Tensor:
+    """Cell-major probabilities (N, h, w, n, G * 9) -> (B, M, H, W, 9), or (B, M, h, w, n, 9) if ``cells``."""
     N, h, w, n, _ = probs.shape
-    return cells_to_heads_last(probs.view(N, h, w, n, G, 9), B, Mp, G, cell).permute(0, 3, 1, 2, 4)
+    y = heads_last_out(probs.view(N, h, w, n, G, 9), B, Mp, G, cell, cells)
+    return y.movedim(-2, 1)
 
 
-def superpixel_association(q, k, bias: Optional[torch.Tensor], cell: int, scale: float) -> torch.Tensor:
-    """(B, M, H, W, 9) probabilities; differentiable through plain autograd."""
+def superpixel_association(q, k, bias: Optional[torch.Tensor], cell: int, scale: float,
+                           cells: bool = False) -> torch.Tensor:
+    """(B, M, H, W, 9) probabilities ((B, M, h, w, n, 9) if ``cells``); differentiable through plain autograd."""
     B, Mp = q.shape[:2]
     G = k.shape[1] // Mp
     dt = _compute_dtype(q.dtype)
-    probs, _ = _pixel_probs(pixels_to_cells(q.to(dt), cell), k.to(dt), None if bias is None else bias.to(dt),
+    probs, _ = _pixel_probs(as_cells(q.to(dt), cell, cells), k.to(dt), None if bias is None else bias.to(dt),
                             B, Mp, scale)
-    return probs_to_weights(probs, B, Mp, G, cell).to(q.dtype)
+    return probs_to_weights(probs, B, Mp, G, cell, cells).to(q.dtype)
 
 
 # --- superpixel queries over the pixels of their 3x3 cells ---------------------------------------
 
-def _superpixel_operands(q, k, v, cell: int, shared_kv: bool):
+def _superpixel_operands(q, k, v, cell: int, shared_kv: bool, cells: bool):
     """What both passes start from: cell-major keys and values, gathered queries (N, h, w, G * 9, d)."""
     B, M, h, w, d = q.shape
     Mp = k.shape[1]
     G = M // Mp
     dt = _compute_dtype(q.dtype)
-    kc = pixels_to_cells(k.to(dt), cell)
-    vc = kc if shared_kv else pixels_to_cells(v.to(dt), cell)
+    kc = as_cells(k.to(dt), cell, cells)
+    vc = kc if shared_kv else as_cells(v.to(dt), cell, cells)
     qn = neighbors(q.to(dt), Mp).view(B * Mp, h, w, G * 9, d)
     return Mp, G, dt, kc, vc, qn
 
 
-def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False):
-    """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k (one cell copy).
+def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
+    """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k (one cell copy);
+    ``cells``: k and v are cell-major (B, Mp, h, w, n, c).
 
     Returns the output heads-last (B, h, w, M, dv) and the probabilities, cell-major (N, h, w, n, G * 9):
     entry (c, p, g * 9 + k) is the weight of pixel p of cell c for superpixel c + offset k, head g.
     """
     B, M, h, w, d = q.shape
-    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv)
+    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv, cells)
     N, _, _, n, _ = kc.shape
     dv = vc.shape[-1]
     logits = torch.matmul(kc, qn.transpose(-1, -2)).mul_(scale)  # (N, h, w, n, G9)
@@ -243,11 +281,12 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     return out.to(q.dtype), probs
 
 
-def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False):
+def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
+                             cells: bool = False):
     """grad_out and out heads-last (B, h, w, M, dv). Returns (dq, dk, dv); dv is None if ``shared_kv``
     (then dk holds the gradient of both uses)."""
     B, M, h, w, d = q.shape
-    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv)
+    Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv, cells)
     N, _, _, n, _ = kc.shape
     dv = vc.shape[-1]
     go = grad_out.to(dt)
@@ -262,6 +301,7 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     dqn = torch.matmul(dlogits.transpose(-1, -2), kc).view(N, h, w, G, 9, d)
     dq = _ungroup(fold_neighbors(dqn), B, Mp).to(q.dtype)
     if shared_kv:
-        dk = _cells_to_pixels(dkc.add_(dvc), B, Mp, cell).to(k.dtype)
+        dk = _cells_to_pixels(dkc.add_(dvc), B, Mp, cell, cells).to(k.dtype)
         return dq, dk, None
-    return dq, _cells_to_pixels(dkc, B, Mp, cell).to(k.dtype), _cells_to_pixels(dvc, B, Mp, cell).to(v.dtype)
+    return (dq, _cells_to_pixels(dkc, B, Mp, cell, cells).to(k.dtype),
+            _cells_to_pixels(dvc, B, Mp, cell, cells).to(v.dtype))

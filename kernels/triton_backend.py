@@ -58,10 +58,21 @@ def _int64(h, w, Mp, G, D, DV):
 
 
 @triton.jit
-def _cell_tile(i, j, w, CELL: tl.constexpr, BP: tl.constexpr):
-    """(p, in-image pixel index of pixel p of cell (i, j), p < n) for the BP rows of a cell tile."""
+def _cell_tile(i, j, w, CELL: tl.constexpr, CELLS: tl.constexpr, BP: tl.constexpr):
+    """(p, pixel index of pixel p of cell (i, j), p < n) for the BP rows of a cell tile. The index
+    is the pixel's row in an image-layout (H, W) or, if CELLS, a cell-major (h, w, n) pixel tensor."""
     p = tl.arange(0, BP)
+    if CELLS:
+        return p, (i * w + j) * (CELL * CELL) + p, p < CELL * CELL
     return p, i * CELL * (w * CELL) + j * CELL + (p // CELL) * (w * CELL) + p % CELL, p < CELL * CELL
+
+
+@triton.jit
+def _cell_shift(DY, DX, w, CELL: tl.constexpr, CELLS: tl.constexpr):
+    """Pixel-row distance between a pixel and the same pixel of the cell at offset (DY, DX)."""
+    if CELLS:
+        return (DY * w + DX) * (CELL * CELL)
+    return DY * CELL * (w * CELL) + DX * CELL
 
 
 @triton.jit
@@ -107,7 +118,7 @@ def _own_cell_pixels(k_ptr, v_ptr, probs_ptr, nn, pid, p, pix, pin, gg, gmask, d
 def _pixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, probs_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One program per (image nn, cell (i, j)): the cell's pixels against its 9 superpixels."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -115,7 +126,7 @@ def _pixel_fwd_kernel(
     nn = pid // (h * w)
     i = pid % (h * w) // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
@@ -147,7 +158,7 @@ def _pixel_fwd_kernel(
 def _pixel_bwd_dq_kernel(
         go_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr, delta_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
         ACC: tl.constexpr, PREC: tl.constexpr):
     """Per cell: dq of its pixels, and delta[p, g] = sum_k P dP (the softmax-backward row term)."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -155,7 +166,7 @@ def _pixel_bwd_dq_kernel(
     nn = pid // (h * w)
     i = pid % (h * w) // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     kk, nbr, kvalid = _neighbours(i, j, h, w, BK)
@@ -184,7 +195,7 @@ def _pixel_bwd_dq_kernel(
 def _pixel_bwd_dkv_kernel(
         go_ptr, q_ptr, v_ptr, probs_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, HAS_BIAS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, ACC: tl.constexpr):
     """One program per (superpixel, head): sums over the pixels of the <= 9 cells that see it."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -194,7 +205,7 @@ def _pixel_bwd_dkv_kernel(
     g = hg % G
     i = pid % (h * w) // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     # pointers for the superpixel's own cell; cell (i, j) - offset t is a scalar shift away
@@ -216,7 +227,7 @@ def _pixel_bwd_dkv_kernel(
         DY = t // 3 - 1
         DX = t % 3 - 1
         inside = (i - DY >= 0) & (i - DY < h) & (j - DX >= 0) & (j - DX < w)
-        shift = DY * CELL * (w * CELL) + DX * CELL
+        shift = _cell_shift(DY, DX, w, CELL, CELLS)
         qt = tl.load(q_ptrs - shift * D, mask=qmask & inside, other=0.0).to(ACC)
         go = tl.load(go_ptrs - shift * (Mp * G * DV), mask=omask & inside, other=0.0).to(ACC)
         pr = tl.load(prob_ptrs - (DY * w + DX) * (CELL * CELL * 9 * G) + t, mask=pin & inside, other=0.0).to(ACC)
@@ -238,7 +249,7 @@ def _pixel_bwd_dkv_kernel(
 def _superpixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, probs_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BG: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BG: tl.constexpr,
         BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One program per (image nn, superpixel (i, j)), its G heads side by side: exact softmax
     over the pixels of the <= 9 cells around it, in two passes."""
@@ -248,7 +259,7 @@ def _superpixel_fwd_kernel(
     s = pid % (h * w)
     i = s // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     gg = tl.arange(0, BG)
@@ -265,7 +276,7 @@ def _superpixel_fwd_kernel(
         DY = (t + 4) % 9 // 3 - 1
         DX = (t + 4) % 9 % 3 - 1
         inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
-        shift = DY * CELL * (w * CELL) + DX * CELL
+        shift = _cell_shift(DY, DX, w, CELL, CELLS)
         kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
         sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC)  # (BP, BG)
         sc = sc * scale + sc * scale_lo
@@ -280,7 +291,7 @@ def _superpixel_fwd_kernel(
         DY = t // 3 - 1
         DX = t % 3 - 1
         inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
-        shift = DY * CELL * (w * CELL) + DX * CELL
+        shift = _cell_shift(DY, DX, w, CELL, CELLS)
         kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
         sc = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC)
         sc = sc * scale + sc * scale_lo
@@ -306,7 +317,7 @@ def _superpixel_fwd_kernel(
 def _superpixel_bwd_dq_kernel(
         go_ptr, out_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BG: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per (image nn, superpixel), G heads side by side: dq over the pixels of its 9 cells."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -315,7 +326,7 @@ def _superpixel_bwd_dq_kernel(
     s = pid % (h * w)
     i = s // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
     gg = tl.arange(0, BG)
@@ -332,7 +343,7 @@ def _superpixel_bwd_dq_kernel(
         DY = t // 3 - 1
         DX = t % 3 - 1
         inside = (i + DY >= 0) & (i + DY < h) & (j + DX >= 0) & (j + DX < w)
-        shift = DY * CELL * (w * CELL) + DX * CELL
+        shift = _cell_shift(DY, DX, w, CELL, CELLS)
         kt = tl.load(k_ptrs + shift * D, mask=kmask & inside, other=0.0).to(ACC)
         if SHARED_KV:
             vt = kt
@@ -350,7 +361,7 @@ def _superpixel_bwd_dq_kernel(
 def _superpixel_bwd_dkv_kernel(
         go_ptr, out_ptr, q_ptr, v_ptr, probs_ptr, dk_ptr, dv_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
-        CELL: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+        CELL: tl.constexpr, CELLS: tl.constexpr, SHARED_KV: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
         BDV: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Per (image nn, cell): dk, dv of its pixels from the 9 superpixels around it, all heads."""
     h, w, Mp, G, D, DV = _int64(h, w, Mp, G, D, DV)
@@ -358,7 +369,7 @@ def _superpixel_bwd_dkv_kernel(
     nn = pid // (h * w)
     i = pid % (h * w) // w
     j = pid % w
-    p, pix, pin = _cell_tile(i, j, w, CELL, BP)
+    p, pix, pin = _cell_tile(i, j, w, CELL, CELLS, BP)
     row = nn * (h * w * CELL * CELL) + pix
     dc = tl.arange(0, BD)
     ec = tl.arange(0, BDV)
@@ -399,14 +410,14 @@ def _block(x: int) -> int:
     return max(16, triton.next_power_of_2(max(int(x), 1)))
 
 
-def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int) -> dict:
+def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int, cells: bool = False) -> dict:
     """The one configuration: blocks from the shapes, warps from the largest tile."""
     BP, BD, BDV = _block(cell * cell), _block(d), _block(dv)
     acc, prec = (tl.float64, 'ieee') if dtype == torch.float64 else (
         (tl.float32, 'ieee') if dtype == torch.float32 else (tl.float32, 'tf32'))
     # 8 warps from 64 x 64 tiles (cell 7, 64 channels): with 4 the kernels spill registers on sm_90
     # (ptxas resource usage, compiled for the target without a GPU)
-    return dict(CELL=cell, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)
+    return dict(CELL=cell, CELLS=cells, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)
 
 
 def _split(scale: float):
@@ -432,16 +443,18 @@ def _device(t: torch.Tensor):
 
 # --- the four backend functions --------------------------------------------------------------
 
-def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float):
-    """q (B, Mp, H, W, d), k (B, M, h, w, d), v (B, M, h, w, dv), bias (B, M, h, w) or None.
+def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float, cells: bool = False):
+    """q (B, Mp, H, W, d) (cell-major (B, Mp, h, w, n, d) if ``cells``), k (B, M, h, w, d),
+    v (B, M, h, w, dv), bias (B, M, h, w) or None.
 
-    Returns the output heads-last (B, H, W, M, dv) and the probabilities (N, h, w, n, 9G).
+    Returns the output heads-last (B, H, W, M, dv) (or (B, h, w, n, M, dv)) and the probabilities
+    (N, h, w, n, 9G).
     """
-    B, Mp, H, W, d = q.shape
+    B, Mp, d = q.shape[0], q.shape[1], q.shape[-1]
     M, h, w, dv = v.shape[1:]
     G = M // Mp
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = _empty(q, (B, H, W, M, dv))
+    out = _empty(q, (B, h, w, cell * cell, M, dv) if cells else (B, h * cell, w * cell, M, dv))
     probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), _probs_dtype(q.dtype))
     if probs.numel() == 0:
         return out.zero_(), probs
@@ -450,13 +463,14 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     with _device(q):
         _pixel_fwd_kernel[(B * Mp * h * w,)](
             q, k, v, bias, out, probs, h, w, Mp, G, d, dv, *_split(scale),
-            HAS_BIAS=has_bias, BK=_BK, **_config(q.dtype, cell, d, dv, G))
+            HAS_BIAS=has_bias, BK=_BK, **_config(q.dtype, cell, d, dv, G, cells))
     return out, probs
 
 
-def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float):
-    """grad_out (B, H, W, M, dv) heads-last. Returns (dq, dk, dv, dbias) in the inputs' shapes."""
-    B, Mp, H, W, d = q.shape
+def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
+    """grad_out heads-last, (B, H, W, M, dv) or (B, h, w, n, M, dv) if ``cells``.
+    Returns (dq, dk, dv, dbias) in the inputs' shapes."""
+    B, Mp, d = q.shape[0], q.shape[1], q.shape[-1]
     M, h, w, dv = v.shape[1:]
     G = M // Mp
     go, q, k, v, probs = grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), probs.contiguous()
@@ -464,7 +478,7 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float)
     dbias = None if bias is None else _empty(bias, bias.shape)
     if probs.numel() == 0:
         return dq.zero_(), dk.zero_(), dv_.zero_(), None if dbias is None else dbias.zero_()
-    cfg = _config(q.dtype, cell, d, dv, G)
+    cfg = _config(q.dtype, cell, d, dv, G, cells)
     delta = _empty(probs, (B * Mp, h, w, G, cell * cell))
     with _device(q):
         _pixel_bwd_dq_kernel[(B * Mp * h * w,)](
@@ -476,8 +490,9 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float)
     return dq, dk, dv_, dbias
 
 
-def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False):
-    """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k.
+def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
+    """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k; ``cells``:
+    k and v are cell-major (B, Mp, h, w, n, c).
 
     Returns the output heads-last (B, h, w, M, dv) and the probabilities (N, h, w, n, 9G),
     entry (c, p, g * 9 + k) normalized over the pixels of superpixel c + offset k.
@@ -495,11 +510,12 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     with _device(q):
         _superpixel_fwd_kernel[(B * Mp * h * w,)](
             q, k, v, out, probs, h, w, Mp, G, d, dv, *_split(scale), BG=_block(G), BK=_BK,
-            **_config(q.dtype, cell, d, dv, G))
+            **_config(q.dtype, cell, d, dv, G, cells))
     return out, probs
 
 
-def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False):
+def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
+                             cells: bool = False):
     """grad_out and out heads-last (B, h, w, M, dv). Returns (dq, dk, dv); dv is None if ``shared_kv``
     (then dk holds the gradient of both uses)."""
     B, M, h, w, d = q.shape
@@ -512,7 +528,7 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     dv_ = None if shared_kv else _empty(v, v.shape)
     if probs.numel() == 0:
         return dq.zero_(), dk.zero_(), None if dv_ is None else dv_.zero_()
-    cfg = _config(q.dtype, cell, d, dv, G)
+    cfg = _config(q.dtype, cell, d, dv, G, cells)
     grid = (B * Mp * h * w,)
     with _device(q):
         _superpixel_bwd_dq_kernel[grid](

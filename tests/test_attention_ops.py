@@ -319,6 +319,54 @@ def test_torch_matches_reference_values_and_grads(cfg, fn_name):
             assert b.abs().max() > 0
 
 
+def _to_cells_loop(x, cell):
+    """(B, M, H, W, *c) -> (B, M, h, w, cell*cell, *c) by explicit indexing (pixel (y, x) is entry
+    (y % cell) * cell + x % cell of cell (y // cell, x // cell)); shares no code with the library."""
+    B, M, H, W = x.shape[:4]
+    out = x.new_zeros(B, M, H // cell, W // cell, cell * cell, *x.shape[4:])
+    for y in range(H):
+        for x_ in range(W):
+            out[:, :, y // cell, x_ // cell, (y % cell) * cell + x_ % cell] = x[:, :, y, x_]
+    return out
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('fn_name', FN_NAMES)
+@pytest.mark.parametrize('cfg', [CONFIGS[3], CONFIGS[4], CONFIGS[6]], ids=[CFG_IDS[3], CFG_IDS[4], CFG_IDS[6]])
+def test_cells_layout_matches_image_layout(cfg, fn_name, backend):
+    """pixel_layout='cells' takes and returns pixel tensors cell-major; values and the gradients of
+    every input equal the image-layout call's, rearranged by the loop above."""
+    B, M, h, w, cell, d, dv, scale = cfg
+    x = make_inputs(B, M, h, w, cell, d, dv, seed=5)
+    up = _upstream(fn_name, B, M, h, w, cell, dv, seed=6)
+    outs, grads = _grads(fn_name, x, cell, scale, backend, up)
+    pixel_inputs = {'superpixel_attention': ('k_p', 'v_p')}.get(fn_name, ('q_p',))
+    xc = {k: _to_cells_loop(v, cell) if k in pixel_inputs else v for k, v in x.items()}
+    up_c = up if fn_name == 'superpixel_attention' else [_to_cells_loop(u, cell) for u in up]
+    ins = {'superpixel_attention': ['q_s', 'k_p', 'v_p'], 'pixel_attention': ['q_p', 'k_s', 'v_s']}.get(
+        fn_name, ['q_p', 'k_s'])
+    ins_c = [xc[k].detach().clone().requires_grad_(True) for k in ins]
+    fn = dict(superpixel_attention=superpixel_attention, pixel_attention=pixel_attention,
+              superpixel_association=superpixel_association)[fn_name]
+    extra = dict(return_weights=True) if fn_name == 'pixel_attention' else {}
+    outs_c = fn(*ins_c, cell, scale=scale, backend=backend, pixel_layout='cells', **extra)
+    outs_c = list(outs_c) if isinstance(outs_c, tuple) else [outs_c]
+    grads_c = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outs_c, up_c)), ins_c)
+    for got, want in zip(outs_c, outs):
+        want = want if fn_name == 'superpixel_attention' else _to_cells_loop(want, cell)
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(ins, grads_c, grads):
+        want = _to_cells_loop(want, cell) if name in pixel_inputs else want
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f'grad of {name}: {m}')
+
+
+def test_cells_layout_helpers_roundtrip():
+    from spformer.kernels import cells_to_image, image_to_cells
+    x = torch.randn(2, 3, 8, 12, 5, dtype=torch.float64)
+    torch.testing.assert_close(image_to_cells(x, 4), _to_cells_loop(x, 4), rtol=0, atol=0)
+    torch.testing.assert_close(cells_to_image(image_to_cells(x, 4), 4), x, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # 2. gradcheck
 # --------------------------------------------------------------------------------------
@@ -725,6 +773,13 @@ BAD_INPUTS = [
     ('scale-nan', lambda: _sp(scale=float('nan')), ValueError, r'scale'),
     ('scale-inf', lambda: _px(scale=float('inf')), ValueError, r'scale'),
     ('scale-str', lambda: _as(scale='1'), (ValueError, TypeError), r'scale'),
+    # pixel layout
+    ('layout-unknown', lambda: _px(pixel_layout='nchw'), ValueError, r"pixel_layout.*'image'.*'cells'"),
+    ('layout-cells-5d', lambda: _px(pixel_layout='cells'), ValueError, r'q_p.*6-D.*cell\*cell=16'),
+    ('layout-cells-n', lambda: _sp(k=(1, 2, 2, 3, 9, 4), v=(1, 2, 2, 3, 9, 5), pixel_layout='cells'), ValueError,
+     r'k_p.*6-D.*cell\*cell=16'),
+    ('layout-cells-grid', lambda: _as(q=(1, 2, 3, 2, 16, 4), pixel_layout='cells'), ValueError,
+     r'q_p.*grid of 3x2 cells.*2x3'),
 ]
 
 

@@ -9,30 +9,38 @@ import spformer  # noqa: F401
 from spformer.kernels import functional
 
 
-def _pixel_args(Mp=1, M=2, bias=True, dtype=torch.float32):
+def _pixels(B, Mp, h, w, cell, c, cells, dtype):
+    """A pixel tensor, image (B, Mp, H, W, c) or cell-major (B, Mp, h, w, cell*cell, c) layout."""
+    shape = (B, Mp, h, w, cell * cell, c) if cells else (B, Mp, h * cell, w * cell, c)
+    return torch.randn(shape, dtype=dtype)
+
+
+def _pixel_args(Mp=1, M=2, bias=True, cells=False, dtype=torch.float32):
     B, h, w, cell, d, dv = 2, 2, 3, 4, 8, 5
-    args = [torch.randn(B, Mp, h * cell, w * cell, d, dtype=dtype), torch.randn(B, M, h, w, d, dtype=dtype),
+    args = [_pixels(B, Mp, h, w, cell, d, cells, dtype), torch.randn(B, M, h, w, d, dtype=dtype),
             torch.randn(B, M, h, w, dv, dtype=dtype), torch.randn(B, M, h, w, dtype=dtype) if bias else None]
-    return [a.requires_grad_() if a is not None else None for a in args] + [cell, 0.3, 'torch']
+    return [a.requires_grad_() if a is not None else None for a in args] + [cell, 0.3, 'torch', cells]
 
 
-def _superpixel_args(Mp=1, M=2, shared=True, dtype=torch.float32):
+def _superpixel_args(Mp=1, M=2, shared=True, cells=False, dtype=torch.float32):
     B, h, w, cell, d = 2, 3, 2, 4, 6
     q = torch.randn(B, M, h, w, d, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Mp, h * cell, w * cell, d, dtype=dtype, requires_grad=True)
-    v = k if shared else torch.randn(B, Mp, h * cell, w * cell, 7, dtype=dtype, requires_grad=True)
-    return [q, k, v, cell, 0.4, shared, 'torch']
+    k = _pixels(B, Mp, h, w, cell, d, cells, dtype).requires_grad_()
+    v = k if shared else _pixels(B, Mp, h, w, cell, 7, cells, dtype).requires_grad_()
+    return [q, k, v, cell, 0.4, shared, 'torch', cells]
 
 
-@pytest.mark.parametrize('Mp, M, bias', [(1, 2, True), (2, 2, False), (1, 1, True), (3, 3, True)])
-def test_opcheck_pixel_attention(Mp, M, bias):
+@pytest.mark.parametrize('Mp, M, bias, cells', [(1, 2, True, False), (2, 2, False, False), (1, 1, True, False),
+                                                (3, 3, True, False), (1, 2, True, True), (2, 2, True, True)])
+def test_opcheck_pixel_attention(Mp, M, bias, cells):
     """torch.library.opcheck: schema, fake kernel (shapes and strides), autograd registration."""
-    torch.library.opcheck(functional._pixel_attention_op, _pixel_args(Mp, M, bias))
+    torch.library.opcheck(functional._pixel_attention_op, _pixel_args(Mp, M, bias, cells))
 
 
-@pytest.mark.parametrize('Mp, M, shared', [(1, 2, True), (2, 2, False), (1, 3, False)])
-def test_opcheck_superpixel_attention(Mp, M, shared):
-    torch.library.opcheck(functional._superpixel_attention_op, _superpixel_args(Mp, M, shared))
+@pytest.mark.parametrize('Mp, M, shared, cells', [(1, 2, True, False), (2, 2, False, False), (1, 3, False, False),
+                                                  (1, 2, True, True), (2, 2, False, True)])
+def test_opcheck_superpixel_attention(Mp, M, shared, cells):
+    torch.library.opcheck(functional._superpixel_attention_op, _superpixel_args(Mp, M, shared, cells))
 
 
 def test_compiled_model_matches_eager():

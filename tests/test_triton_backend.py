@@ -231,6 +231,54 @@ def test_superpixel_attention_fp32(case):
     _check_superpixel(case, torch.float32)
 
 
+# --- cell-major pixel tensors ------------------------------------------------------------------
+
+def _to_cells(x, cell):
+    """(B, Mp, H, W, c) -> (B, Mp, h, w, cell*cell, c), written out index by index (independent of
+    spformer.kernels.image_to_cells)."""
+    B, Mp, H, W, c = x.shape
+    out = x.new_empty(B, Mp, H // cell, W // cell, cell * cell, c)
+    for y in range(H):
+        for x_ in range(W):
+            out[:, :, y // cell, x_ // cell, (y % cell) * cell + x_ % cell] = x[:, :, y, x_]
+    return out
+
+
+@pytest.mark.parametrize('case', [PIXEL_CASES[2], PIXEL_CASES[4]], ids=['cell2_shared', 'cell7_all_heads'])
+def test_pixel_attention_cells_layout(case):
+    """pixel_layout='cells': the kernels read q and write out / dq cell-major; same numbers as image layout."""
+    q, k, v, b, go, cell = _pixel_case(case, torch.float32)
+    out, probs = tb.pixel_attention_fwd(q, k, v, b, cell, SCALE)
+    grads = tb.pixel_attention_bwd(go, q, k, v, b, probs, cell, SCALE)
+    go_cells = _to_cells(go.permute(0, 3, 1, 2, 4), cell).permute(0, 2, 3, 4, 1, 5).contiguous()  # (B, h, w, n, M, dv)
+    c_out, c_probs = tb.pixel_attention_fwd(_to_cells(q, cell), k, v, b, cell, SCALE, cells=True)
+    want_out = _to_cells(out.permute(0, 3, 1, 2, 4), cell).permute(0, 2, 3, 4, 1, 5)
+    _assert_close(c_out, want_out, TOL[torch.float32], 'out (cells)')
+    _assert_close(c_probs, probs, TOL[torch.float32], 'probs (cells)')
+    c_grads = tb.pixel_attention_bwd(go_cells, _to_cells(q, cell), k, v, b, c_probs, cell, SCALE, cells=True)
+    _assert_close(c_grads[0], _to_cells(grads[0], cell), TOL[torch.float32], 'dq (cells)')
+    for name, got, want in zip(('dk', 'dv', 'dbias'), c_grads[1:], grads[1:]):
+        if want is not None:
+            _assert_close(got, want, TOL[torch.float32], f'{name} (cells)')
+
+
+@pytest.mark.parametrize('case', [SUPERPIXEL_CASES[1], SUPERPIXEL_CASES[4]], ids=['1xN_all_heads', 'cell7_shared_kv'])
+def test_superpixel_attention_cells_layout(case):
+    q, k, v, go, cell, shared = _superpixel_case(case, torch.float32)
+    out, probs = tb.superpixel_attention_fwd(q, k, v, cell, SCALE, shared)
+    grads = tb.superpixel_attention_bwd(go, out, q, k, v, probs, cell, SCALE, shared)
+    kc = _to_cells(k, cell)
+    vc = kc if shared else _to_cells(v, cell)
+    c_out, c_probs = tb.superpixel_attention_fwd(q, kc, vc, cell, SCALE, shared, cells=True)
+    _assert_close(c_out, out, TOL[torch.float32], 'out (cells)')
+    _assert_close(c_probs, probs, TOL[torch.float32], 'probs (cells)')
+    c_grads = tb.superpixel_attention_bwd(go, c_out, q, kc, vc, c_probs, cell, SCALE, shared, cells=True)
+    _assert_close(c_grads[0], grads[0], TOL[torch.float32], 'dq (cells)')
+    _assert_close(c_grads[1], _to_cells(grads[1], cell), TOL[torch.float32], 'dk (cells)')
+    if not shared:
+        _assert_close(c_grads[2], _to_cells(grads[2], cell), TOL[torch.float32], 'dv (cells)')
+
+
 # --- other dtypes ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -340,7 +388,13 @@ JOBS = [(tb._pixel_fwd_kernel, F32, 4, 32, 48, dict(HAS_BIAS=False)),
         (tb._pixel_bwd_dkv_kernel, BF16, 7, 16, 16, dict(HAS_BIAS=True)),
         (tb._superpixel_fwd_kernel, BF16, 7, 16, 16, {}),
         (tb._superpixel_bwd_dq_kernel, BF16, 7, 16, 16, dict(SHARED_KV=True)),
-        (tb._superpixel_bwd_dkv_kernel, BF16, 7, 16, 16, dict(SHARED_KV=False))]
+        (tb._superpixel_bwd_dkv_kernel, BF16, 7, 16, 16, dict(SHARED_KV=False)),
+        (tb._pixel_fwd_kernel, F32, 4, 32, 32, dict(HAS_BIAS=True, CELLS=True)),
+        (tb._pixel_bwd_dq_kernel, F32, 4, 32, 32, dict(CELLS=True)),
+        (tb._pixel_bwd_dkv_kernel, F32, 4, 32, 32, dict(HAS_BIAS=True, CELLS=True)),
+        (tb._superpixel_fwd_kernel, F32, 4, 32, 32, dict(CELLS=True)),
+        (tb._superpixel_bwd_dq_kernel, F32, 4, 32, 32, dict(SHARED_KV=True, CELLS=True)),
+        (tb._superpixel_bwd_dkv_kernel, F32, 4, 32, 32, dict(SHARED_KV=True, CELLS=True))]
 part, parts = int(sys.argv[1]), int(sys.argv[2])
 for kernel, dtype, cell, d, dv, flags in JOBS[part::parts]:
     compile_one(kernel, dtype, cell, d, dv, 6, **flags)

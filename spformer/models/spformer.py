@@ -33,7 +33,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
-from spformer.kernels import pixel_attention, superpixel_association, superpixel_attention
+from spformer.kernels import cells_to_image, image_to_cells, pixel_attention, superpixel_association, \
+    superpixel_attention
 
 __all__ = ['SPFormer']
 
@@ -44,15 +45,27 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(B, H, W, num_heads, C // num_heads).permute(0, 3, 1, 2, 4)
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, heads, H, W, d) -> (B, H, W, heads * d)."""
-    B, M, H, W, d = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, H, W, M * d)
+def add_cell_update(pixels: torch.Tensor, update: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``pixels + gamma * update`` for channels-last pixels (B, H, W, C) and a cell-major per-head
+    update (B, heads, h, w, cell*cell, C / heads) as :func:`pixel_attention` returns it with
+    ``pixel_layout='cells'``: one pass that also undoes the cell-major layout (the result follows
+    the layout of ``pixels``)."""
+    B, H, W, C = pixels.shape
+    _, M, h, w, n, d = update.shape
+    cell = H // h
+    update = update.movedim(1, -2).reshape(B, h, w, cell, cell, C)  # a view of the heads-last result
+    out = torch.addcmul(pixels.view(B, h, cell, w, cell, C).transpose(2, 3), update, gamma)
+    return out.transpose(2, 3).reshape(B, H, W, C)
 
 
-def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply an NCHW conv to a channels-last (B, H, W, C) tensor, returning channels-last."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x + conv(x)`` for a 'same' depthwise conv on channels-last (B, H, W, C) ``x``, as one conv:
+    the identity joins the centre tap of the kernel (saves a pass over the pixel map)."""
+    w = conv.weight
+    ky, kx = w.shape[2] // 2, w.shape[3] // 2
+    identity = F.pad(w.new_ones(w.shape[0], 1, 1, 1), (kx, w.shape[3] - 1 - kx, ky, w.shape[2] - 1 - ky))
+    y = F.conv2d(x.permute(0, 3, 1, 2), w + identity, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y.permute(0, 2, 3, 1)
 
 
 class Association(NamedTuple):
@@ -61,7 +74,7 @@ class Association(NamedTuple):
     Head m's logit between pixel p and superpixel j is ``<pixels[p], queries[m, j]> + bias[m, j]``
     (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of DESIGN.md 1.3.
     """
-    pixels: torch.Tensor  # (B, 1, H, W, pixel_dim), shared by all heads
+    pixels: torch.Tensor  # (B, 1, h, w, cell*cell, pixel_dim) cell-major, shared by all heads
     queries: torch.Tensor  # (B, M, h, w, pixel_dim)
     bias: torch.Tensor  # (B, M, h, w)
 
@@ -138,19 +151,21 @@ class SuperpixelCrossAttention(nn.Module):
         scale = (C_p // M) ** -0.5
         (wq, wk, wv), (gq, gk, gv), (bq, bk, bv), gram = self._pixel_projection()
 
-        x = pixels + depthwise_conv(self.pixel_pos, pixels)
+        # Both ops read the pixels cell-major: one layout copy here instead of one per op call.
+        x = image_to_cells(conv_plus_identity(self.pixel_pos, pixels).unsqueeze(1), cell)  # (B, 1, h, w, n, C_p)
         # r x: the pixels divided by the LayerNorm's standard deviation of their projection.
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-        x_hat = (x * torch.rsqrt(var + self.pixel_norm.eps)).unsqueeze(1)  # (B, 1, H, W, C_p)
+        x_hat = x * torch.rsqrt(var + self.pixel_norm.eps)
 
-        s = superpixels + depthwise_conv(self.sp_pos, superpixels)
+        s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
         q_s, k_s = q_s.reshape(B, h, w, M, -1), k_s.reshape(B, h, w, M, -1)
 
         # Superpixel update: logits <k_p, q_s>; the bias <beta_k, q_s> is constant over a
         # superpixel's pixels and cancels in its softmax.
         queries = torch.einsum('bhwmd,mdc->bmhwc', q_s * gk * scale, wk)
-        gathered = superpixel_attention(queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend)
+        gathered = superpixel_attention(
+            queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend, pixel_layout='cells')
         sp_update = torch.einsum('bmhwc,moc->bhwmo', gathered, wv) * gv + bv  # (B, h, w, M, C / M)
         superpixels = superpixels + self.sp_ls(sp_update.reshape(B, h, w, C))
 
@@ -158,8 +173,9 @@ class SuperpixelCrossAttention(nn.Module):
             keys = torch.einsum('bhwmd,mdc->bmhwc', k_s * gq * scale, wq)
             key_bias = torch.einsum('bhwmd,md->bmhw', k_s, bq) * scale
             values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4)
-            out = pixel_attention(x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend)
-            pixels = pixels + self.pixel_ls(merge_heads(out))
+            out = pixel_attention(
+                x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout='cells')
+            pixels = add_cell_update(pixels, out, self.pixel_ls.gamma)
         association = Association(x_hat, queries, torch.einsum('bhwmd,md->bmhw', q_s, bk) * scale)
         return pixels, superpixels, association
 
@@ -193,8 +209,8 @@ class PixelUpdate(nn.Module):
         v = split_heads(self.norm(self.proj(superpixels)), self.num_heads)
         update = pixel_attention(
             association.pixels, association.queries, v, self.cell_size, scale=1.0, bias=association.bias,
-            backend=self.attn_backend)
-        return pixels + self.ls(merge_heads(update))
+            backend=self.attn_backend, pixel_layout='cells')
+        return add_cell_update(pixels, update, self.ls.gamma)
 
 
 class SuperpixelInit(nn.Module):
@@ -620,13 +636,15 @@ class SPFormer(nn.Module):
         B = x.shape[0]
         out = []
         for assoc in associations:
-            per_head = superpixel_association(
-                assoc.pixels, assoc.queries, self.cell_size, scale=1.0, bias=assoc.bias).permute(0, 1, 4, 2, 3)
+            cell = self.cell_size
+            per_head = cells_to_image(superpixel_association(
+                assoc.pixels, assoc.queries, cell, scale=1.0, bias=assoc.bias, pixel_layout='cells'), cell)
             # Head-merged logits sum_m a_m / sqrt(M): one head with summed queries and biases.
             norm = self.sca_heads ** -0.5
-            merged = superpixel_association(
-                assoc.pixels, assoc.queries.sum(1, keepdim=True) * norm, self.cell_size, scale=1.0,
-                bias=assoc.bias.sum(1, keepdim=True) * norm)[:, 0].permute(0, 3, 1, 2)
+            merged = cells_to_image(superpixel_association(
+                assoc.pixels, assoc.queries.sum(1, keepdim=True) * norm, cell, scale=1.0,
+                bias=assoc.bias.sum(1, keepdim=True) * norm, pixel_layout='cells'), cell)
+            per_head, merged = per_head.permute(0, 1, 4, 2, 3), merged[:, 0].permute(0, 3, 1, 2)
             out.append(dict(
                 association=per_head,
                 association_merged=merged,
