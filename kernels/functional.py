@@ -34,6 +34,13 @@ def _impl(backend: str, device: torch.device):
     return torch_backend
 
 
+def _exact(device: torch.device):
+    """The backends choose their own compute dtypes (fp32 accumulation, fp32 probabilities for
+    half-precision inputs); autocast, still active inside a custom op, would turn their matmuls to
+    bf16/fp16."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -42,7 +49,8 @@ def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
 def _pixel_attention_op(
         q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str, cells: bool,
 ) -> Tuple[Tensor, Tensor]:
-    out, probs = _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale, cells)
+    with _exact(q.device):
+        out, probs = _impl(backend, q.device).pixel_attention_fwd(q, k, v, bias, cell, scale, cells)
     return out.contiguous(), probs.contiguous()  # the layouts the fake implementation promises
 
 
@@ -60,8 +68,9 @@ def _pixel_attention_backward_op(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], probs: Tensor,
         cell: int, scale: float, backend: str, cells: bool,
 ) -> List[Tensor]:
-    dq, dk, dv, dbias = _impl(backend, q.device).pixel_attention_bwd(
-        grad_out.contiguous(), q, k, v, bias, probs, cell, scale, cells)
+    with _exact(q.device):
+        dq, dk, dv, dbias = _impl(backend, q.device).pixel_attention_bwd(
+            grad_out.contiguous(), q, k, v, bias, probs, cell, scale, cells)
     return [g.contiguous() for g in [dq, dk, dv] + ([] if dbias is None else [dbias])]
 
 
@@ -92,7 +101,8 @@ _pixel_attention_op.register_autograd(_pixel_backward, setup_context=_pixel_setu
 def _superpixel_attention_op(
         q: Tensor, k: Tensor, v: Tensor, cell: int, scale: float, shared_kv: bool, backend: str, cells: bool,
 ) -> Tuple[Tensor, Tensor]:
-    out, probs = _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
+    with _exact(q.device):
+        out, probs = _impl(backend, q.device).superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
     return out.contiguous(), probs.contiguous()
 
 
@@ -110,8 +120,9 @@ def _superpixel_attention_backward_op(
         grad_out: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor,
         cell: int, scale: float, shared_kv: bool, backend: str, cells: bool,
 ) -> List[Tensor]:
-    dq, dk, dv = _impl(backend, q.device).superpixel_attention_bwd(
-        grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv, cells)
+    with _exact(q.device):
+        dq, dk, dv = _impl(backend, q.device).superpixel_attention_bwd(
+            grad_out.contiguous(), out, q, k, v, probs, cell, scale, shared_kv, cells)
     return [g.contiguous() for g in [dq, dk] + ([] if dv is None else [dv])]
 
 

@@ -163,20 +163,23 @@ class SuperpixelCrossAttention(nn.Module):
 
         # Superpixel update: logits <k_p, q_s>; the bias <beta_k, q_s> is constant over a
         # superpixel's pixels and cancels in its softmax.
-        queries = torch.einsum('bhwmd,mdc->bmhwc', q_s * gk * scale, wk)
+        # Under autocast the projections may come out in another dtype than x_hat (LayerNorm runs
+        # in fp32 on CUDA): the ops take one dtype, x_hat's.
+        dt = x_hat.dtype
+        queries = torch.einsum('bhwmd,mdc->bmhwc', q_s * gk * scale, wk).to(dt)
         gathered = superpixel_attention(
             queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend, pixel_layout='cells')
         sp_update = torch.einsum('bmhwc,moc->bhwmo', gathered, wv) * gv + bv  # (B, h, w, M, C / M)
         superpixels = superpixels + self.sp_ls(sp_update.reshape(B, h, w, C))
 
         if self.pixel_ls is not None:  # both updates read the old pixels and superpixels
-            keys = torch.einsum('bhwmd,mdc->bmhwc', k_s * gq * scale, wq)
-            key_bias = torch.einsum('bhwmd,md->bmhw', k_s, bq) * scale
-            values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4)
+            keys = torch.einsum('bhwmd,mdc->bmhwc', k_s * gq * scale, wq).to(dt)
+            key_bias = (torch.einsum('bhwmd,md->bmhw', k_s, bq) * scale).to(dt)
+            values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4).to(dt)
             out = pixel_attention(
                 x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout='cells')
             pixels = add_cell_update(pixels, out, self.pixel_ls.gamma)
-        association = Association(x_hat, queries, torch.einsum('bhwmd,md->bmhw', q_s, bk) * scale)
+        association = Association(x_hat, queries, (torch.einsum('bhwmd,md->bmhw', q_s, bk) * scale).to(dt))
         return pixels, superpixels, association
 
 
@@ -206,7 +209,7 @@ class PixelUpdate(nn.Module):
         self.ls = LayerScale(pixel_dim, init_values)
 
     def forward(self, pixels: torch.Tensor, superpixels: torch.Tensor, association: Association) -> torch.Tensor:
-        v = split_heads(self.norm(self.proj(superpixels)), self.num_heads)
+        v = split_heads(self.norm(self.proj(superpixels)), self.num_heads).to(association.pixels.dtype)
         update = pixel_attention(
             association.pixels, association.queries, v, self.cell_size, scale=1.0, bias=association.bias,
             backend=self.attn_backend, pixel_layout='cells')
@@ -716,7 +719,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         raise ValueError(
             f'the checkpoint does not fit {name or "this SPFormer"} (pixel_dim={model.pixel_dim}, '
             f'embed_dim={model.embed_dim}, depths={model.depths}, stem_stride={model.stem_stride}, '
-            f'cell_size={model.cell_size}): its tensors are those of {_describe_checkpoint(out)}. '
+            f'cell_size={model.cell_size}): it was made for another variant, its tensors are those of '
+            f'{_describe_checkpoint(out)}. '
             f'{len(mismatched)} tensors differ in shape, {len(missing)} are missing, {len(unexpected)} unexpected: '
             + '; '.join(problems))
     return out
