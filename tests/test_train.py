@@ -290,7 +290,8 @@ def test_hugging_face_datasets_imagefolder(tmp_path, shapes32, streaming):
     out = tmp_path / 'run'
     run(train_cmd('--hf-dataset', shapes32, '--model', MODEL, '--img-size', 32, '--batch-size', 8, '--epochs', 1,
                   '--warmup-epochs', 0, '--workers', 0, '--log-interval', 1, '--no-plot', '--output', out,
-                  *(['--streaming', '--train-samples', 48] if streaming else [])),
+                  # the streamed run also trains in bf16 (CPU autocast): one launch checks both
+                  *(['--streaming', '--train-samples', 48, '--mixed-precision', 'bf16'] if streaming else [])),
         env=run_env(HF_HOME=tmp_path / 'hf_home', HF_DATASETS_OFFLINE=1))
     rows = read_jsonl(out / 'metrics.jsonl')
     assert [r['update'] for r in rows if r['kind'] == 'train'] == [1, 2, 3, 4, 5, 6]  # 48 images / 8
@@ -299,6 +300,7 @@ def test_hugging_face_datasets_imagefolder(tmp_path, shapes32, streaming):
     assert config['label_names'] == sorted(CLASSES)  # from the ClassLabel feature
     effective = yaml.safe_load((out / 'train_config.yaml').read_text())
     assert effective['val_split'] == 'validation' and effective['streaming'] is streaming
+    assert ('mixed precision bf16' in (out / 'train_config.yaml').read_text()) is streaming
 
 
 @pytest.fixture(scope='module')
