@@ -1,29 +1,35 @@
-"""Slot-major PyTorch backend of the neighbourhood attention family, with a hand-written backward.
+"""Slot-row-major PyTorch backend of the neighbourhood attention family, with a hand-written backward.
 
 A k x k window has k*k *slots*; slot (a, b) of query (y, x) is the key (start(y) + a, start(x) + b),
 start() being the inward-shifted window origin (centred, clamped at the borders). Every slot of
-every query lies inside the image, so the computation is k*k passes over the image, each on
-tensors the size of the inputs:
+every query lies inside the image, so the computation is k passes over the image, one per slot
+row a, each handling the k slots (a, 0..k-1) at once on tensors k times the size of the inputs:
 
 * along one axis, "the key of slot a for every query" is a *shift* of the key tensor: queries
   r..L-r-1 (r = k // 2) read the keys a..a+L-2r-1, the first r queries all read key a, the last r
-  key L-k+a. :func:`shift` builds it with one contiguous copy (a concatenation of three slices),
-  :func:`shift_adjoint_` scatters gradients back with three slice additions (the border queries'
-  gradients summed). Rows are shifted once per slot row a, columns once per slot;
+  key L-k+a. :func:`shift` builds it for the rows with one contiguous copy (a concatenation of three
+  slices), :func:`colstack` for all k column slots at once (an ``unfold`` view of the interior and
+  the two border columns); their adjoints add the gradients back slice by slice (the border
+  queries' gradients summed), so no scatter over pixels is needed;
 * tensors are channels-first per pixel, (B, heads, C, H, W), so per-pixel dot products run over
   whole image planes (``torch.linalg.vecdot`` over the channel axis);
-* forward: an online softmax over the slots (running max ``m`` and agreement-weighted sum ``l``,
-  as a flash-attention kernel keeps them); backward: every slot's weight recomputed from (m, l).
+* forward: an online softmax over the slot rows (running max ``m`` and agreement-weighted sum
+  ``l``, as a flash-attention kernel keeps them); backward: every weight recomputed from (m, l).
 
-Nothing of size pixels x k*k (let alone pixels x k*k x 9) is ever held: peak memory is a few
-input-sized tensors, for SNA, H-SNA and NA alike.
+Nothing of size pixels x k*k (let alone pixels x k*k x 9) is ever held: the largest temporaries
+are k times the size of the inputs (one slot row), for SNA, H-SNA and NA alike.
 
 Superpixel agreement of query i and key j: A_ij = sum_s pi_i(s) pi_j(s) over superpixels s in both
-3x3 neighbourhoods. With D = cell(i) - cell(j), neighbour n = (ny, nx) of i is neighbour
-(ny + Dy, nx + Dx) of j, so A_ij = sum_n pi_i(n) pi_j(n + D): one gather of the key's probabilities
-(a zero channel 9 where n + D leaves j's 3x3 block). Dy depends only on the query row and the slot
-row a, Dx only on the column and b, so the gather index is a sum of a row and a column table.
-Probabilities of neighbours outside the superpixel grid are zeroed first (they name no superpixel).
+3x3 neighbourhoods. A pixel's 9 neighbours lie in 9 distinct *classes* c = (sy mod 3, sx mod 3)
+(three consecutive rows and columns), so with Phi_c(p) = pi_p(its class-c neighbour), re-indexed
+once per call (a per-pixel permutation of the 9 channels),
+
+    A_ij = sum_c Phi_c(i) Phi_c(j) 1[i's and j's class-c neighbours are the same superpixel],
+
+and that indicator is a product of a row table (query row, slot row a) and a column table (query
+column, slot column b): per slot row, one shifted copy of Phi and a 9-channel dot product, no
+gathers. Probabilities of neighbours outside the superpixel grid are zeroed first (they name no
+superpixel).
 
 kernels/neighborhood.py wraps these functions as torch.library custom ops and checks arguments.
 """
@@ -36,25 +42,30 @@ from .neighborhood_reference import neighbor_superpixels, window_start
 
 
 class Geometry(NamedTuple):
-    rows: torch.Tensor  # (k, 3, H): 3 * (ny + Dy) for slot row a, query row y and query neighbour row ny; 100 if outside
-    cols: torch.Tensor  # (k, 3, W): nx + Dx likewise; 100 if outside (row + col >= 9 -> the zero channel)
+    perm_y: torch.Tensor  # (3, H): neighbour row ny (0..2) holding row class u, per pixel row
+    perm_x: torch.Tensor  # (3, W): likewise for columns
+    inv_y: torch.Tensor  # (3, H): row class u of neighbour row ny, per pixel row
+    inv_x: torch.Tensor  # (3, W)
+    same_y: torch.Tensor  # (k, 3, H): 1 where query row y and its slot-row-a key share their class-u superpixel row
+    same_x: torch.Tensor  # (3, k, W): likewise for class v, slot column b, query column x
     valid: torch.Tensor  # (9, H, W): neighbour n of the pixel lies in the superpixel grid
 
 
 @functools.lru_cache(maxsize=32)
-def geometry(H: int, W: int, kernel_size: int, cell: int, device: torch.device) -> Geometry:
-    """Index tables of the superpixel alignment, shared by every call on the same image size."""
+def geometry(H: int, W: int, kernel_size: int, cell: int, device: torch.device, dtype: torch.dtype) -> Geometry:
+    """Index tables of the superpixel classes, shared by every call on the same image size."""
     def axis(L):
+        c = (torch.arange(L, device=device) // cell)[None, :]
+        u = torch.arange(3, device=device)[:, None]
+        perm, inv = (u - c + 1) % 3, (c + u - 1) % 3
+        s = c - 1 + (u - c + 1) % 3  # (3, L): the class-u superpixel row of each pixel row
         key = window_start(L, kernel_size, device)[None, :] + torch.arange(kernel_size, device=device)[:, None]
-        delta = (torch.arange(L, device=device) // cell)[None, :] - key // cell  # (k, L)
-        shifted = torch.arange(3, device=device)[None, :, None] + delta[:, None, :]  # (k, 3, L)
-        return shifted, (shifted >= 0) & (shifted <= 2)
-    ry, vy = axis(H)
-    cx, vx = axis(W)
-    rows = torch.where(vy, 3 * ry, torch.full_like(ry, 100))
-    cols = torch.where(vx, cx, torch.full_like(cx, 100))
+        same = (s[None, :, :] == s[:, key].transpose(0, 1)).to(dtype)  # (k, 3, L)
+        return perm, inv, same
+    py, iy, sy = axis(H)
+    px, ix, sx = axis(W)
     valid = neighbor_superpixels(H, W, cell, device)[1].T.reshape(9, H, W)
-    return Geometry(rows, cols, valid)
+    return Geometry(py, px, iy, ix, sy, sx.transpose(0, 1).contiguous(), valid)
 
 
 def shift(x: torch.Tensor, a: int, kernel_size: int, dim: int) -> torch.Tensor:
@@ -78,6 +89,38 @@ def shift_adjoint_(dst: torch.Tensor, g: torch.Tensor, a: int, kernel_size: int,
     return dst
 
 
+def colstack(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(..., W) -> (..., k, W): entry [..., b, x] is the column slot b of query column x reads (one copy)."""
+    W, r = x.shape[-1], kernel_size // 2
+    mid = x.unfold(-1, W - 2 * r, 1)  # (..., k, W - 2r): the interior queries, a view
+    if r == 0:
+        return mid
+    size = x.shape[:-1] + (kernel_size, r)
+    return torch.cat([x[..., :kernel_size, None].expand(size), mid, x[..., W - kernel_size:, None].expand(size)], -1)
+
+
+def colstack_adjoint(g: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Adjoint of :func:`colstack`: (..., k, W) -> (..., W)."""
+    W, r = g.shape[-1], kernel_size // 2
+    out = g.new_zeros(g.shape[:-2] + (W,))
+    for b in range(kernel_size):
+        out[..., b:b + W - 2 * r] += g[..., b, r:W - r]
+    if r:
+        out[..., :kernel_size] += g[..., :r].sum(-1)
+        out[..., W - kernel_size:] += g[..., W - r:].sum(-1)
+    return out
+
+
+def window(x: torch.Tensor, a: int, kernel_size: int) -> torch.Tensor:
+    """(..., H, W) -> (..., H, k, W): what the slots (a, 0..k-1) of every query read."""
+    return colstack(shift(x, a, kernel_size, -2), kernel_size)
+
+
+def window_adjoint_(dst: torch.Tensor, g: torch.Tensor, a: int, kernel_size: int) -> torch.Tensor:
+    """dst (..., H, W) += the adjoint of :func:`window` applied to g (..., H, k, W)."""
+    return shift_adjoint_(dst, colstack_adjoint(g, kernel_size), a, kernel_size, -2)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -87,37 +130,54 @@ def _channels_first(x: torch.Tensor, dt) -> torch.Tensor:
     return x.to(dt).permute(0, 1, 4, 2, 3).contiguous()
 
 
+def _permute9(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, Hp, 3, 3, H, W) -> the same with entry [u, v, y, x] = x[rows[u, y], cols[v, x], y, x]."""
+    B, Hp, _, _, H, W = x.shape
+    x = torch.gather(x, 2, rows.view(1, 1, 3, 1, H, 1).expand(B, Hp, 3, 3, H, W))
+    return torch.gather(x, 3, cols.view(1, 1, 1, 3, 1, W).expand(B, Hp, 3, 3, H, W))
+
+
 class _Superpixels:
-    """The agreement A (B, Hp, H, W) of every query with slot (a, b) of its window."""
+    """The agreement A (B, Hp, H, k, W) of every query with the slots of one slot row."""
 
     def __init__(self, probs, labels, kernel_size: int, cell: int, dt):
         self.ks, self.soft = kernel_size, probs is not None
         if self.soft:
             B, Hp, H, W, _ = probs.shape
-            self.geo = geometry(H, W, kernel_size, cell, probs.device)
-            self.pq = probs.to(dt).permute(0, 1, 4, 2, 3) * self.geo.valid  # (B, Hp, 9, H, W)
-            self.keys = torch.cat([self.pq, self.pq.new_zeros(B, Hp, 1, H, W)], dim=2)  # + the zero channel
+            self.geo = geometry(H, W, kernel_size, cell, probs.device, dt)
+            pq = (probs.to(dt).permute(0, 1, 4, 2, 3) * self.geo.valid).view(B, Hp, 3, 3, H, W)
+            self.phi = _permute9(pq, self.geo.perm_y, self.geo.perm_x)  # by class, (B, Hp, 3, 3, H, W)
         else:
-            self.keys = labels  # (B, Hp, H, W)
+            self.labels = labels  # (B, Hp, H, W)
 
-    def row(self, a: int) -> torch.Tensor:
-        return shift(self.keys, a, self.ks, -2)
+    def _factors(self, a: int):
+        """Query side (B, Hp, 9, H, 1, W) and key side (B, Hp, 9, H, k, W) of A's class sum."""
+        geo = self.geo
+        B, Hp, _, _, H, W = self.phi.shape
+        q = (self.phi * geo.same_y[a].view(1, 1, 3, 1, H, 1)).view(B, Hp, 9, H, 1, W)
+        k = (window(self.phi, a, self.ks) * geo.same_x.view(1, 1, 1, 3, 1, self.ks, W)).view(B, Hp, 9, H, self.ks, W)
+        return q, k
 
-    def index(self, a: int, b: int) -> torch.Tensor:
-        """(B, Hp, 9, H, W) channel of the key's probabilities aligned with the query's neighbour n."""
-        rows, cols = self.geo.rows[a], self.geo.cols[b]
-        idx = (rows[:, None, :, None] + cols[None, :, None, :]).clamp_(max=9)  # (3, 3, H, W)
-        B, Hp, _, H, W = self.pq.shape
-        return idx.view(1, 1, 9, H, W).expand(B, Hp, 9, H, W)
-
-    def __call__(self, key_row: torch.Tensor, a: int, b: int):
-        """A for slot (a, b) from the slot row's keys; soft: also the aligned key probabilities and the index."""
-        keys = shift(key_row, b, self.ks, -1)
+    def __call__(self, a: int) -> torch.Tensor:
         if not self.soft:
-            return self.keys == keys, None, None
-        idx = self.index(a, b)
-        aligned = torch.gather(keys, 2, idx)
-        return torch.linalg.vecdot(self.pq, aligned, dim=2), aligned, idx
+            return self.labels.unsqueeze(-2) == window(self.labels, a, self.ks)
+        q, k = self._factors(a)
+        return torch.linalg.vecdot(q, k, dim=2)
+
+    def backward_(self, dphi: torch.Tensor, da: torch.Tensor, a: int):
+        """dphi (B, Hp, 3, 3, H, W) += the gradient of slot row a's agreement, given dL/dA (B, Hp, H, k, W)."""
+        geo = self.geo
+        B, Hp, _, _, H, W = self.phi.shape
+        q, k = self._factors(a)
+        dq = torch.linalg.vecdot(da.unsqueeze(2), k, dim=-2).view(B, Hp, 3, 3, H, W)
+        dphi.add_(dq * geo.same_y[a].view(1, 1, 3, 1, H, 1))
+        dk = (da.unsqueeze(2) * q).view(B, Hp, 3, 3, H, self.ks, W) * geo.same_x.view(1, 1, 1, 3, 1, self.ks, W)
+        window_adjoint_(dphi, dk, a, self.ks)
+
+    def probs_grad(self, dphi: torch.Tensor) -> torch.Tensor:
+        """Gradient by class (B, Hp, 3, 3, H, W) -> by neighbour (B, Hp, 9, H, W), 0 outside the grid."""
+        B, Hp, _, _, H, W = dphi.shape
+        return _permute9(dphi, self.geo.inv_y, self.geo.inv_x).reshape(B, Hp, 9, H, W) * self.geo.valid
 
 
 def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch.Tensor],
@@ -128,33 +188,31 @@ def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch
     Returns the output heads-last (B, H, W, M, dv) and stats (B, M, H, W, 2): per query the
     window's max logit and its agreement-weighted exp-sum (what the backward pass recomputes from).
     """
-    B, M, H, W, _ = q.shape
     ks = kernel_size
     dt = _compute_dtype(q.dtype)
     Q, K, V = _channels_first(q, dt), _channels_first(k, dt), _channels_first(v, dt)
-    lamf = None if lam is None else lam.to(dt)
+    Qs = Q.unsqueeze(-2)  # (B, M, d, H, 1, W) against (B, M, d, H, k, W)
+    lams = None if lam is None else lam.to(dt).unsqueeze(-2)
     sp = None if probs is None and labels is None else _Superpixels(probs, labels, ks, cell, dt)
     m = l = None
     acc = torch.zeros_like(V)
     for a in range(ks):
-        Ka, Va = shift(K, a, ks, -2), shift(V, a, ks, -2)
-        sa = None if sp is None else sp.row(a)
-        for b in range(ks):
-            z = torch.linalg.vecdot(Q, shift(Ka, b, ks, -1), dim=2)  # (B, M, H, W)
-            z = z.mul_(scale) if lamf is None else z.mul_(lamf)
-            if m is None:
-                m = z.clone()
-            else:  # rescale what the earlier slots summed to the new running max
-                m_new = torch.maximum(m, z)
-                alpha = m.sub_(m_new).exp_()
-                l.mul_(alpha)
-                acc.mul_(alpha[:, :, None])
-                m = m_new
-            e = z.sub_(m).exp_()
-            if sp is not None:
-                e.mul_(sp(sa, a, b)[0])  # Hp = 1 broadcasts over the M heads
-            l = e.clone() if l is None else l.add_(e)
-            acc.addcmul_(e[:, :, None], shift(Va, b, ks, -1))
+        z = torch.linalg.vecdot(Qs, window(K, a, ks), dim=2)  # (B, M, H, k, W)
+        z = z.mul_(scale) if lams is None else z.mul_(lams)
+        zmax = z.amax(dim=-2)
+        if m is None:
+            m = zmax
+        else:  # rescale what the earlier slot rows summed to the new running max
+            m_new = torch.maximum(m, zmax)
+            alpha = m.sub_(m_new).exp_()
+            l.mul_(alpha)
+            acc.mul_(alpha[:, :, None])
+            m = m_new
+        e = z.sub_(m.unsqueeze(-2)).exp_()
+        if sp is not None:
+            e.mul_(sp(a))  # Hp = 1 broadcasts over the M heads
+        l = e.sum(dim=-2) if l is None else l.add_(e.sum(dim=-2))
+        acc.add_(torch.linalg.vecdot(e.unsqueeze(2), window(V, a, ks), dim=-2))
     # A query whose window has zero agreement gets output 0.
     linv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l))
     out = acc.mul_(linv[:, :, None]).permute(0, 3, 4, 1, 2).contiguous()
@@ -164,64 +222,50 @@ def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch
 def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size: int, cell: int, scale: float):
     """grad_out and out heads-last (B, H, W, M, dv). Returns [dq, dk, dv] + [dprobs if probs] +
     [dlam if lam], in the inputs' shapes."""
-    B, M, H, W, _ = q.shape
+    M = q.shape[1]
     ks = kernel_size
     dt = _compute_dtype(q.dtype)
     Q, K, V = _channels_first(q, dt), _channels_first(k, dt), _channels_first(v, dt)
+    Qs = Q.unsqueeze(-2)
     G = grad_out.to(dt).permute(0, 3, 4, 1, 2).contiguous()  # (B, M, dv, H, W)
-    delta = torch.linalg.vecdot(G, out.to(dt).permute(0, 3, 4, 1, 2), dim=2)  # <g_i, out_i>, (B, M, H, W)
-    m, l = stats[..., 0].to(dt), stats[..., 1].to(dt)
-    linv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l))
-    lamf = None if lam is None else lam.to(dt)
+    delta = torch.linalg.vecdot(G, out.to(dt).permute(0, 3, 4, 1, 2), dim=2).unsqueeze(-2)  # <g_i, out_i>
+    m, l = stats[..., 0].to(dt).unsqueeze(-2), stats[..., 1].to(dt)
+    linv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l)).unsqueeze(-2)
+    lams = None if lam is None else lam.to(dt).unsqueeze(-2)
     sp = None if probs is None and labels is None else _Superpixels(probs, labels, ks, cell, dt)
     soft = probs is not None
     dQ, dK, dV = torch.zeros_like(Q), torch.zeros_like(K), torch.zeros_like(V)
-    dlam = None if lam is None else torch.zeros_like(m)
+    dlam = None if lam is None else torch.zeros_like(l)
     if soft:
         Hp = probs.shape[1]
-        dpq = torch.zeros_like(sp.pq)  # query side, (B, Hp, 9, H, W)
-        dkeys = torch.zeros_like(sp.keys)  # key side, (B, Hp, 10, H, W)
+        dphi = torch.zeros_like(sp.phi)
     for a in range(ks):
-        Ka, Va = shift(K, a, ks, -2), shift(V, a, ks, -2)
-        dKa, dVa = torch.zeros_like(Ka), torch.zeros_like(Va)
+        Ka = window(K, a, ks)  # (B, M, d, H, k, W)
+        raw = torch.linalg.vecdot(Qs, Ka, dim=2)  # (B, M, H, k, W)
+        p = (raw * scale if lams is None else raw * lams).sub_(m).exp_().mul_(linv)  # e_ij / Z_i
         if sp is not None:
-            sa = sp.row(a)
-            dsa = torch.zeros_like(sa) if soft else None
-        for b in range(ks):
-            Kab = shift(Ka, b, ks, -1)
-            raw = torch.linalg.vecdot(Q, Kab, dim=2)
-            p = (raw * scale if lamf is None else raw * lamf).sub_(m).exp_().mul_(linv)  # e_ij / Z_i
-            if sp is not None:
-                agree, aligned, idx = sp(sa, a, b)
-                w = p * agree
-            else:
-                w = p
-            t = torch.linalg.vecdot(G, shift(Va, b, ks, -1), dim=2).sub_(delta)  # dL/dw_ij - delta_i
-            dz = w * t  # dL/dlogit_ij
-            if dlam is not None:
-                dlam.addcmul_(dz, raw)
-            ds = dz.mul_(scale) if lamf is None else dz.mul_(lamf)
-            dQ.addcmul_(ds[:, :, None], Kab)
-            shift_adjoint_(dKa, ds[:, :, None] * Q, b, ks, -1)
-            shift_adjoint_(dVa, w[:, :, None] * G, b, ks, -1)
-            if soft:
-                da = t.mul_(p)  # dL/dA_ij
-                if Hp != M:
-                    da = da.sum(dim=1, keepdim=True)
-                dpq.addcmul_(da[:, :, None], aligned)
-                dkey = torch.zeros_like(sa).scatter_add_(2, idx, da[:, :, None] * sp.pq)
-                shift_adjoint_(dsa, dkey, b, ks, -1)
-        shift_adjoint_(dK, dKa, a, ks, -2)
-        shift_adjoint_(dV, dVa, a, ks, -2)
+            w = p * sp(a)
+        else:
+            w = p
+        t = torch.linalg.vecdot(G.unsqueeze(-2), window(V, a, ks), dim=2).sub_(delta)  # dL/dw_ij - delta_i
+        dz = w * t  # dL/dlogit_ij
+        if dlam is not None:
+            dlam.add_((dz * raw).sum(dim=-2))
+        ds = dz.mul_(scale) if lams is None else dz.mul_(lams)
+        dQ.add_(torch.linalg.vecdot(ds.unsqueeze(2), Ka, dim=-2))
+        window_adjoint_(dK, ds.unsqueeze(2) * Qs, a, ks)
+        window_adjoint_(dV, w.unsqueeze(2) * G.unsqueeze(-2), a, ks)
         if soft:
-            shift_adjoint_(dkeys, dsa, a, ks, -2)
+            da = t.mul_(p)  # dL/dA_ij
+            if Hp != M:
+                da = da.sum(dim=1, keepdim=True)
+            sp.backward_(dphi, da, a)
 
     def back(x, like):  # (B, M, c, H, W) -> the input's (B, M, H, W, c) shape and dtype
         return x.permute(0, 1, 3, 4, 2).to(like.dtype)
     grads = [back(dQ, q), back(dK, k), back(dV, v)]
     if soft:
-        dprobs = (dpq + dkeys[:, :, :9]) * sp.geo.valid
-        grads.append(back(dprobs, probs))
+        grads.append(back(sp.probs_grad(dphi), probs))
     if lam is not None:
         grads.append(dlam.to(lam.dtype))
     return grads
