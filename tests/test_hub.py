@@ -247,16 +247,26 @@ def test_unpublished_weights_fail_at_once_with_how_to(name):
     assert f'{name}.in1k' in msg and f'{HF_HUB_ORG}/{name}.in1k' in msg
     assert 'No weights are published for it yet' in msg
     assert "'hf-hub:ORG/NAME'" in msg and 'pretrained_cfg_overlay=dict(file=' in msg
-    assert type(info.value.__cause__).__name__ in ('LocalEntryNotFoundError', 'OfflineModeIsEnabled')
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # decided locally, before any Hub call
 
 
-def test_unpublished_weights_online_fail_after_one_request(fake_hub):
-    # Online, the Hub answers "repository not found" to the first request; that is all it takes.
+def test_unpublished_weights_online_fail_without_a_request(fake_hub):
+    # Online, an unpublished tag that is not in the local cache fails before asking the Hub (whose
+    # client would otherwise retry an unreachable host for about a minute).
     with pytest.raises(PretrainedWeightsUnavailable, match='No weights are published') as info:
         timm.create_model(TINY, pretrained=True, img_size=IMG)
-    assert type(info.value.__cause__).__name__ == 'RepositoryNotFoundError'
+    assert 'not in the local Hub cache' in str(info.value)
     hub_requests = [r for r in fake_hub.requests if 'agent-harnesses' not in r[1]]
-    assert hub_requests == [('HEAD', f'/{HF_HUB_ORG}/{TINY}.in1k/resolve/main/model.safetensors')]
+    assert hub_requests == []
+
+
+def test_pushed_hf_hub_id_still_asks_the_hub(fake_hub, trained, x):
+    # The shortcut above is only for the registered, unpublished tags: an hf-hub: id always goes to the Hub.
+    model, _ = trained
+    push_to_hub(model, 'someone/tiny', token=TOKEN)
+    loaded = timm.create_model('hf-hub:someone/tiny', pretrained=True)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+    assert fake_hub.requests, 'the hf-hub: id was loaded without asking the Hub'
 
 
 def test_missing_local_file_fails_clearly(tmp_path):

@@ -784,10 +784,28 @@ def _weights_unavailable(variant: str, kwargs: Dict[str, Any], error: BaseExcept
         'random init.')
 
 
+def _unpublished_and_not_cached(variant: str, kwargs: Dict[str, Any]) -> bool:
+    """True when pretrained=True would ask the Hub for weights that are not published (PUBLISHED_WEIGHTS)
+    and are not in the local Hub cache either: fail at once instead of retrying the network for a
+    minute. An override (hf-hub: id, pretrained_cfg_overlay file/url) is always tried."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+    name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+    load_from, location = _resolve_pretrained_source(cfg)
+    if load_from != 'hf-hub' or location != f'{HF_HUB_ORG}/{name}' or name in PUBLISHED_WEIGHTS:
+        return False
+    # what timm fetches first for an hf-hub source; we publish safetensors only
+    return not isinstance(try_to_load_from_cache(location, 'model.safetensors'), str)
+
+
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
     out_indices = kwargs.pop('out_indices', 3)
     import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    if pretrained and _unpublished_and_not_cached(variant, kwargs):
+        missing = FileNotFoundError('not published and not in the local Hub cache')
+        raise _weights_unavailable(variant, kwargs, missing) from missing
     try:
         return build_model_with_cfg(
             SPFormer,
