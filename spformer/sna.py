@@ -95,29 +95,38 @@ class SoftSuperpixelNeighborhoodAttention2d(nn.Module):
             return F.softplus(self.scale_net(x.permute(0, 3, 1, 2)))  # (B, heads, H, W)
         return self.head_dim ** -0.5  # of the projections, also when dist='l2' adds a channel
 
-    def forward(self, x: torch.Tensor, probs: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, H, W, C); probs (B, [heads,] H, W, 9) for 'sna' (or 'hsna'); labels (B, [heads,] H, W)
-        for 'hsna'. Returns (B, H, W, C)."""
+    def project(self, x: torch.Tensor):
+        """x (B, H, W, C) -> q, k, v (B, heads, H, W, head_dim; one more channel for q, k with dist='l2') and
+        the logit scale (a float or a tensor broadcasting to (B, heads, H, W))."""
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5).unbind(0)
         if self.dist == 'l2':
             q = torch.cat([2 * q, -torch.ones_like(q[..., :1])], dim=-1)
             k = torch.cat([k, k.square().sum(-1, keepdim=True)], dim=-1)
-        scale = self._scale(x)
+        return q, k, v, self._scale(x)
+
+    def attend(self, q, k, v, scale, probs: Optional[torch.Tensor] = None,
+               labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The op of ``mode`` on projected q, k, v: (B, heads, H, W, head_dim)."""
         ks, be = self.kernel_size, self.attn_backend
         if self.mode == 'sna':
             if probs is None:
                 raise ValueError("mode 'sna' needs probs (B, [heads,] H, W, 9)")
-            out = soft_superpixel_attention(q, k, v, probs, ks, self.cell, scale=scale, backend=be)
-        elif self.mode == 'hsna':
+            return soft_superpixel_attention(q, k, v, probs, ks, self.cell, scale=scale, backend=be)
+        if self.mode == 'hsna':
             if labels is None:
                 if probs is None:
                     raise ValueError("mode 'hsna' needs labels (B, [heads,] H, W) or probs to take them from")
                 labels = superpixel_labels(probs, self.cell)
-            out = hard_superpixel_attention(q, k, v, labels, ks, scale=scale, backend=be)
-        else:
-            out = neighborhood_attention(q, k, v, ks, scale=scale, backend=be)
+            return hard_superpixel_attention(q, k, v, labels, ks, scale=scale, backend=be)
+        return neighborhood_attention(q, k, v, ks, scale=scale, backend=be)
+
+    def forward(self, x: torch.Tensor, probs: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, H, W, C); probs (B, [heads,] H, W, 9) for 'sna' (or 'hsna'); labels (B, [heads,] H, W)
+        for 'hsna'. Returns (B, H, W, C)."""
+        B, H, W, C = x.shape
+        out = self.attend(*self.project(x), probs=probs, labels=labels)
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C))
 
     def extra_repr(self) -> str:
@@ -277,6 +286,9 @@ class SimpleDenoiser(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) noisy -> (B, 3, H, W) denoised."""
         f = self.lin0(x.permute(0, 2, 3, 1))  # (B, H, W, dim)
-        probs = None if self.superpixels is None else self.superpixels(f.permute(0, 3, 1, 2))
+        probs = None
+        if self.superpixels is not None:
+            g = f.detach() if self.kind == 'hsna' else f  # H-SNA only takes the argmax: no graph to keep
+            probs = self.superpixels(g.permute(0, 3, 1, 2))
         y = self.lin1(self.attn(f, probs) + f)
         return y.permute(0, 3, 1, 2)
