@@ -43,7 +43,6 @@ TRAIN_IMAGES = ('astronaut', 'rocket', 'hubble_deep_field', 'immunohistochemistr
 TEST_IMAGES = ('chelsea', 'coffee')
 LABELS = {'sna-deep': 'SNA (deep probabilities)', 'sna-slic': 'SNA (SLIC probabilities)', 'hsna': 'H-SNA (SLIC labels)',
           'na': 'NA'}
-START, END = '<!-- denoise-sna:start -->', '<!-- denoise-sna:end -->'
 
 
 def load_image(name: str) -> torch.Tensor:
@@ -130,9 +129,9 @@ def peak_mb(step) -> float:
     return tracker.get_tracker_snapshot('peak')[torch.device('cpu')]['Total'] / 2 ** 20
 
 
-def op_step(model, x):
-    """One forward + backward of the attention op alone, on the model's projected features of x
-    (H-SNA: on the labels, already taken from the SLIC probabilities)."""
+def op_call(model, x):
+    """The attention op alone as a closure, on the model's projected features of x (leaves that
+    require grad; H-SNA: on the labels, already taken from the SLIC probabilities)."""
     with torch.no_grad():
         f = model.lin0(x.permute(0, 2, 3, 1))
         probs = None if model.superpixels is None else model.superpixels(f.permute(0, 3, 1, 2))
@@ -140,29 +139,32 @@ def op_step(model, x):
     labels = superpixel_labels(probs, model.attn.cell) if model.kind == 'hsna' else None
     probs = probs.detach().requires_grad_() if model.kind.startswith('sna') else None
     q, k, v, scale = (t.detach().contiguous().requires_grad_() for t in (q, k, v, scale))
-
-    def step():
-        model.attn.attend(q, k, v, scale, probs, labels).sum().backward()
-    return step
+    return lambda: model.attn.attend(q, k, v, scale, probs, labels)
 
 
 def measure(models, size: int, rounds: int):
-    """Forward / backward ms (median over interleaved rounds) and peak MB per model at size x size."""
+    """Forward / backward ms (median over interleaved rounds) of the whole model and of the attention
+    op alone, and their peak MB, per model at size x size."""
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times = {k: ([], []) for k in models}
+    ops = {kind: op_call(model, x) for kind, model in models.items()}
+    times = {k: ([], [], [], []) for k in models}
+
+    def timed(fn, fwd, bwd):
+        t0 = time.perf_counter()
+        y = fn()
+        t1 = time.perf_counter()
+        y.square().mean().backward()
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
     for _ in range(rounds + 1):  # the first round warms up
         for kind, model in models.items():
-            t0 = time.perf_counter()
-            y = model(x)
-            t1 = time.perf_counter()
-            y.square().mean().backward()
-            t2 = time.perf_counter()
-            times[kind][0].append(t1 - t0)
-            times[kind][1].append(t2 - t1)
+            timed(lambda: model(x), *times[kind][:2])
+            timed(ops[kind], *times[kind][2:])
     out = {}
     for kind, model in models.items():
-        fwd, bwd = (statistics.median(t[1:]) * 1e3 for t in times[kind])
-        out[kind] = dict(fwd_ms=fwd, bwd_ms=bwd, op_peak=peak_mb(op_step(model, x)),
+        fwd, bwd, op_fwd, op_bwd = (statistics.median(t[1:]) * 1e3 for t in times[kind])
+        out[kind] = dict(fwd_ms=fwd, bwd_ms=bwd, op_fwd_ms=op_fwd, op_bwd_ms=op_bwd,
+                         op_peak=peak_mb(lambda: ops[kind]().sum().backward()),
                          model_peak=peak_mb(lambda: model(x).square().mean().backward()))
     return out
 
@@ -187,7 +189,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1,
                    help='intra-op threads (default 1: with other jobs on the cores, more threads spin and stall)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--readme', help='write the table between the denoise-sna markers of this file')
+    p.add_argument('--readme', help='write the table between the <!-- MARKER:start/end --> lines of this file')
+    p.add_argument('--marker', default='denoise-sna', help='README marker name (a second table: another name)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = 'python bench/denoise_sna.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
@@ -219,8 +222,8 @@ def main(argv=None):
     elapsed = time.time() - t_start
 
     sig = ' | '.join(f'σ={s:g} PSNR / SSIM' for s in args.sigmas)
-    lines = [f'| method | params | {sig} | fwd (ms) | bwd (ms) | attention op peak (MB) | vs NA | model step peak (MB) |',
-             '|---|---|' + '---|' * len(args.sigmas) + '---|---|---|---|---|']
+    lines = [f'| method | params | {sig} | model fwd / bwd (ms) | op fwd / bwd (ms) | op peak (MB) | vs NA '
+             f'| model step peak (MB) |', '|---|---|' + '---|' * len(args.sigmas) + '---|---|---|---|---|']
     lines.append('| noisy input | – | ' + ' | '.join('{:.2f} / {:.3f}'.format(*noisy_baseline(tests, s))
                                                    for s in args.sigmas) + ' | – | – | – | – | – |')
     na_peak = speed['na']['op_peak'] if 'na' in speed else None
@@ -230,7 +233,8 @@ def main(argv=None):
         ratio = f"{sp['op_peak'] / na_peak:.2f}x" if na_peak else '–'
         lines.append(f'| {LABELS[kind]} | {params:,} | '
                      + ' | '.join(f'{r[s][0]:.2f} / {r[s][1]:.3f}' for s in args.sigmas)
-                     + f" | {sp['fwd_ms']:.0f} | {sp['bwd_ms']:.0f} | {sp['op_peak']:.1f} | {ratio} | {sp['model_peak']:.1f} |")
+                     + f" | {sp['fwd_ms']:.0f} / {sp['bwd_ms']:.0f} | {sp['op_fwd_ms']:.0f} / {sp['op_bwd_ms']:.0f}"
+                     + f" | {sp['op_peak']:.1f} | {ratio} | {sp['model_peak']:.1f} |")
     train_desc = ('one model per (method, σ)' if args.per_sigma else 'one blind model per method (σ drawn per crop)')
     notes = [
         f'Command: `{command}` ({elapsed / 60:.0f} min).',
@@ -238,11 +242,12 @@ def main(argv=None):
         f'(other jobs shared the cores: compare within a column, not with other runs).',
         f'Training: {train_desc}, {args.steps} Adam steps of {args.batch} crops of {args.crop}², lr {args.lr:g} '
         f'(one-cycle); dim {args.dim}, {args.heads} head(s), k = {args.kernel_size}, cell {args.cell}, '
-        f'{args.slic_iters} SLIC iterations, learned per-pixel λ, -‖q-k‖² logits. Test: centre {args.eval_size}² crops '
-        f'of {", ".join(TEST_IMAGES)} (held out), fixed noise.',
-        f'Timing and memory: {args.timing_size}² input, batch 1, train mode; fwd / bwd are the whole model '
-        f'(median of {args.rounds} interleaved rounds); peaks are live tensor bytes (MemTracker) of one forward + '
-        f'backward of the attention op alone (its inputs q, k, v, λ, probabilities and their gradients included) and of the whole model.',
+        f'{args.slic_iters} SLIC iterations, learned per-pixel λ, -‖q-k‖² logits. '
+        f'Test: centre {args.eval_size}² crops of {", ".join(TEST_IMAGES)} (held out), fixed noise.',
+        f'Timing and memory: {args.timing_size}² input, batch 1, train mode, {args.threads} thread(s); forward and '
+        f'backward of the whole model (probability model included) and of the attention op alone, medians of '
+        f'{args.rounds} interleaved rounds; peaks are live tensor bytes (MemTracker) of one forward + backward of the '
+        f'op alone (its inputs q, k, v, λ, probabilities and their gradients included) and of the whole model.',
     ]
     table = '\n'.join(lines) + '\n\n' + '\n'.join(f'- {n}' for n in notes)
     print()
@@ -251,7 +256,8 @@ def main(argv=None):
         with open(args.readme) as f:
             text = f.read()
         with open(args.readme, 'w') as f:
-            f.write(replace_between_markers(text, table, START, END))
+            f.write(replace_between_markers(text, table, f'<!-- {args.marker}:start -->',
+                                            f'<!-- {args.marker}:end -->'))
         print(f'\nwrote the table into {args.readme}')
 
 

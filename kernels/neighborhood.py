@@ -24,7 +24,7 @@ Windows follow NATTEN: centred on the query and shifted inward at the image bord
 query sees exactly k x k keys inside the image (no padding): the window of query row y starts at
 ``clamp(y - k // 2, 0, H - k)``, likewise for columns. Hence H, W >= k.
 
-Backends: ``'reference'`` (dense pixels x pixels; the oracle), ``'torch'`` (slot-major PyTorch,
+Backends: ``'reference'`` (dense pixels x pixels; the oracle), ``'torch'`` (one pass per window row,
 the CPU default) and ``'triton'`` (fused kernels, the CUDA default). The fast backends run
 behind the ``torch.library`` custom op ``torch.ops.spformer.neighborhood_attention`` (fake
 implementation, registered autograd, FLOP formula), so ``torch.compile`` traces through them.
