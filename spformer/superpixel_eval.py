@@ -368,6 +368,15 @@ def _superpixel_stages(model: torch.nn.Module, x: torch.Tensor) -> List[Dict[str
     return out
 
 
+def _group_stages(model: torch.nn.Module, x: torch.Tensor) -> List[Dict[str, object]]:
+    return [dict(merged=g['labels'], heads=list(g['head_labels'].unbind(1)), grid=tuple(int(v) for v in g['grid']),
+                 stage=g['stage']) for g in model.forward_groups(x)]
+
+
+def _has_groups(model: torch.nn.Module) -> bool:
+    return getattr(model, 'grouping', None) is not None
+
+
 @dataclass(frozen=True)
 class Level:
     """A level of a model's pixel grouping that can be scored.
@@ -376,18 +385,26 @@ class Level:
         method: The model method it needs (a model without it has nothing to score at this level).
         stages: (model, normalized input (B, 3, H, W)) -> one dict per stage with ``merged`` (B, H, W)
             int64 labels of the merged heads, ``heads`` (a list of (B, H, W) labels, one per head)
-            and ``grid`` (h, w), the token grid (h * w segments at most).
+            and ``grid`` (h, w), the token grid (h * w segments at most); optionally ``stage``, the
+            model's 1-based stage the entry comes from (default: its position in the list + 1).
         noun: What its segments are called in titles.
+        available: Whether a model with the method has this level (default: any model has).
+        missing: What to say when it has not.
     """
     method: str
     stages: Callable[[torch.nn.Module, torch.Tensor], List[Dict[str, object]]]
     noun: str
+    available: Callable[[torch.nn.Module], bool] = lambda model: True
+    missing: str = ''
 
 
-# Levels of a model that can be scored. A hierarchical model's pixel -> group labels plug in as
-# LEVELS['group'] = Level('forward_groups', <its output -> the same per-stage dicts>, 'groups').
+# Levels of a model that can be scored: superpixels (every SPFormer), and the pixel -> group labels of
+# the hierarchical models (every pixel takes the group of its superpixel; DESIGN.md 2).
 LEVELS: Dict[str, Level] = {
     'superpixel': Level('forward_superpixels', _superpixel_stages, 'superpixels'),
+    'group': Level('forward_groups', _group_stages, 'groups', _has_groups,
+                   "it is not a hierarchical model (grouping=None); --level group needs one of "
+                   "timm.list_models('spformer_hier*')"),
 }
 
 
@@ -463,6 +480,8 @@ class ModelSuperpixels(Segmenter):
                 f'--model {name!r}: {type(model).__name__} has no {self.level.method}(), so it makes no '
                 f'{self.level.noun} to score; use an SPFormer (timm.list_models("spformer*")) or only '
                 f'the patch / slic methods')
+        if not self.level.available(model):
+            raise InputError(f'--model {name!r}: it makes no {self.level.noun} to score: {self.level.missing}')
         self.model, self.weights, self.device = model, weights, device
         cfg = resolve_data_config({}, model=model)
         self.input_size = tuple(cfg['input_size'][1:])
@@ -472,9 +491,17 @@ class ModelSuperpixels(Segmenter):
         # A probe at the input size: how many stages and heads, and the token grid.
         probe = self.stages(np.zeros((1, *self.input_size, 3), np.uint8))
         n_stages = len(probe)
-        if stage == 0 or not -n_stages <= stage <= n_stages:
-            raise InputError(f'--stage {stage}: {name} has {n_stages} stages; expected 1..{n_stages} or -1 (last)')
-        self.stage = stage - 1 if stage > 0 else n_stages + stage
+        numbers = [int(entry.get('stage', i + 1)) for i, entry in enumerate(probe)]  # the model's stage numbers
+        if numbers == list(range(1, n_stages + 1)):
+            if stage == 0 or not -n_stages <= stage <= n_stages:
+                raise InputError(f'--stage {stage}: {name} has {n_stages} stages; expected 1..{n_stages} or -1 (last)')
+            self.stage = stage - 1 if stage > 0 else n_stages + stage
+        elif stage in numbers or -n_stages <= stage < 0:
+            self.stage = numbers.index(stage) if stage > 0 else n_stages + stage
+        else:
+            raise InputError(f'--stage {stage}: {name} has {self.level.noun} at stage '
+                             f'{", ".join(map(str, numbers))} only; expected that or -1 (last)')
+        self.stage_number = numbers[self.stage]
         self.num_heads = len(probe[self.stage]['heads'])
         if head != 'merged':
             if isinstance(head, str) and not head.isdigit():
@@ -486,7 +513,7 @@ class ModelSuperpixels(Segmenter):
         self.head = head
         self.grid = probe[self.stage]['grid']
         self.tokens = self.grid[0] * self.grid[1]
-        details = [] if stage == -1 or self.stage == n_stages - 1 else [f'stage {self.stage + 1}']
+        details = [] if stage == -1 or self.stage == n_stages - 1 else [f'stage {self.stage_number}']
         details += [] if head == 'merged' else [f'head {head}']
         details += [] if level == 'superpixel' else [level]
         self.name = f'{name} ({", ".join(details)})' if details else name
@@ -858,7 +885,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f'baselines : {", ".join(m.name for m in baselines)} with {segments} segments')
     untrained = False
     for m in models:
-        print(f'model     : {m.name}: {m.weights}; stage {m.stage + 1}, '
+        print(f'model     : {m.name}: {m.weights}; {m.level.noun} of stage {m.stage_number}, '
               f'{"merged heads" if m.head == "merged" else f"head {m.head}"}, {m.tokens} tokens')
         untrained |= m.weights.startswith('UNTRAINED')
     if untrained:

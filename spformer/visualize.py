@@ -7,8 +7,10 @@ association head (small panels); :func:`save_comparison_figure` puts several seg
 image side by side with its ground truth (``spformer-eval-superpixels`` pictures).
 
     spformer-visualize IMAGE --model spformer_small_sp16_224 [--out superpixels.png]
+    spformer-visualize IMAGE --model spformer_hier_small_sp16_224 --level group
 
-draws every stage and association head of a model's superpixels on any image (:func:`main`).
+draws every stage and association head of a model's superpixels (or a hierarchical model's groups)
+on any image (:func:`main`).
 """
 import argparse
 import os
@@ -120,12 +122,13 @@ def save_stages_figure(
         dpi: int = 100,
         scale: int = 2,
 ) -> str:
-    """:func:`save_superpixel_figure` for any level of hard labels (superpixels, later groups).
+    """:func:`save_superpixel_figure` for any level of hard labels (superpixels, groups).
 
     Args:
         image: (H, W, 3) uint8 image at the model's input resolution.
         stages: One dict per stage: ``merged`` (B, H, W) labels, ``heads`` (list of (B, H, W) labels)
-            and ``grid`` (h, w), as :data:`spformer.superpixel_eval.LEVELS` produce them.
+            and ``grid`` (h, w), optionally ``stage`` (the model's 1-based stage, default the position
+            + 1), as :data:`spformer.superpixel_eval.LEVELS` produce them.
         noun: What the segments are called in the panel titles.
         Others: as :func:`save_superpixel_figure`.
     """
@@ -147,7 +150,8 @@ def save_stages_figure(
         merged, heads = stage['merged'], stage['heads']
         h, w = stage['grid']
         n = int(merged[index].unique().numel())
-        _show(fig.add_subplot(gs[i, 1]), draw(merged[index]), f'stage {i + 1}: {n} of {h * w} {noun}', 10)
+        number = stage.get('stage', i + 1)
+        _show(fig.add_subplot(gs[i, 1]), draw(merged[index]), f'stage {number}: {n} of {h * w} {noun}', 10)
         head_gs = GridSpecFromSubplotSpec(num_heads, 1, subplot_spec=gs[i, 2], hspace=0.25)
         for m, head in enumerate(heads):
             n = int(head[index].unique().numel())
@@ -234,11 +238,11 @@ def _parser() -> argparse.ArgumentParser:
     from spformer.superpixel_eval import LEVELS
     p = argparse.ArgumentParser(
         prog='spformer-visualize',
-        description="Draw a model's superpixels of every stage and association head on one image.")
+        description="Draw a model's superpixels (or groups) of every stage and association head on one image.")
     p.add_argument('image', help='image file')
     p.add_argument('--model', required=True, metavar='SPEC',
                    help="registered name, 'hf-hub:ORG/REPO', 'local-dir:FOLDER' or 'NAME=CHECKPOINT.safetensors'")
-    p.add_argument('--out', default=None, help='output PNG (default: <image name>_superpixels.png)')
+    p.add_argument('--out', default=None, help='output PNG (default: <image name>_superpixels.png, _groups.png)')
     p.add_argument('--level', default='superpixel', choices=list(LEVELS), help='what to draw (default: %(default)s)')
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random init of untrained models')
@@ -252,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from spformer.superpixel_eval import LEVELS, InputError, ModelSuperpixels, load_model, resize_image
 
     args = _parser().parse_args(argv)
-    out = args.out or os.path.splitext(os.path.basename(args.image))[0] + '_superpixels.png'
+    out = args.out or os.path.splitext(os.path.basename(args.image))[0] + f'_{LEVELS[args.level].noun}.png'
     try:
         if not os.path.isfile(args.image):
             raise InputError(f'IMAGE {args.image!r} is not a file')
@@ -269,13 +273,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     level = LEVELS[args.level]
     print(f'model   : {args.model}: {weights}')
     if not trained:
-        print('!!  UNTRAINED weights: these superpixels come from a random init (colour/texture only).')
+        print(f'!!  UNTRAINED weights: these {level.noun} come from a random init (colour/texture only).')
     print(f'image   : {args.image} ({image.shape[1]}x{image.shape[0]}) resized to '
           f'{resized.shape[1]}x{resized.shape[0]}')
     for i, stage in enumerate(stages):
         h, w = stage['grid']
         used = [int(stage['merged'][0].unique().numel())] + [int(x[0].unique().numel()) for x in stage['heads']]
-        print(f'stage {i + 1} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
+        print(f'stage {stage.get("stage", i + 1)} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
               f'{", ".join(str(u) for u in used[1:])}')
     title = f'{args.model} ({"trained" if trained else "UNTRAINED"} weights)'
     save_stages_figure(resized, stages, out, title=title, noun=level.noun)

@@ -27,6 +27,43 @@ EXPECTED_PARAMS = {
     'spformer_base_sp16_224': 87.581e6,
     'spformer_small_sp56_224': 22.217e6,
 }
+
+
+def spformer_params(Cp, C, depths, stem_stride=4, cell=4, img=224, sca_iters=2, num_classes=1000,
+                    grouping=None, group_depth=1):
+    """Parameters of an SPFormer counted from DESIGN.md 1.2-1.3 and 2, layer by layer (independent of
+    the code: it gives the author's 22.334M for SPFormer-S, see test_param_formula_matches_the_authors)."""
+    block = 12 * C * C + 13 * C  # 2 LayerNorms, qkv (bias), proj, fc1, fc2 (biases)
+
+    def sca(Cp, C, update_pixels):  # position convs (with bias), projections (no bias), norms, LayerScales
+        return (9 * Cp + Cp) + (9 * C + C) + C * 3 * Cp + 2 * 3 * Cp + Cp * (2 * Cp + C) + 2 * (2 * Cp + C) \
+            + C + (Cp if update_pixels else 0)
+
+    def pixel_update(Cp, C):  # projection (no bias), LayerNorm, LayerScale
+        return C * Cp + 2 * Cp + Cp
+
+    tokens = (img // (stem_stride * cell)) ** 2
+    n = 3 * Cp * stem_stride ** 2 + 2 * Cp  # stem conv (no bias) + BatchNorm
+    n += Cp * C + 2 * C  # superpixel init: 1x1 conv (no bias) + LayerNorm
+    for i, depth in enumerate(depths):
+        n += sum(sca(Cp, C, it < sca_iters - 1) for it in range(sca_iters)) + tokens * C + depth * block
+        n += pixel_update(Cp, C) if i < len(depths) - 1 else 0
+    if grouping == 'global':  # 2 LayerNorms, q (bias), kv (bias), proj (bias), LayerScale
+        n += 4 * C + (C * C + C) + (2 * C * C + 2 * C) + (C * C + C) + C
+    elif grouping == 'local':  # an SCA layer with C-channel "pixels" and no pixel update
+        n += sca(C, C, False)
+    if grouping is not None:
+        n += group_depth * block + pixel_update(C, C)  # ViT blocks over the groups, ungroup
+    return n + 2 * C + C * num_classes + num_classes  # head: LayerNorm + Linear
+
+
+# The hierarchical variants: exact counts from the formula (no published numbers exist).
+HIER_CONFIGS = {
+    'spformer_hier_tiny_sp16_224': dict(Cp=32, C=192, depths=(2, 9), grouping='global'),
+    'spformer_hier_small_sp16_224': dict(Cp=64, C=384, depths=(2, 9), grouping='global'),
+    'spformer_hier_small_local_sp16_224': dict(Cp=64, C=384, depths=(2, 9), grouping='local'),
+}
+HIER_PARAMS = {name: spformer_params(**cfg) for name, cfg in HIER_CONFIGS.items()}
 PAPER_GFLOPS = {
     'spformer_tiny_sp16_224': (1.3, 1.3),
     'spformer_small_sp16_224': (4.9, 4.9),
@@ -38,7 +75,7 @@ PAPER_GFLOPS = {
 
 
 def _input_size(model):
-    return model.pretrained_cfg['input_size']
+    return (model.in_chans, *model.img_size)
 
 
 def _fx_tracer_kwargs():
@@ -47,7 +84,7 @@ def _fx_tracer_kwargs():
 
 
 def test_all_variants_registered():
-    assert set(MODELS) == set(PAPER_GFLOPS)
+    assert set(MODELS) == set(PAPER_GFLOPS) | set(HIER_CONFIGS)
 
 
 @pytest.mark.parametrize('model_name', MODELS)
@@ -79,12 +116,14 @@ def test_model_backward(model_name):
     assert not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
-def test_model_bf16_autocast(model_name):
+@pytest.mark.parametrize('model_name, kwargs', [
+    ('spformer_tiny_sp16_224', {}), ('spformer_small_sp56_224', {}), ('spformer_hier_tiny_sp16_224', {}),
+    ('spformer_hier_tiny_sp16_224', dict(grouping='local'))])
+def test_model_bf16_autocast(model_name, kwargs):
     """Mixed precision (what train_imagenet.py --mixed-precision bf16 does): forward and backward under
     CPU bf16 autocast run, every parameter gets a finite gradient, and the logits stay close to fp32's."""
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=10, img_size=64 if '_sp16_' in model_name else 112)
+    model = timm.create_model(model_name, num_classes=10, img_size=64 if '_sp16_' in model_name else 112, **kwargs)
     x = torch.randn(2, 3, *model.img_size)
     want = model(x)
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -149,14 +188,18 @@ def test_model_forward_intermediates(model_name):
     H, W = x.shape[-2:]
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
-        assert len(inter) == len(model.feature_info) == 1 + sum(model.depths)
+        # pixels, one feature per ViT block, and (hierarchical models) the groups last
+        assert len(inter) == len(model.feature_info) == 1 + sum(model.depths) + (model.grouping is not None)
         for info, feat in zip(model.feature_info, inter):
             assert feat.shape == (1, info['num_chs'], H // info['reduction'], W // info['reduction'])
+        reductions = [info['reduction'] for info in model.feature_info]
+        assert reductions == sorted(reductions)  # what timm's feature wrappers require
         torch.testing.assert_close(final, model.forward_features(x))
         sub = model.forward_intermediates(x, indices=[0, 2, 5], stop_early=True, intermediates_only=True)
         for got, idx in zip(sub, [0, 2, 5]):
             torch.testing.assert_close(got, inter[idx])
-        nlc = model.forward_intermediates(x, indices=1, output_fmt='NLC', intermediates_only=True)[0]
+        last_block = sum(model.depths)  # the feature index of the last ViT block
+        nlc = model.forward_intermediates(x, indices=[last_block], output_fmt='NLC', intermediates_only=True)[0]
         torch.testing.assert_close(nlc, final)  # the last block's output is the final token map
         model.set_grad_checkpointing()
         final3, _ = model.forward_intermediates(x)
@@ -190,7 +233,8 @@ def test_model_forward_fx(model_name):
     model = timm.create_model(model_name).eval()
     x = torch.randn(1, *_input_size(model))
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=_fx_tracer_kwargs())
-    assert any(n.startswith('stages.1.blocks.9') for n in eval_nodes)
+    last = f'stages.{len(model.depths) - 1}.blocks.{model.depths[-1] - 1}'
+    assert any(n.startswith(last) for n in eval_nodes)
     fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=_fx_tracer_kwargs())
     with torch.no_grad():
         assert torch.equal(next(iter(fx_model(x).values())), model(x))
@@ -215,7 +259,23 @@ def test_param_counts_match_design(model_name):
     assert abs(n / EXPECTED_PARAMS[model_name] - 1) < 0.03, f'{n} params vs {EXPECTED_PARAMS[model_name]}'
 
 
-@pytest.mark.parametrize('model_name', MODELS)
+def test_param_formula_matches_the_authors():
+    """The formula that gives the hierarchical models' counts reproduces the author's measured counts."""
+    assert spformer_params(32, 192, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_tiny_sp16_224'], rel=1e-3)
+    assert spformer_params(64, 384, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_small_sp16_224'], rel=1e-4)
+    assert spformer_params(96, 768, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_base_sp16_224'], rel=1e-4)
+    # S/56: 0.05% (11.6K) below the author's count, which DESIGN.md does not break down.
+    assert spformer_params(64, 384, (2, 10), stem_stride=8, cell=7) == pytest.approx(
+        EXPECTED_PARAMS['spformer_small_sp56_224'], rel=1e-3)
+
+
+@pytest.mark.parametrize('model_name', sorted(HIER_PARAMS))
+def test_hier_param_counts_match_formula(model_name):
+    model = timm.create_model(model_name)
+    assert sum(p.numel() for p in model.parameters()) == HIER_PARAMS[model_name]
+
+
+@pytest.mark.parametrize('model_name', sorted(PAPER_GFLOPS))
 def test_flops_match_paper(model_name):
     """GMACs (= flops / 2 from torch.utils.flop_counter, math attention so it is counted) against the
     paper's GFLOPs, the way DESIGN.md reports them: within 10% for the 196-token models. The SCA here

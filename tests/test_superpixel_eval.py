@@ -374,3 +374,51 @@ def test_visualize_writes_every_stage_and_head(tmp_path, capsys):
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     with pytest.raises(SystemExit, match="IMAGE '.*missing.jpg' is not a file"):
         visualize_main([str(tmp_path / 'missing.jpg'), '--model', TINY])
+
+
+# ---------------------------------------------------------------------------------------------
+# The group level of the hierarchical models (--level group)
+# ---------------------------------------------------------------------------------------------
+
+HIER = 'spformer_hier_tiny_sp16_224'
+
+
+def test_group_level(tiny, tmp_path, capsys):
+    """ModelSuperpixels(level='group') scores forward_groups' hard pixel -> group map (49 groups at 224 px,
+    made in stage 2); plain SPFormers and a --stage without groups are refused by name; the CLI and
+    spformer-visualize take --level group."""
+    torch.manual_seed(0)
+    hier = timm.create_model(HIER).eval()
+    groups = ModelSuperpixels(hier, HIER, level='group')
+    head1 = ModelSuperpixels(hier, HIER, stage=2, head=1, level='group')
+    assert groups.tokens == 49 and groups.stage_number == 2 and groups.num_heads == 2
+    assert groups.name == f'{HIER} (group)' and head1.name == f'{HIER} (head 1, group)'
+    images = np.random.default_rng(0).integers(0, 255, (1, 224, 224, 3), dtype=np.uint8)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - groups.mean) / groups.std
+    with torch.inference_mode():
+        out = hier.forward_groups(x)[0]
+    assert np.array_equal(groups(images).labels, out['labels'].numpy())
+    assert np.array_equal(head1(images).labels, out['head_labels'][:, 0].numpy())
+    # the superpixel level of the same model is still there
+    assert ModelSuperpixels(hier, HIER).tokens == 196
+
+    with pytest.raises(InputError, match=r"--stage 1: .* has groups at stage 2 only; expected that or -1"):
+        ModelSuperpixels(hier, HIER, stage=1, level='group')
+    with pytest.raises(InputError, match=r"--model 'spformer_tiny_sp16_224': it makes no groups to score: it is not "
+                                         r"a hierarchical model .*spformer_hier"):
+        ModelSuperpixels(tiny, TINY, level='group')
+
+    root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(64, 64), seed=1)
+    assert main([root, '--model', HIER, '--level', 'group', '--methods', 'patch', '--pictures', '0',
+                 '--out-dir', str(tmp_path / 'o'), '--no-progress']) == 0
+    text = capsys.readouterr().out
+    assert 'baselines : patch with 49 segments' in text and f'| {HIER} (group) | ' in text
+    assert 'groups of stage 2, merged heads, 49 tokens' in text
+
+    from PIL import Image
+    Image.fromarray(images[0]).save(tmp_path / 'image.png')
+    assert visualize_main([str(tmp_path / 'image.png'), '--model', HIER, '--level', 'group',
+                           '--out', str(tmp_path / 'groups.png')]) == 0
+    text = capsys.readouterr().out
+    assert text.count('of 49 groups (merged heads); per head: ') == 1 and 'stage 2 : ' in text
+    assert (tmp_path / 'groups.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -12,9 +12,18 @@ Papers:
     `Superpixel Transformers for Efficient Semantic Segmentation` (the SCA predecessor)
         - https://arxiv.org/abs/2309.16889
 
+Hierarchical variants (DESIGN.md section 2) add a third level inside the last stage: a group
+block pools the superpixel tokens into group tokens (2x2 cells: 14x14 -> 7x7), lets the groups
+gather their superpixels, runs ViT blocks over the groups and gives the result back to the
+superpixels ("ungroup"). Groups are global (multi-head cross-attention between all superpixels and
+all groups) or local (the SCA layer one level up: superpixel tokens as its pixels, groups as its
+superpixels, 9 candidate groups per superpixel). The pixel -> group assignment composes the pixel
+-> superpixel and superpixel -> group associations (``SPFormer.forward_groups``).
+
 Architecture and the figures this implementation must reproduce: DESIGN.md section 1.
 Model names: ``spformer_{size}_sp{token stride}_{image size}``, e.g. ``spformer_small_sp16_224``
-has one superpixel token per 16x16 pixels (14x14 tokens) at 224 px.
+has one superpixel token per 16x16 pixels (14x14 tokens) at 224 px; ``spformer_hier_{size}[_local]_...``
+are the hierarchical variants (global groups, or ``_local`` ones).
 """
 import math
 from functools import partial
@@ -66,6 +75,11 @@ def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     identity = F.pad(w.new_ones(w.shape[0], 1, 1, 1), (kx, w.shape[3] - 1 - kx, ky, w.shape[2] - 1 - ky))
     y = F.conv2d(x.permute(0, 3, 1, 2), w + identity, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return y.permute(0, 2, 3, 1)
+
+
+def softmax_fp32(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax in at least fp32 (bf16/fp16 logits under autocast), keeping fp64 as fp64."""
+    return x.softmax(dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 class Association(NamedTuple):
@@ -183,11 +197,21 @@ class SuperpixelCrossAttention(nn.Module):
         return pixels, superpixels, association
 
 
+class DenseAssociation(NamedTuple):
+    """The logits of a global group cross-attention (:class:`GroupCrossAttention`): head m's logit
+    between superpixel token s and group g, already divided by sqrt(head_dim)."""
+    logits: torch.Tensor  # (B, M, h*w, number of groups)
+
+
 class PixelUpdate(nn.Module):
     """Stage-end pixel update ("unfolding"): each pixel takes back its superpixels' tokens.
 
     P <- P + gamma * sum_j softmax_j(k_p . q_s) proj(S)_j per head, with the logits of the
     stage's last SCA iteration (DESIGN.md 1.2, step 3.4).
+
+    One level up it is the ungroup step of a :class:`GroupBlock`: the "pixels" are superpixel tokens
+    and the "superpixels" groups. With a :class:`DenseAssociation` (global groups) the softmax runs
+    over all groups instead of the 9 around the token's cell.
     """
 
     def __init__(
@@ -208,7 +232,16 @@ class PixelUpdate(nn.Module):
         self.norm = norm_layer(pixel_dim)
         self.ls = LayerScale(pixel_dim, init_values)
 
-    def forward(self, pixels: torch.Tensor, superpixels: torch.Tensor, association: Association) -> torch.Tensor:
+    def forward(
+            self, pixels: torch.Tensor, superpixels: torch.Tensor, association: Union[Association, DenseAssociation],
+    ) -> torch.Tensor:
+        if isinstance(association, DenseAssociation):
+            B, h, w, C = pixels.shape
+            v = self.norm(self.proj(superpixels)).flatten(1, 2)  # (B, G, C)
+            v = v.view(B, v.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, M, G, C / M)
+            weights = softmax_fp32(association.logits, dim=-1).to(v.dtype)  # over the groups
+            update = (weights @ v).transpose(1, 2).reshape(B, h, w, C)
+            return pixels + self.ls(update)
         v = split_heads(self.norm(self.proj(superpixels)), self.num_heads).to(association.pixels.dtype)
         update = pixel_attention(
             association.pixels, association.queries, v, self.cell_size, scale=1.0, bias=association.bias,
@@ -251,8 +284,156 @@ class SuperpixelInit(nn.Module):
         return self._pooled(pixels)
 
 
+class GroupCrossAttention(nn.Module):
+    """Global grouping: every group token gathers all superpixel tokens (multi-head cross-attention).
+
+    Group queries from the (pre-normed) groups, keys and values from the (pre-normed) superpixel
+    tokens; groups <- groups + gamma * proj(softmax over superpixels(logits) @ v). The logits are
+    returned as the superpixel -> group association (softmax over the groups), which the ungroup
+    step (:class:`PixelUpdate`) reuses as the SCA family does with its pixel update. Same
+    signature as :class:`SuperpixelCrossAttention` with ``update_pixels=False``: the first
+    stream (here the superpixel tokens) comes back unchanged.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            init_values: float = 1e-5,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'group_heads={num_heads} must divide embed_dim={dim}')
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.group_norm = norm_layer(dim)
+        self.sp_norm = norm_layer(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.ls = LayerScale(dim, init_values)
+
+    def forward(
+            self, superpixels: torch.Tensor, groups: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, DenseAssociation]:
+        """superpixels (B, h, w, C), groups (B, gh, gw, C) -> (superpixels, groups, association)."""
+        B, gh, gw, C = groups.shape
+        M = self.num_heads
+        q = self.q(self.group_norm(groups)).reshape(B, gh * gw, M, C // M).transpose(1, 2)  # (B, M, G, d)
+        k, v = self.kv(self.sp_norm(superpixels)).reshape(B, -1, 2, M, C // M).permute(2, 0, 3, 1, 4)  # (B, M, S, d)
+        logits = (k * self.scale) @ q.transpose(-1, -2)  # (B, M, S, G)
+        attn = softmax_fp32(logits, dim=-2).to(v.dtype)  # each group over all superpixels
+        update = (attn.transpose(-1, -2) @ v).transpose(1, 2).reshape(B, gh, gw, C)
+        return superpixels, groups + self.ls(self.proj(update)), DenseAssociation(logits)
+
+
+class GroupBlock(nn.Module):
+    """The third level (DESIGN.md 2): superpixel tokens -> groups -> ViT blocks over the groups -> ungroup.
+
+    1. Group tokens: the mean of every ``group_size`` x ``group_size`` block of superpixel tokens.
+    2. Grouping (groups <- superpixels), which also gives the superpixel -> group association:
+       ``'global'``: :class:`GroupCrossAttention`, every group sees every superpixel;
+       ``'local'``: :class:`SuperpixelCrossAttention` on the token grid with cells of ``group_size``
+       tokens (superpixel tokens as its pixels, groups as its superpixels; each token chooses among
+       the 9 groups around its cell, each group gathers the tokens of the 3x3 cells around it).
+    3. ``depth`` ViT blocks over the group tokens.
+    4. Ungroup (superpixels <- groups): :class:`PixelUpdate` one level up, with the grouping's
+       association, LayerScale init ``init_values``.
+    """
+
+    def __init__(
+            self,
+            embed_dim: int,
+            num_heads: int,
+            group_heads: int,
+            group_size: int,
+            grouping: str = 'global',
+            depth: int = 1,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rates: Tuple[float, ...] = (),
+            init_values: float = 1e-5,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            attn_backend: str = 'auto',
+    ):
+        super().__init__()
+        self.grouping = grouping
+        self.group_size = group_size
+        self.grad_checkpointing = False
+        if grouping == 'local':
+            self.group_attn = SuperpixelCrossAttention(
+                embed_dim, embed_dim, group_heads, group_size, update_pixels=False, init_values=init_values,
+                norm_layer=norm_layer, attn_backend=attn_backend)
+        elif grouping == 'global':
+            self.group_attn = GroupCrossAttention(embed_dim, group_heads, qkv_bias, init_values, norm_layer)
+        else:
+            raise ValueError(f"grouping must be 'global', 'local' or None, got {grouping!r}")
+        self.blocks = nn.Sequential(*[
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path_rates[i] if drop_path_rates else 0.,
+                norm_layer=norm_layer,
+            )
+            for i in range(depth)
+        ])
+        self.ungroup = PixelUpdate(embed_dim, embed_dim, group_heads, group_size, init_values, norm_layer, attn_backend)
+
+    def _run(self, module: nn.Module, *args):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(module, *args)
+        return module(*args)
+
+    def init_groups(self, superpixels: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, C) superpixel tokens -> (B, h / group_size, w / group_size, C) block means."""
+        B, h, w, C = superpixels.shape
+        g = self.group_size
+        return superpixels.reshape(B, h // g, g, w // g, g, C).mean(dim=(2, 4))
+
+    def forward(
+            self, superpixels: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Union[Association, DenseAssociation]]:
+        """(B, h, w, C) superpixel tokens -> (updated superpixel tokens, groups (B, gh, gw, C) after the
+        ViT blocks, superpixel -> group association)."""
+        groups = self.init_groups(superpixels)
+        B, gh, gw, C = groups.shape
+        _, groups, association = self._run(self.group_attn, superpixels, groups)
+        tokens = groups.reshape(B, gh * gw, C)
+        for blk in self.blocks:
+            tokens = self._run(blk, tokens)
+        groups = tokens.reshape(B, gh, gw, C)
+        return self._run(self.ungroup, superpixels, groups, association), groups, association
+
+
+class GroupOutput(NamedTuple):
+    stage: int  # 0-based stage of the group block
+    groups: torch.Tensor  # (B, gh, gw, C) group tokens after the group block's ViT blocks
+    association: Union[Association, DenseAssociation]  # superpixel -> group
+
+
+class StagesOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, h*w, C) after the last block (and self.norm)
+    grid: Tuple[int, int]  # (h, w) token grid
+    pixels: torch.Tensor  # (B, H/s, W/s, C_p) channels-last, as the last stage reads it
+    features: List[Tuple[int, torch.Tensor, Tuple[int, int]]]  # requested (feature index, (B, n, C), grid)
+    associations: List[Association]  # per stage, its last SCA iteration's
+    groups: List[GroupOutput]
+
+
 class SPFormerStage(nn.Module):
-    """SCA iterations -> absolute position embedding -> ViT blocks -> (pixel update)."""
+    """SCA iterations -> absolute position embedding -> ViT blocks -> (pixel update).
+
+    A hierarchical model's last stage also holds a :class:`GroupBlock`, run after the first
+    ``group_index`` ViT blocks (:meth:`units` gives the execution order).
+    """
 
     def __init__(
             self,
@@ -273,6 +454,8 @@ class SPFormerStage(nn.Module):
             init_values: float = 1e-5,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             attn_backend: str = 'auto',
+            group_block: Optional[GroupBlock] = None,
+            group_index: int = 0,
     ):
         super().__init__()
         self.sca = nn.ModuleList([
@@ -302,11 +485,23 @@ class SPFormerStage(nn.Module):
         self.unfold = PixelUpdate(
             pixel_dim, embed_dim, sca_heads, cell_size, init_values, norm_layer, attn_backend,
         ) if update_pixels else None
+        self.group_block = group_block
+        self.group_index = group_index
+
+    def units(self) -> List[nn.Module]:
+        """The ViT blocks and the group block (if any) in execution order: one feature each."""
+        if self.group_block is None:
+            return list(self.blocks)
+        return list(self.blocks[:self.group_index]) + [self.group_block] + list(self.blocks[self.group_index:])
 
 
 @register_notrace_function
-def check_image_input(x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool):
-    """Fail early, naming the argument, instead of deep inside a reshape."""
+def check_image_input(
+        x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool,
+        stride_name: str = 'the superpixel token stride',
+):
+    """Fail early, naming the argument, instead of deep inside a reshape. The sides must be multiples
+    of ``token_stride`` (``stride_name`` says what it is: the group stride for hierarchical models)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f'x must be a 4-D image batch (B, {in_chans}, H, W), got {got}')
@@ -315,8 +510,7 @@ def check_image_input(x: torch.Tensor, in_chans: int, token_stride: int, img_siz
     H, W = x.shape[2], x.shape[3]
     if H % token_stride or W % token_stride or H == 0 or W == 0:
         raise ValueError(
-            f'x has spatial size {H}x{W}; both sides must be positive multiples of the superpixel '
-            f'token stride {token_stride}')
+            f'x has spatial size {H}x{W}; both sides must be positive multiples of {stride_name} {token_stride}')
     if not dynamic and (H, W) != tuple(img_size):
         raise ValueError(
             f'x has spatial size {H}x{W} but the model was built for img_size={tuple(img_size)}; '
@@ -324,7 +518,11 @@ def check_image_input(x: torch.Tensor, in_chans: int, token_stride: int, img_siz
 
 
 class SPFormer(nn.Module):
-    """ SPFormer: pixel stem -> superpixel tokens -> stages of (SCA, ViT blocks) -> mean-pool head. """
+    """ SPFormer: pixel stem -> superpixel tokens -> stages of (SCA, ViT blocks) -> mean-pool head.
+
+    With ``grouping`` set (hierarchical variants), the last stage runs a :class:`GroupBlock` after its
+    first ``group_index`` ViT blocks.
+    """
 
     def __init__(
             self,
@@ -349,6 +547,11 @@ class SPFormer(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             attn_backend: str = 'auto',
+            grouping: Optional[str] = None,
+            group_size: int = 2,
+            group_depth: int = 1,
+            group_index: Optional[int] = None,
+            group_heads: Optional[int] = None,
     ):
         """
         Args:
@@ -368,6 +571,14 @@ class SPFormer(nn.Module):
             dynamic_img_size: Accept any input whose sides are multiples of the token stride
                 (position embeddings resampled on the fly).
             attn_backend: Backend of the local cross-attention op ('auto', 'torch', 'reference').
+            grouping: None (plain SPFormer), or the group level of the hierarchical variants:
+                'global' (group tokens attend to all superpixel tokens) or 'local' (SCA on the token grid).
+            group_size: Superpixel tokens per group side (2: a 14x14 token grid gives 7x7 groups).
+            group_depth: ViT blocks over the group tokens.
+            group_index: ViT blocks of the last stage that run before the group block (default: the
+                larger half of them).
+            group_heads: Heads of the grouping and ungroup attention, one superpixel -> group association
+                each (default: sca_heads).
         """
         super().__init__()
         assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
@@ -375,6 +586,28 @@ class SPFormer(nn.Module):
         token_stride = stem_stride * cell_size
         if img_size[0] % token_stride or img_size[1] % token_stride:
             raise ValueError(f'img_size={img_size} must be a multiple of the token stride {token_stride}')
+        if grouping not in (None, 'global', 'local'):
+            raise ValueError(f"grouping must be None, 'global' or 'local', got {grouping!r}")
+        if grouping is not None:
+            group_heads = sca_heads if group_heads is None else group_heads
+            group_index = depths[-1] - depths[-1] // 2 if group_index is None else group_index
+            for arg, value, low in (('group_size', group_size, 1), ('group_depth', group_depth, 1),
+                                    ('group_heads', group_heads, 1)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise ValueError(f'{arg} must be an int >= {low}, got {value!r}')
+            if isinstance(group_index, bool) or not isinstance(group_index, int) or not 0 <= group_index <= depths[-1]:
+                raise ValueError(
+                    f'group_index must be an int in 0..{depths[-1]} (ViT blocks of the last stage before the '
+                    f'group block), got {group_index!r}')
+            if embed_dim % group_heads:
+                raise ValueError(f'group_heads={group_heads} must divide embed_dim={embed_dim}')
+            group_stride = token_stride * group_size
+            if img_size[0] % group_stride or img_size[1] % group_stride:
+                raise ValueError(
+                    f'img_size={img_size} must be a multiple of the group stride {group_stride} '
+                    f'(token stride {token_stride} x group_size={group_size})')
+        else:
+            group_stride, group_depth, group_index, group_heads = token_stride, 0, 0, 0
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -387,6 +620,13 @@ class SPFormer(nn.Module):
         self.cell_size = cell_size
         self.token_stride = token_stride
         self.grid_size = (img_size[0] // token_stride, img_size[1] // token_stride)
+        self.grouping = grouping
+        self.group_size = group_size if grouping else None
+        self.group_depth = group_depth
+        self.group_index = group_index
+        self.group_heads = group_heads
+        self.group_stride = group_stride  # input sides must be multiples of it
+        self.group_grid_size = (img_size[0] // group_stride, img_size[1] // group_stride) if grouping else None
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
@@ -397,7 +637,11 @@ class SPFormer(nn.Module):
         self.stem.add_module('act', nn.ReLU(inplace=True))
         self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        # Stochastic depth rises over all ViT blocks in execution order, the group blocks included.
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths) + group_depth)]
+        last_first = sum(depths[:-1])  # execution index of the last stage's first block
+        group_dpr = dpr[last_first + group_index:last_first + group_index + group_depth]
+        dpr = dpr[:last_first + group_index] + dpr[last_first + group_index + group_depth:]
         self.stages = nn.ModuleList()
         # Feature 0, the pixel stream as the last stage reads it, is the output of the last pixel
         # update (channels-last there; forward_intermediates returns it NCHW).
@@ -405,6 +649,10 @@ class SPFormer(nn.Module):
         self.feature_info = [dict(num_chs=pixel_dim, reduction=stem_stride, module=pixel_source)]
         for i, depth in enumerate(depths):
             first = sum(depths[:i])
+            group_block = GroupBlock(
+                embed_dim, num_heads, group_heads, group_size, grouping, group_depth, mlp_ratio, qkv_bias,
+                proj_drop_rate, attn_drop_rate, group_dpr, init_values, norm_layer, attn_backend,
+            ) if grouping is not None and i == len(depths) - 1 else None
             self.stages.append(SPFormerStage(
                 pixel_dim=pixel_dim,
                 embed_dim=embed_dim,
@@ -423,10 +671,22 @@ class SPFormer(nn.Module):
                 init_values=init_values,
                 norm_layer=norm_layer,
                 attn_backend=attn_backend,
+                group_block=group_block,
+                group_index=group_index,
             ))
             self.feature_info += [
                 dict(num_chs=embed_dim, reduction=token_stride, module=f'stages.{i}.blocks.{j}')
                 for j in range(depth)]
+        # The group tokens (after the group block's ViT blocks) are the last feature although they are
+        # computed inside the last stage: timm's feature wrappers need reductions that never decrease
+        # along the indices, and the result is a pyramid (pixels 4, tokens 16, groups 32 at sp16).
+        # _unit_features maps every unit (ViT block, group block) in execution order to its feature index.
+        self._unit_features = list(range(1, sum(depths) + 1))
+        if grouping is not None:
+            self.feature_info.append(dict(
+                num_chs=embed_dim, reduction=group_stride,
+                module=f'stages.{len(depths) - 1}.group_block.blocks.{group_depth - 1}'))
+            self._unit_features.insert(last_first + group_index, len(self.feature_info) - 1)
         self.depths = tuple(depths)
 
         self.norm = nn.Identity()  # the head normalizes after pooling (fc_norm), as in DESIGN.md
@@ -454,12 +714,14 @@ class SPFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Layer-decay groups: stem, superpixel init and stage-1 SCA first, then blocks in order."""
+        """Layer-decay groups: stem, superpixel init and stage-1 SCA first, then blocks in order. A group
+        block (grouping, its ViT blocks, ungroup) is one layer between the ViT blocks it runs between."""
         return dict(
             stem=r'^stem|^sp_init|^stages\.0\.(?:sca|pos_embed)',
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.(?:sca|pos_embed)', (-1,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.group_block\.', (self.group_index - 0.5,)),
                 (r'^stages\.(\d+)\.unfold', (99999,)),
                 (r'^fc_norm', (99999,)),
             ],
@@ -468,6 +730,9 @@ class SPFormer(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+        for stage in self.stages:
+            if stage.group_block is not None:
+                stage.group_block.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -489,7 +754,10 @@ class SPFormer(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Image -> channels-last pixels (B, H/s, W/s, C_p) and superpixels (B, h, w, C)."""
-        check_image_input(x, self.in_chans, self.token_stride, self.img_size, self.dynamic_img_size)
+        check_image_input(
+            x, self.in_chans, self.group_stride, self.img_size, self.dynamic_img_size,
+            f'the group stride (superpixel token stride {self.token_stride} x group_size={self.group_size}):'
+            if self.grouping else 'the superpixel token stride')
         pixels = self.stem(x).permute(0, 2, 3, 1)
         return pixels, self.sp_init(pixels)
 
@@ -509,38 +777,49 @@ class SPFormer(nn.Module):
     def _forward_stages(
             self,
             x: torch.Tensor,
-            block_indices: Optional[Set[int]] = None,
-            stop_after_block: Optional[int] = None,
+            feature_indices: Optional[Set[int]] = None,
+            stop_after_unit: Optional[int] = None,
             need_pixels: bool = False,
-    ):
-        """Shared body of every forward. Returns (tokens, grid, final pixels, block outputs, per-stage Association)."""
+    ) -> 'StagesOutput':
+        """Shared body of every forward: the stages, collecting the outputs of the units (ViT blocks, group
+        block; ``units`` in execution order) whose feature indices are in ``feature_indices``; stages after
+        the one holding unit ``stop_after_unit`` are skipped unless the final pixel stream is needed."""
         pixels, superpixels = self._stem(x)
         B, h, w, C = superpixels.shape
-        block_outputs: List[torch.Tensor] = []
+        features: List[Tuple[int, torch.Tensor, Tuple[int, int]]] = []
         associations: List[Association] = []
+        groups: List[GroupOutput] = []
         tokens = superpixels.reshape(B, h * w, C)
-        block_idx = 0
+        unit_idx = 0
         for i, stage in enumerate(self.stages):
             pixels_final = all(later.unfold is None for later in self.stages[i:])
-            if stop_after_block is not None and block_idx > stop_after_block and (pixels_final or not need_pixels):
+            if stop_after_unit is not None and unit_idx > stop_after_unit and (pixels_final or not need_pixels):
                 break
             stage_pixels = pixels
             _, superpixels, association = self._stage_sca(stage, pixels, superpixels)
             associations.append(association)
             tokens = self._pos_embed(stage, superpixels.reshape(B, h * w, C), (h, w))
-            for blk in stage.blocks:
-                tokens = self._run(blk, tokens)
-                if block_indices is not None and block_idx in block_indices:
-                    block_outputs.append(tokens)
-                block_idx += 1
+            for unit in stage.units():
+                if isinstance(unit, GroupBlock):
+                    superpixels, group_tokens, group_association = unit(tokens.reshape(B, h, w, C))
+                    tokens = superpixels.reshape(B, h * w, C)
+                    groups.append(GroupOutput(i, group_tokens, group_association))
+                    output = (group_tokens.flatten(1, 2), (group_tokens.shape[1], group_tokens.shape[2]))
+                else:
+                    tokens = self._run(unit, tokens)
+                    output = (tokens, (h, w))
+                if feature_indices is not None and self._unit_features[unit_idx] in feature_indices:
+                    features.append((self._unit_features[unit_idx],) + output)
+                unit_idx += 1
             superpixels = tokens.reshape(B, h, w, C)
             if stage.unfold is not None:
                 pixels = self._run(stage.unfold, stage_pixels, superpixels, association)
-        return self.norm(tokens), (h, w), pixels, block_outputs, associations
+        features.sort(key=lambda f: f[0])  # feature index order (the group feature is last)
+        return StagesOutput(self.norm(tokens), (h, w), pixels, features, associations, groups)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Superpixel tokens after the last block, (B, h*w, embed_dim) in raster order of the token grid."""
-        return self._forward_stages(x)[0]
+        return self._forward_stages(x).tokens
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
@@ -561,39 +840,47 @@ class SPFormer(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of every ViT block (and of the pixel stream) on the way to forward_features.
+        """Features of every ViT block (and of the pixel stream, and the groups) on the way to forward_features.
 
         Index 0 is the stride-``stem_stride`` pixel stream as the last stage reads it (after every
-        stage's pixel update), (B, pixel_dim, H/stem_stride, W/stem_stride); index 1 + i is the output
-        of ViT block i (blocks numbered across stages), (B, embed_dim, h, w) on the token grid.
+        stage's pixel update), (B, pixel_dim, H/stem_stride, W/stem_stride); the following indices are
+        the outputs of the ViT blocks in execution order (blocks numbered across stages), (B, embed_dim,
+        h, w) on the token grid. A hierarchical model has one more, the last index: the group tokens
+        after the group block's ViT blocks, (B, embed_dim, H/group_stride, W/group_stride) (computed in
+        the middle of the last stage, listed last so that reductions never decrease along the indices:
+        pixels, superpixels, groups). Features come in index order.
 
         Args:
             x: Input image tensor.
             indices: Take last n features if int, all if None, select matching indices if sequence.
-            norm: Apply the head's LayerNorm (fc_norm) to block outputs.
-            stop_early: Stop iterating over blocks when the last wanted feature is reached.
+            norm: Apply the head's LayerNorm (fc_norm) to block and group outputs.
+            stop_early: Stop iterating over stages once the last wanted feature is reached.
             output_fmt: 'NCHW' or 'NLC'.
             intermediates_only: Only return the intermediate features.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        block_indices = {i - 1 for i in take_indices if i > 0}
         want_pixels = 0 in take_indices
-        stop = max_index - 1 if stop_early or intermediates_only else None
-        tokens, (h, w), pixels, block_outputs, _ = self._forward_stages(
-            x, block_indices, stop_after_block=stop, need_pixels=want_pixels)
+        stop = self._last_unit(take_indices) if stop_early or intermediates_only else None
+        out = self._forward_stages(x, set(take_indices), stop_after_unit=stop, need_pixels=want_pixels)
 
         B = x.shape[0]
         intermediates = []
         if want_pixels:
+            pixels = out.pixels
             intermediates.append(
                 pixels.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else pixels.flatten(1, 2))
-        for y in block_outputs:
+        for _, y, (h, w) in out.features:
             y = self.fc_norm(y) if norm else y
             intermediates.append(y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
         if intermediates_only:
             return intermediates
-        return tokens, intermediates
+        return out.tokens, intermediates
+
+    def _last_unit(self, take_indices: List[int]) -> int:
+        """Execution position of the last unit (ViT or group block) a set of feature indices needs (-1: none)."""
+        units = [u for u, f in enumerate(self._unit_features) if f in take_indices]
+        return max(units, default=-1)
 
     def prune_intermediate_layers(
             self,
@@ -601,17 +888,21 @@ class SPFormer(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the blocks (and stages) not needed for the requested intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        num_blocks = max_index  # feature 1 + i is block i, so blocks 0 .. max_index - 1 are needed
+        """Drop the blocks, group block and stages not needed for the requested intermediates."""
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        num_units = self._last_unit(take_indices) + 1
         if 0 in take_indices:  # the pixel stream is final after every stage but the last
-            num_blocks = max(num_blocks, sum(self.depths[:-1]))
+            num_units = max(num_units, sum(len(stage.units()) for stage in self.stages[:-1]))
         kept, first = nn.ModuleList(), 0
         for stage in self.stages:
-            if first >= num_blocks and first > 0:
+            if first >= num_units and first > 0:
                 break
-            stage.blocks = stage.blocks[:num_blocks - first]
-            first += self.depths[len(kept)]
+            n_units = len(stage.units())
+            take = max(0, num_units - first)
+            if stage.group_block is not None and take <= stage.group_index:
+                stage.group_block = None  # its output comes after every wanted feature
+            stage.blocks = stage.blocks[:take - (stage.group_block is not None)]
+            first += n_units
             kept.append(stage)
         self.stages = kept
         if prune_norm:
@@ -635,26 +926,167 @@ class SPFormer(nn.Module):
             ``grid``: (h, w) of the token grid as a tensor.
         Neighbour k is the cell at offset (k // 3 - 1, k % 3 - 1) from the pixel's own cell.
         """
-        _, (h, w), _, _, associations = self._forward_stages(x)
-        B = x.shape[0]
-        out = []
-        for assoc in associations:
-            cell = self.cell_size
-            per_head = cells_to_image(superpixel_association(
-                assoc.pixels, assoc.queries, cell, scale=1.0, bias=assoc.bias, pixel_layout='cells'), cell)
-            # Head-merged logits sum_m a_m / sqrt(M): one head with summed queries and biases.
-            norm = self.sca_heads ** -0.5
-            merged = cells_to_image(superpixel_association(
-                assoc.pixels, assoc.queries.sum(1, keepdim=True) * norm, cell, scale=1.0,
-                bias=assoc.bias.sum(1, keepdim=True) * norm, pixel_layout='cells'), cell)
-            per_head, merged = per_head.permute(0, 1, 4, 2, 3), merged[:, 0].permute(0, 3, 1, 2)
-            out.append(dict(
-                association=per_head,
-                association_merged=merged,
-                labels=association_to_labels(merged, self.cell_size, self.stem_stride),
-                grid=torch.tensor([h, w]),
+        out = self._forward_stages(x)
+        h, w = out.grid
+        return [self._superpixels(assoc, (h, w)) for assoc in out.associations]
+
+    def _superpixels(self, assoc: Association, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        per_head = association_probabilities(assoc, self.cell_size).permute(0, 1, 4, 2, 3)
+        merged = association_probabilities(assoc, self.cell_size, merge_heads=True)[:, 0].permute(0, 3, 1, 2)
+        return dict(
+            association=per_head,
+            association_merged=merged,
+            labels=association_to_labels(merged, self.cell_size, self.stem_stride),
+            grid=torch.tensor(grid),
+        )
+
+    @torch.jit.ignore
+    def forward_groups(self, x: torch.Tensor) -> List[Dict[str, Any]]:
+        """The learned groups of a hierarchical model: pixel -> superpixel -> group (DESIGN.md 2).
+
+        Returns one dict per group block (the hierarchical variants have one, in their last stage),
+        with P(pixel -> s) the merged association of that stage's superpixels (``forward_superpixels``)
+        and P(s -> g) the grouping's association (softmax over the groups of its logits; the 9 groups
+        around the token's cell for local grouping, all groups for global grouping):
+            ``association``: (B, group_heads, G, H/s, W/s) soft assignment of every pixel of the pixel
+                stream to the G groups, sum_s P(pixel -> s) P_m(s -> g) per grouping head m;
+            ``association_merged``: (B, G, H/s, W/s), the same with the head-merged P(s -> g)
+                (softmax of sum_m logits_m / sqrt(group_heads));
+            ``superpixel_association``: (B, group_heads, h*w, G) P_m(s -> g) (0 for groups a local
+                grouping does not consider); ``superpixel_association_merged``: (B, h*w, G);
+            ``superpixel_groups``: (B, h, w) int64 hard group of every superpixel token: argmax of the
+                merged P(s -> g), ties to the group the token was pooled into;
+            ``superpixel_labels``: (B, H, W) the stage's hard superpixel map (``forward_superpixels``'s
+                ``labels``);
+            ``labels``: (B, H, W) int64 hard group map: every pixel takes the group of its hard
+                superpixel (the composition of the two hard assignments; not the argmax of
+                ``association_merged``, which may differ);
+            ``head_labels``: (B, group_heads, H, W) the same per grouping head;
+            ``grid``: (gh, gw) of the group grid as a tensor; ``stage``: the 1-based stage of the groups.
+        Group ids are raster order on the group grid. ``association`` holds G x (H/s) x (W/s) values
+        per head and image: 49 x 56 x 56 at 224 px.
+        """
+        if self.grouping is None:
+            name = self.pretrained_cfg.get('architecture') if isinstance(getattr(self, 'pretrained_cfg', None), dict) else None
+            raise ValueError(
+                f'forward_groups: {name or "this SPFormer"} has no group level (grouping=None); use a hierarchical '
+                "model (timm.list_models('spformer_hier*')) or forward_superpixels")
+        out = self._forward_stages(x)
+        results = []
+        for group in out.groups:
+            superpixels = self._superpixels(out.associations[group.stage], out.grid)
+            gh, gw = group.groups.shape[1:3]
+            per_head = self._superpixel_to_group(group.association, out.grid, (gh, gw))
+            merged = self._superpixel_to_group(group.association, out.grid, (gh, gw), merge_heads=True)
+            sp_labels = superpixels['labels']
+            groups_of_superpixels = hard_groups(merged, out.grid, self.group_size)  # (B, 1, h, w)
+            head_groups = hard_groups(per_head, out.grid, self.group_size)  # (B, M, h, w)
+            results.append(dict(
+                association=compose_group_association(superpixels['association_merged'], per_head, self.cell_size),
+                association_merged=compose_group_association(
+                    superpixels['association_merged'], merged, self.cell_size)[:, 0],
+                superpixel_association=per_head,
+                superpixel_association_merged=merged[:, 0],
+                superpixel_groups=groups_of_superpixels[:, 0],
+                superpixel_labels=sp_labels,
+                labels=compose_labels(sp_labels, groups_of_superpixels)[:, 0],
+                head_labels=compose_labels(sp_labels, head_groups),
+                grid=torch.tensor([gh, gw]),
+                stage=group.stage + 1,
             ))
-        return out
+        return results
+
+    def _superpixel_to_group(
+            self, association: Union[Association, DenseAssociation], grid: Tuple[int, int],
+            group_grid: Tuple[int, int], merge_heads: bool = False,
+    ) -> torch.Tensor:
+        """(B, M or 1, h*w, G) superpixel -> group probabilities, dense over the groups."""
+        probs = association_probabilities(association, self.group_size, merge_heads)
+        if isinstance(association, DenseAssociation):
+            return probs
+        # Local grouping: (B, K, h, w, 9) over the groups around each token's cell -> dense over all.
+        B, K, h, w, _ = probs.shape
+        ids = neighbour_ids(h, w, self.group_size, group_grid, probs.device).flatten(1).t()  # (h*w, 9)
+        dense = probs.new_zeros(B, K, h * w, group_grid[0] * group_grid[1])
+        # Neighbours outside the grid carry probability exactly 0, so their clamped ids add nothing.
+        return dense.scatter_add_(-1, ids.expand(B, K, h * w, 9), probs.reshape(B, K, h * w, 9))
+
+
+def association_probabilities(
+        association: Union[Association, DenseAssociation], cell_size: int, merge_heads: bool = False,
+) -> torch.Tensor:
+    """Probabilities of an association, per head or (``merge_heads``) of the head-merged logits
+    sum_m a_m / sqrt(M) as one head.
+
+    :class:`Association` (SCA): (B, M or 1, H, W, 9) over the 9 neighbouring cells, image layout.
+    :class:`DenseAssociation` (global groups): (B, M or 1, h*w, G) over all groups.
+    """
+    if isinstance(association, DenseAssociation):
+        logits = association.logits.to(torch.promote_types(association.logits.dtype, torch.float32))
+        if merge_heads:
+            logits = logits.sum(1, keepdim=True) * logits.shape[1] ** -0.5
+        return logits.softmax(dim=-1)
+    queries, bias = association.queries, association.bias
+    if merge_heads:  # the logits are linear in the queries and biases: one head with their sums
+        norm = queries.shape[1] ** -0.5
+        queries, bias = queries.sum(1, keepdim=True) * norm, bias.sum(1, keepdim=True) * norm
+    return cells_to_image(superpixel_association(
+        association.pixels, queries, cell_size, scale=1.0, bias=bias, pixel_layout='cells'), cell_size)
+
+
+def neighbour_ids(H: int, W: int, cell_size: int, grid: Tuple[int, int], device=None) -> torch.Tensor:
+    """(9, H, W) int64 raster id on the ``grid`` of neighbour k of every position of an H x W map with
+    cells of ``cell_size`` (offset (k // 3 - 1, k % 3 - 1) from the own cell), clamped into the grid:
+    callers give neighbours outside it probability 0."""
+    h, w = grid
+    k = torch.arange(9, device=device)[:, None, None]
+    cy = torch.arange(H, device=device)[None, :, None] // cell_size
+    cx = torch.arange(W, device=device)[None, None, :] // cell_size
+    ny = (cy + k // 3 - 1).clamp(0, h - 1)
+    nx = (cx + k % 3 - 1).clamp(0, w - 1)
+    return ny * w + nx
+
+
+def compose_group_association(pixel_to_superpixel: torch.Tensor, superpixel_to_group: torch.Tensor,
+                              cell_size: int) -> torch.Tensor:
+    """P(pixel -> g) = sum over the pixel's 9 neighbouring superpixels s of P(pixel -> s) P(s -> g).
+
+    Args:
+        pixel_to_superpixel: (B, 9, H, W) neighbour probabilities (``association_merged`` of a stage).
+        superpixel_to_group: (B, K, h*w, G) per superpixel token (raster order), K heads.
+        cell_size: pixels per superpixel cell side (H = h * cell_size).
+
+    Returns:
+        (B, K, G, H, W).
+    """
+    B, _, H, W = pixel_to_superpixel.shape
+    K, G = superpixel_to_group.shape[1], superpixel_to_group.shape[3]
+    ids = neighbour_ids(H, W, cell_size, (H // cell_size, W // cell_size), pixel_to_superpixel.device)
+    out = superpixel_to_group.new_zeros(B, K, H * W, G)
+    for k in range(9):  # one neighbour at a time: no (9, H*W, G) temporary
+        out += pixel_to_superpixel[:, k].reshape(B, 1, H * W, 1) * superpixel_to_group[:, :, ids[k].flatten()]
+    return out.transpose(2, 3).reshape(B, K, G, H, W)
+
+
+def hard_groups(superpixel_to_group: torch.Tensor, grid: Tuple[int, int], group_size: int) -> torch.Tensor:
+    """(B, K, h*w, G) probabilities -> (B, K, h, w) int64 group ids: the argmax, ties going to the group
+    the token was pooled into (so that a uniform association gives the regular group grid)."""
+    B, K, S, G = superpixel_to_group.shape
+    h, w = grid
+    gw = w // group_size
+    own = ((torch.arange(h, device=superpixel_to_group.device) // group_size)[:, None] * gw
+           + torch.arange(w, device=superpixel_to_group.device)[None, :] // group_size).reshape(1, 1, S)
+    own_p = superpixel_to_group.gather(-1, own.expand(B, K, S).unsqueeze(-1))[..., 0]
+    best = superpixel_to_group.argmax(dim=-1)
+    return torch.where(own_p >= superpixel_to_group.amax(dim=-1), own, best).reshape(B, K, h, w)
+
+
+def compose_labels(superpixel_labels: torch.Tensor, superpixel_groups: torch.Tensor) -> torch.Tensor:
+    """Every pixel takes the group of its superpixel: (B, H, W) token ids, (B, K, h, w) group per token ->
+    (B, K, H, W) group ids."""
+    B, K = superpixel_groups.shape[:2]
+    ids = superpixel_labels.reshape(B, 1, -1).expand(B, K, -1)
+    return superpixel_groups.reshape(B, K, -1).gather(-1, ids).reshape(B, K, *superpixel_labels.shape[1:])
 
 
 def association_to_labels(association: torch.Tensor, cell_size: int, upsample: int = 1) -> torch.Tensor:
@@ -683,6 +1115,7 @@ def association_to_labels(association: torch.Tensor, cell_size: int, upsample: i
 register_notrace_module(SuperpixelCrossAttention)
 register_notrace_module(PixelUpdate)
 register_notrace_module(SuperpixelInit)
+register_notrace_module(GroupBlock)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
@@ -719,11 +1152,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         raise ValueError(
             f'the checkpoint does not fit {name or "this SPFormer"} (pixel_dim={model.pixel_dim}, '
             f'embed_dim={model.embed_dim}, depths={model.depths}, stem_stride={model.stem_stride}, '
-            f'cell_size={model.cell_size}): it was made for another variant, its tensors are those of '
+            f'cell_size={model.cell_size}{_describe_grouping(model)}): it was made for another variant, its tensors are those of '
             f'{_describe_checkpoint(out)}. '
             f'{len(mismatched)} tensors differ in shape, {len(missing)} are missing, {len(unexpected)} unexpected: '
             + '; '.join(problems))
     return out
+
+
+def _describe_grouping(model: SPFormer) -> str:
+    if getattr(model, 'grouping', None) is None:
+        return ''
+    return (f', grouping={model.grouping!r}, group_size={model.group_size}, group_depth={model.group_depth}, '
+            f'group_index={model.group_index}')
 
 
 def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
@@ -854,12 +1294,19 @@ default_cfgs = generate_default_cfgs({
         'spformer_small_sp32_224.in1k': {},
         'spformer_small_sp56_224.in1k': {},
         'spformer_small_sp32_448.in1k': dict(input_size=(3, 448, 448), crop_pct=1.0),
+        'spformer_hier_tiny_sp16_224.in1k': {},
+        'spformer_hier_small_sp16_224.in1k': {},
+        'spformer_hier_small_local_sp16_224.in1k': {},
     }.items()
 })
 
 _TINY = dict(pixel_dim=32, embed_dim=192, depths=(2, 10), num_heads=3, sca_heads=2)
 _SMALL = dict(pixel_dim=64, embed_dim=384, depths=(2, 10), num_heads=6, sca_heads=2)
 _BASE = dict(pixel_dim=96, embed_dim=768, depths=(2, 10), num_heads=12, sca_heads=3)
+# Hierarchical: the group block takes the place of one of stage 2's ViT blocks (2 + 9 over superpixels,
+# 1 over the 7x7 groups), after the 5th: 7 blocks shape the superpixel tokens before they are grouped,
+# 4 use what the groups gave back.
+_HIER = dict(depths=(2, 9), group_size=2, group_depth=1, group_index=5)
 
 
 @register_model
@@ -902,3 +1349,24 @@ def spformer_small_sp32_448(pretrained: bool = False, **kwargs) -> SPFormer:
     """SPFormer-S at 448 px: 14x14 tokens (stride-8 pixels, 4x4 cells)."""
     model_args = dict(stem_stride=8, cell_size=4, img_size=448, **_SMALL)
     return _create_spformer('spformer_small_sp32_448', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_hier_tiny_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """Hierarchical SPFormer-T: 14x14 superpixel tokens, 7x7 global groups in stage 2, at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, grouping='global', **dict(_TINY, **_HIER))
+    return _create_spformer('spformer_hier_tiny_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_hier_small_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """Hierarchical SPFormer-S: 14x14 superpixel tokens, 7x7 global groups in stage 2, at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, grouping='global', **dict(_SMALL, **_HIER))
+    return _create_spformer('spformer_hier_small_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def spformer_hier_small_local_sp16_224(pretrained: bool = False, **kwargs) -> SPFormer:
+    """Hierarchical SPFormer-S with local groups (SCA on the token grid, 2x2-token cells): 7x7 groups at 224 px."""
+    model_args = dict(stem_stride=4, cell_size=4, grouping='local', **dict(_SMALL, **_HIER))
+    return _create_spformer('spformer_hier_small_local_sp16_224', pretrained=pretrained, **dict(model_args, **kwargs))
