@@ -10,7 +10,8 @@ DESIGN.md 1.1) and CPU inference throughput (``--batch-size`` images, eval,
 ``torch.inference_mode``, ``--warmup`` untimed runs per model, then up to ``--runs`` timed
 runs taken in rounds over all models, fewer once ``--budget-s`` is spent; the fastest run and
 the median run are reported: on a shared machine the fastest is the one that estimates idle speed).
-The paper's GFLOPs and top-1 are copied from DESIGN.md 1.1 for reference, not measured.
+The paper's GFLOPs and top-1 are copied from DESIGN.md 1.1 for reference, not measured (the
+hierarchical variants, DESIGN.md 2, have no published numbers).
 """
 import argparse
 import datetime
@@ -48,12 +49,13 @@ PAPER = {
 
 
 def _paper_order(name: str):
-    """tiny, small, base first, then the coarser and larger-input variants (the paper's order)."""
-    m = re.fullmatch(r'spformer_(tiny|small|base)_sp(\d+)_(\d+)', name)
+    """tiny, small, base first, then the coarser and larger-input variants (the paper's order), then the
+    hierarchical variants (global groups before local ones)."""
+    m = re.fullmatch(r'spformer_(hier_)?(tiny|small|base)(_local)?_sp(\d+)_(\d+)', name)
     if m is None:  # a name outside the scheme: last, alphabetically
-        return (True, 0, 0, 0, name)
-    size, sp, img = m.group(1), int(m.group(2)), int(m.group(3))
-    return (False, sp != 16 or img != 224, img, sp, ('tiny', 'small', 'base').index(size))
+        return (True, 0, 0, 0, 0, 0, name)
+    hier, size, local, sp, img = bool(m.group(1)), m.group(2), bool(m.group(3)), int(m.group(4)), int(m.group(5))
+    return (False, hier, sp != 16 or img != 224, img, sp, local, ('tiny', 'small', 'base').index(size))
 
 
 def replace_between_markers(text: str, content: str, start: str = START, end: str = END) -> str:
@@ -209,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f'over all models, so that load from other processes hits every row alike. CPU img/s and vs DeiT-S '
         f'use the fastest run (closest to an idle machine), (median) the median run; a median well below '
         f'the best means other jobs shared the cores during the measurement.',
-        '- Paper columns: copied from the SPFormer and DeiT papers for reference, not measured here. '
+        '- Paper columns: copied from the SPFormer and DeiT papers for reference, not measured here '
+        '(none exist for the `spformer_hier_*` models). '
         "The authors' code, counted as here, gives 1.400 (T), 5.155 (S), 19.087 (B) and 0.522 (S/56) "
         'GMACs: the difference is the pixel q|k|v projection. Compare GMACs with the DeiT rows measured here.',
     ])
