@@ -115,7 +115,8 @@ def test_local_grouping_considers_only_the_groups_around_a_token():
         Q = model.forward_groups(_image(1, 128))[0]['superpixel_association']  # (1, M, 64, 16)
     ty, tx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing='ij')
     gy, gx = torch.meshgrid(torch.arange(4), torch.arange(4), indexing='ij')
-    near = ((ty.reshape(-1, 1) // 2 - gy.reshape(1, -1)).abs() <= 1) & ((tx.reshape(-1, 1) // 2 - gx.reshape(1, -1)).abs() <= 1)
+    near = ((ty.reshape(-1, 1) // 2 - gy.reshape(1, -1)).abs() <= 1) & \
+        ((tx.reshape(-1, 1) // 2 - gx.reshape(1, -1)).abs() <= 1)
     assert (Q[0][:, ~near] == 0).all() and (Q[0][:, near] > 0).all()
 
 
@@ -301,7 +302,8 @@ def test_grad_checkpointing_gradients_match(grouping):
 def test_layer_decay_puts_the_group_block_between_the_blocks_it_runs_between():
     from timm.optim._param_groups import param_groups_layer_decay
     model = timm.create_model(TINY, img_size=64)
-    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5, no_weight_decay_list=model.no_weight_decay())
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5,
+                                      no_weight_decay_list=model.no_weight_decay())
     scale_of = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     named = dict(model.named_parameters())
     scale = lambda n: scale_of[id(named[n])]  # noqa: E731
@@ -351,6 +353,30 @@ def test_compiled_group_block_matches_eager(grouping):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()), msg=n)
 
 
+def test_local_group_block_triton_backend_matches_torch():
+    """The local grouping runs the attention ops with head dimension C (192 here, 384 for the small model):
+    the fused Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest) equal the torch backend,
+    forward and backward."""
+    pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
+    from spformer.models.spformer import GroupBlock
+    torch.manual_seed(0)
+    blocks = [GroupBlock(192, 3, 2, 2, 'local', attn_backend=backend) for backend in ('torch', 'triton')]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    with torch.no_grad():
+        for block in blocks:
+            for name, p in block.named_parameters():
+                if name.endswith('.gamma'):
+                    p.fill_(0.5)
+    tokens = torch.randn(2, 4, 6, 192)
+    outs = [block(tokens)[0] for block in blocks]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for out in outs:
+        out.square().mean().backward()
+    grads = dict(blocks[0].named_parameters())
+    for name, p in blocks[1].named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
 # --- bad input and checkpoints -------------------------------------------------------------------
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -359,7 +385,8 @@ def test_compiled_group_block_matches_eager(grouping):
     (dict(group_depth=1.5), r'group_depth must be an int >= 1, got 1.5'),
     (dict(group_index=10), r'group_index must be an int in 0..9 .*got 10'),
     (dict(group_heads=5), r'group_heads=5 must divide embed_dim=192'),
-    (dict(img_size=208), r'img_size=\(208, 208\) must be a multiple of the group stride 32 \(token stride 16 x group_size=2\)'),
+    (dict(img_size=208),
+     r'img_size=\(208, 208\) must be a multiple of the group stride 32 \(token stride 16 x group_size=2\)'),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -386,5 +413,6 @@ def test_checkpoint_of_another_variant_names_both(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit spformer_hier_small_local_sp16_224 .*grouping='local'.*"
                                          r'tensors are those of spformer_hier_small_sp16_224\b'):
         checkpoint_filter_fn(hier.state_dict(), timm.create_model('spformer_hier_small_local_sp16_224'))
-    with pytest.raises(ValueError, match=r'does not fit spformer_small_sp16_224 .*those of spformer_hier_small_sp16_224\b'):
+    with pytest.raises(ValueError,
+                       match=r'does not fit spformer_small_sp16_224 .*those of spformer_hier_small_sp16_224\b'):
         checkpoint_filter_fn(hier.state_dict(), timm.create_model('spformer_small_sp16_224'))

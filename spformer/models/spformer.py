@@ -371,7 +371,7 @@ class GroupBlock(nn.Module):
         elif grouping == 'global':
             self.group_attn = GroupCrossAttention(embed_dim, group_heads, qkv_bias, init_values, norm_layer)
         else:
-            raise ValueError(f"grouping must be 'global', 'local' or None, got {grouping!r}")
+            raise ValueError(f"grouping must be 'global' or 'local', got {grouping!r}")
         self.blocks = nn.Sequential(*[
             Block(
                 dim=embed_dim,
@@ -624,7 +624,7 @@ class SPFormer(nn.Module):
         self.group_size = group_size if grouping else None
         self.group_depth = group_depth
         self.group_index = group_index
-        self.group_heads = group_heads
+        self.group_heads = group_heads if grouping else None
         self.group_stride = group_stride  # input sides must be multiples of it
         self.group_grid_size = (img_size[0] // group_stride, img_size[1] // group_stride) if grouping else None
         self.dynamic_img_size = dynamic_img_size
@@ -967,7 +967,7 @@ class SPFormer(nn.Module):
         per head and image: 49 x 56 x 56 at 224 px.
         """
         if self.grouping is None:
-            name = self.pretrained_cfg.get('architecture') if isinstance(getattr(self, 'pretrained_cfg', None), dict) else None
+            name = _architecture(self)
             raise ValueError(
                 f'forward_groups: {name or "this SPFormer"} has no group level (grouping=None); use a hierarchical '
                 "model (timm.list_models('spformer_hier*')) or forward_superpixels")
@@ -1146,17 +1146,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
     missing = [k for k in expected if k not in out and not k.startswith('head.')]
     unexpected = [k for k in out if k not in expected and not k.startswith('head.')]
     if mismatched or missing or unexpected:
-        name = model.pretrained_cfg.get('architecture') if isinstance(getattr(model, 'pretrained_cfg', None), dict) else None
+        name = _architecture(model)
         problems = mismatched[:4] + [f'{k}: missing from the checkpoint' for k in missing[:2]] + [
             f'{k}: not in the model' for k in unexpected[:2]]
         raise ValueError(
             f'the checkpoint does not fit {name or "this SPFormer"} (pixel_dim={model.pixel_dim}, '
             f'embed_dim={model.embed_dim}, depths={model.depths}, stem_stride={model.stem_stride}, '
-            f'cell_size={model.cell_size}{_describe_grouping(model)}): it was made for another variant, its tensors are those of '
+            f'cell_size={model.cell_size}{_describe_grouping(model)}): it was made for another variant, its tensors '
+            f'are those of '
             f'{_describe_checkpoint(out)}. '
             f'{len(mismatched)} tensors differ in shape, {len(missing)} are missing, {len(unexpected)} unexpected: '
             + '; '.join(problems))
     return out
+
+
+def _architecture(model: nn.Module) -> Optional[str]:
+    """The registered name a model was built as (timm sets pretrained_cfg), or None."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    return cfg.get('architecture') if isinstance(cfg, dict) else None
 
 
 def _describe_grouping(model: SPFormer) -> str:
