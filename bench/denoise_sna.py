@@ -1,7 +1,9 @@
 """Denoising benchmark of soft superpixel neighbourhood attention (SNA) against H-SNA and NA.
 
 The SNA paper's "simple network" (spformer.sna.SimpleDenoiser): y = f_attn(x W0, g(x W0)) W1 + x W0 W1,
-one attention layer between two bias-free linear maps, with four choices of f_attn / g:
+one attention layer between two bias-free linear maps (``--input-skip`` adds x, as the authors' code
+does: the same functions, since W0 W1 can absorb the identity, but a start from identity + a random
+W0 W1, which trained worse in short runs), with four choices of f_attn / g:
 
 * ``sna-deep``: SNA, probabilities g from a few convolutions (DeepSuperpixelProbs);
 * ``sna-slic``: SNA, probabilities from differentiable SLIC with learned compactness / temperature;
@@ -182,6 +184,7 @@ def main(argv=None):
     p.add_argument('--kernel-size', type=int, default=7)
     p.add_argument('--cell', type=int, default=8, help='superpixel cell side (SLIC stride)')
     p.add_argument('--slic-iters', type=int, default=5)
+    p.add_argument('--input-skip', action='store_true', help="add x to the output, as the authors' code does")
     p.add_argument('--eval-size', type=int, default=192, help='side of the centre crop of each test image')
     p.add_argument('--timing-size', type=int, default=128)
     p.add_argument('--rounds', type=int, default=5, help='timing rounds')
@@ -201,7 +204,7 @@ def main(argv=None):
     def build(kind):
         torch.manual_seed(args.seed)
         return SimpleDenoiser(kind, dim=args.dim, num_heads=args.heads, kernel_size=args.kernel_size, cell=args.cell,
-                              slic_iters=args.slic_iters)
+                              slic_iters=args.slic_iters, input_skip=args.input_skip)
 
     t_start = time.time()
     results = {kind: {} for kind in args.methods}
@@ -241,7 +244,8 @@ def main(argv=None):
         f'Machine: {machine_info(args.threads)}; load average {os.getloadavg()[0]:.1f} at the end '
         f'(other jobs shared the cores: compare within a column, not with other runs).',
         f'Training: {train_desc}, {args.steps} Adam steps of {args.batch} crops of {args.crop}², lr {args.lr:g} '
-        f'(one-cycle); dim {args.dim}, {args.heads} head(s), k = {args.kernel_size}, cell {args.cell}, '
+        f'(one-cycle); {"y = x + ..., " if args.input_skip else ""}dim {args.dim}, {args.heads} head(s), '
+        f'k = {args.kernel_size}, cell {args.cell}, '
         f'{args.slic_iters} SLIC iterations, learned per-pixel λ, -‖q-k‖² logits. '
         f'Test: centre {args.eval_size}² crops of {", ".join(TEST_IMAGES)} (held out), fixed noise.',
         f'Timing and memory: {args.timing_size}² input, batch 1, train mode, {args.threads} thread(s); forward and '

@@ -250,10 +250,13 @@ class DeepSuperpixelProbs(nn.Module):
 
 
 class SimpleDenoiser(nn.Module):
-    """The SNA paper's "simple network": y = f_attn(x W0, g(x W0)) W1 + x W0 W1.
+    """The SNA paper's "simple network": y = f_attn(x W0, g(x W0)) W1 + x W0 W1 (+ x).
 
     x W0 lifts the noisy RGB image to ``dim`` channels, g predicts superpixel probabilities from
     those features, one attention layer mixes them, W1 projects back to RGB (W0, W1 without bias).
+    ``input_skip`` adds x to the output, as the authors' code does: the same set of functions (W0 W1
+    can absorb the identity when dim >= 3), a different starting point (identity + a random W0 W1),
+    which trained worse in our short CPU runs.
 
     Args:
         kind: 'sna-deep' (SNA, :class:`DeepSuperpixelProbs`), 'sna-slic' (SNA, :class:`SlicSuperpixelProbs`
@@ -261,16 +264,17 @@ class SimpleDenoiser(nn.Module):
             probabilities) or 'na' (no superpixels).
         dim, num_heads, kernel_size, cell, scale, dist: of the attention layer (see
             :class:`SoftSuperpixelNeighborhoodAttention2d`).
-        slic_iters: SLIC iterations. attn_backend: op backend.
+        slic_iters: SLIC iterations. input_skip: add x to the output. attn_backend: op backend.
     """
     KINDS = ('sna-deep', 'sna-slic', 'hsna', 'na')
 
     def __init__(self, kind: str = 'sna-deep', dim: int = 6, num_heads: int = 1, kernel_size: int = 7, cell: int = 8,
-                 scale: str = 'map', dist: str = 'l2', slic_iters: int = 5, attn_backend: str = 'auto'):
+                 scale: str = 'map', dist: str = 'l2', slic_iters: int = 5, input_skip: bool = False,
+                 attn_backend: str = 'auto'):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f'kind must be one of {self.KINDS}, got {kind!r}')
-        self.kind = kind
+        self.kind, self.input_skip = kind, input_skip
         self.lin0 = nn.Linear(3, dim, bias=False)
         self.lin1 = nn.Linear(dim, 3, bias=False)
         mode = {'sna-deep': 'sna', 'sna-slic': 'sna', 'hsna': 'hsna', 'na': 'na'}[kind]
@@ -290,5 +294,5 @@ class SimpleDenoiser(nn.Module):
         if self.superpixels is not None:
             g = f.detach() if self.kind == 'hsna' else f  # H-SNA only takes the argmax: no graph to keep
             probs = self.superpixels(g.permute(0, 3, 1, 2))
-        y = self.lin1(self.attn(f, probs) + f)
-        return y.permute(0, 3, 1, 2)
+        y = self.lin1(self.attn(f, probs) + f).permute(0, 3, 1, 2)
+        return x + y if self.input_skip else y

@@ -227,5 +227,9 @@ def test_denoiser_kinds_share_the_attention_path():
     hsna.load_state_dict(na.state_dict(), strict=False)
     x = torch.rand(1, 3, 10, 10)
     torch.testing.assert_close(hsna(x), na(x))
+    # the default is y = f_attn(x W0, g) W1 + x W0 W1 exactly; input_skip=True adds x (the authors' code)
+    skip = SimpleDenoiser('na', dim=4, kernel_size=3, cell=16, input_skip=True)
+    skip.load_state_dict(na.state_dict())
+    torch.testing.assert_close(skip(x), na(x) + x)
     with pytest.raises(ValueError, match='kind'):
         SimpleDenoiser('ssn')
