@@ -199,24 +199,42 @@ def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch
     for a in range(ks):
         z = torch.linalg.vecdot(Qs, window(K, a, ks), dim=2)  # (B, M, H, k, W)
         z = z.mul_(scale) if lams is None else z.mul_(lams)
-        zmax = z.amax(dim=-2)
+        agree = None if sp is None else sp(a)  # (B, Hp, H, k, W); Hp = 1 broadcasts over the M heads
+        # The running max runs over agreeing keys only: the weights are the same, but the sum l of
+        # the agreeing terms never underflows (keys without agreement may have far larger logits).
+        zmax = (z if agree is None else z.masked_fill(agree <= 0, float('-inf'))).amax(dim=-2)
         if m is None:
             m = zmax
         else:  # rescale what the earlier slot rows summed to the new running max
             m_new = torch.maximum(m, zmax)
-            alpha = m.sub_(m_new).exp_()
+            alpha = torch.where(torch.isinf(m), 0.0, (m - m_new).exp())  # m = -inf: nothing summed yet
             l.mul_(alpha)
             acc.mul_(alpha[:, :, None])
             m = m_new
-        e = z.sub_(m.unsqueeze(-2)).exp_()
-        if sp is not None:
-            e.mul_(sp(a))  # Hp = 1 broadcasts over the M heads
+        # exp(z - m) <= 1 for agreeing keys; the others are multiplied by 0, clamp keeps them finite
+        e = z.sub_(_finite(m).unsqueeze(-2)).clamp_(max=0).exp_()
+        if agree is not None:
+            e.mul_(agree)
         l = e.sum(dim=-2) if l is None else l.add_(e.sum(dim=-2))
         acc.add_(torch.linalg.vecdot(e.unsqueeze(2), window(V, a, ks), dim=-2))
-    # A query whose window has zero agreement gets output 0.
-    linv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l))
-    out = acc.mul_(linv[:, :, None]).permute(0, 3, 4, 1, 2).contiguous()
-    return out.to(q.dtype), torch.stack([m, l], dim=-1)
+    # A query whose window has zero agreement (l = 0) gets output 0.
+    out = (acc / _positive(l)[:, :, None]).mul_((l > 0)[:, :, None]).permute(0, 3, 4, 1, 2).contiguous()
+    return out.to(q.dtype), torch.stack([_finite(m), l], dim=-1)
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """The running max with -inf (no agreeing key) replaced by 0."""
+    return torch.where(torch.isinf(m), 0.0, m)
+
+
+def _positive(l: torch.Tensor) -> torch.Tensor:
+    """The sum with 0 (no agreeing key) replaced by 1, to divide by."""
+    return torch.where(l > 0, l, 1.0)
+
+
+# Backward: exp(z - m) of a key without agreement (which can exceed the agreeing keys' max by any
+# amount) enters only dL/dA; it saturates at exp(80) instead of overflowing to inf (inf * 0 = nan).
+GRAD_EXP_CLAMP = 80.0
 
 
 def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size: int, cell: int, scale: float):
@@ -230,7 +248,7 @@ def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size
     G = grad_out.to(dt).permute(0, 3, 4, 1, 2).contiguous()  # (B, M, dv, H, W)
     delta = torch.linalg.vecdot(G, out.to(dt).permute(0, 3, 4, 1, 2), dim=2).unsqueeze(-2)  # <g_i, out_i>
     m, l = stats[..., 0].to(dt).unsqueeze(-2), stats[..., 1].to(dt)
-    linv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l)).unsqueeze(-2)
+    lpos, l_safe = (l > 0).unsqueeze(-2), _positive(l).unsqueeze(-2)
     lams = None if lam is None else lam.to(dt).unsqueeze(-2)
     sp = None if probs is None and labels is None else _Superpixels(probs, labels, ks, cell, dt)
     soft = probs is not None
@@ -242,7 +260,8 @@ def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size
     for a in range(ks):
         Ka = window(K, a, ks)  # (B, M, d, H, k, W)
         raw = torch.linalg.vecdot(Qs, Ka, dim=2)  # (B, M, H, k, W)
-        p = (raw * scale if lams is None else raw * lams).sub_(m).exp_().mul_(linv)  # e_ij / Z_i
+        p = (raw * scale if lams is None else raw * lams).sub_(m).clamp_(max=GRAD_EXP_CLAMP).exp_()
+        p = p.div_(l_safe).mul_(lpos)  # e_ij / Z_i (0 where Z_i = 0)
         if sp is not None:
             w = p * sp(a)
         else:

@@ -48,6 +48,9 @@ import triton.language as tl
 TILE = 8  # query / key tiles are TILE x TILE pixels
 CHUNK_ROWS, CHUNK_COLS = 4, 16  # the other side is walked in chunks of 4 x 16 pixels
 MODE_NA, MODE_SOFT, MODE_HARD = 0, 1, 2
+# Backward: exp(z - m) of a key without agreement (its logit may exceed the agreeing keys' max m by
+# any amount) enters only dL/dA; it saturates at exp(80) instead of overflowing (inf * 0 = nan).
+GRAD_EXP_CLAMP = tl.constexpr(80.0)
 
 
 # --- index helpers ---------------------------------------------------------------------------
@@ -158,26 +161,31 @@ def _fwd_kernel(
                 z = s * scale + s * scale_lo
             inwin = (qvalid[:, None] & kvalid[None, :] & (yk[None, :] >= syq[:, None]) & (yk[None, :] < syq[:, None] + KS)
                      & (xk[None, :] >= sxq[:, None]) & (xk[None, :] < sxq[:, None] + KS))
-            m_new = tl.maximum(m_i, tl.max(tl.where(inwin, z, float('-inf')), axis=1))
-            m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            e = tl.where(inwin, tl.exp(z - m_safe[:, None]), 0.0)
+            # the running max runs over agreeing keys only (the sum of the agreeing terms then never
+            # underflows, however far above them the logits of keys without agreement lie)
             if MODE == 1:
                 ptrs, ok = _basis(p_base, pk, yk, xk, kvalid, y0 // CELL - 1, x0 // CELL - 1, h, w, CELL, SY, SX, BS)
                 pi_k = tl.load(ptrs, mask=ok, other=0.0).to(ACC)
-                e = e * tl.dot(pi_q, tl.trans(pi_k), input_precision=PREC, out_dtype=ACC)
+                agree = tl.dot(pi_q, tl.trans(pi_k), input_precision=PREC, out_dtype=ACC)
+                inwin = inwin & (agree > 0)
             if MODE == 2:
                 lab_k = tl.load(l_base + pk, mask=kvalid, other=-2)
-                e = tl.where(lab_q[:, None] == lab_k[None, :], e, 0.0)
+                inwin = inwin & (lab_q[:, None] == lab_k[None, :])
+            m_new = tl.maximum(m_i, tl.max(tl.where(inwin, z, float('-inf')), axis=1))
+            m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+            alpha = tl.where(m_i == float('-inf'), 0.0, tl.exp(m_i - m_safe))  # -inf: nothing summed yet
+            e = tl.where(inwin, tl.exp(tl.minimum(z - m_safe[:, None], 0.0)), 0.0)  # <= 1 where it counts
+            if MODE == 1:
+                e = e * agree
             l_i = l_i * alpha + tl.sum(e, axis=1)
             vt = _rows(v_base, pk, kvalid, svp, ec, DV).to(ACC)
             acc = acc * alpha[:, None] + tl.dot(e, vt, input_precision=PREC, out_dtype=ACC)
             m_i = m_new
-    # A query whose window has zero agreement gets output 0.
-    out = acc * tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
+    # A query whose window has zero agreement gets output 0 (and m = 0, l = 0).
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     tl.store(out_ptr + ((b * P + pq) * M + m)[:, None] * DV + ec[None, :], out.to(out_ptr.dtype.element_ty),
              mask=qvalid[:, None] & (ec < DV)[None, :])
-    tl.store(stats_ptr + (bm * P + pq) * 2, m_i, mask=qvalid)
+    tl.store(stats_ptr + (bm * P + pq) * 2, tl.where(m_i == float('-inf'), 0.0, m_i), mask=qvalid)
     tl.store(stats_ptr + (bm * P + pq) * 2 + 1, l_i, mask=qvalid)
 
 
@@ -209,7 +217,7 @@ def _bwd_dq_kernel(
     delta = tl.load(delta_ptr + bm * P + pq, mask=qvalid, other=0.0)
     m_q = tl.load(stats_ptr + (bm * P + pq) * 2, mask=qvalid, other=0.0)
     l_q = tl.load(stats_ptr + (bm * P + pq) * 2 + 1, mask=qvalid, other=0.0)
-    inv_l = tl.where(l_q > 0, 1.0 / tl.where(l_q > 0, l_q, 1.0), 0.0)
+    l_safe = tl.where(l_q > 0, l_q, 1.0)
     k_base = k_ptr + b * skb + m * skm
     v_base = v_ptr + b * svb + m * svm
     if HAS_LAM:
@@ -240,7 +248,9 @@ def _bwd_dq_kernel(
                 z = s * scale + s * scale_lo
             inwin = (qvalid[:, None] & kvalid[None, :] & (yk[None, :] >= syq[:, None]) & (yk[None, :] < syq[:, None] + KS)
                      & (xk[None, :] >= sxq[:, None]) & (xk[None, :] < sxq[:, None] + KS))
-            p = tl.where(inwin, tl.exp(z - m_q[:, None]), 0.0) * inv_l[:, None]  # e_ij / Z_i
+            # e_ij / Z_i; exp() of a key without agreement only enters dL/dA: saturate, never inf
+            e = tl.exp(tl.minimum(z - m_q[:, None], GRAD_EXP_CLAMP))
+            p = tl.where(inwin & (l_q[:, None] > 0), e / l_safe[:, None], 0.0)
             if MODE == 1:
                 ptrs, ok = _basis(p_base, pk, yk, xk, kvalid, y0 // CELL - 1, x0 // CELL - 1, h, w, CELL, SY, SX, BS)
                 pi_k = tl.load(ptrs, mask=ok, other=0.0).to(ACC)
@@ -322,7 +332,7 @@ def _bwd_dkv_kernel(
             delta = tl.load(delta_ptr + bm * P + pq, mask=qvalid, other=0.0)
             m_q = tl.load(stats_ptr + (bm * P + pq) * 2, mask=qvalid, other=0.0)
             l_q = tl.load(stats_ptr + (bm * P + pq) * 2 + 1, mask=qvalid, other=0.0)
-            inv_l = tl.where(l_q > 0, 1.0 / tl.where(l_q > 0, l_q, 1.0), 0.0)
+            l_safe = tl.where(l_q > 0, l_q, 1.0)
             s = tl.dot(kt, tl.trans(qt), input_precision=PREC, out_dtype=ACC)  # (keys, queries)
             if HAS_LAM:
                 lam = tl.load(lam_ptr + bm * P + pq, mask=qvalid, other=0.0).to(ACC)
@@ -333,7 +343,8 @@ def _bwd_dkv_kernel(
             sxq = _start(xq, W, KS)
             inwin = (kvalid[:, None] & qvalid[None, :] & (yk[:, None] >= syq[None, :]) & (yk[:, None] < syq[None, :] + KS)
                      & (xk[:, None] >= sxq[None, :]) & (xk[:, None] < sxq[None, :] + KS))
-            p = tl.where(inwin, tl.exp(z - m_q[None, :]), 0.0) * inv_l[None, :]
+            e = tl.exp(tl.minimum(z - m_q[None, :], GRAD_EXP_CLAMP))
+            p = tl.where(inwin & (l_q[None, :] > 0), e / l_safe[None, :], 0.0)
             if MODE == 1:
                 ptrs, ok = _basis(p_base, pq, yq, xq, qvalid, y0 // CELL - 1, x0 // CELL - 1, h, w, CELL, SY, SX, BS)
                 pi_q = tl.load(ptrs, mask=ok, other=0.0).to(ACC)

@@ -331,6 +331,50 @@ def test_zero_agreement_gives_zero_output_and_finite_grads(backend):
     torch.testing.assert_close(out.detach(), want, rtol=1e-10, atol=1e-12)
 
 
+def far_logits_case(dtype=torch.float32, device='cpu'):
+    """6x6 image, 2x2 superpixels of 3x3 (one-hot probabilities on the own cell), one window (k = 5)
+    per query: keys outside the top-left superpixel score 120 above its own keys, so for its
+    queries every agreeing term is exp(-120) relative to the window's max (fp32 underflow)."""
+    H = W = 6
+    q = torch.ones(1, 1, H, W, 1, dtype=torch.float64)
+    k = torch.full((1, 1, H, W, 1), 120.0, dtype=torch.float64)
+    k[:, :, :3, :3] = 0.0
+    v = torch.randn(1, 1, H, W, 2, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    probs = torch.zeros(1, H, W, 9, dtype=torch.float64)
+    probs[..., 4] = 1.0
+    labels = superpixel_labels(probs, 3)
+    return [t.to(device, dtype) for t in (q, k, v, probs)] + [labels.to(device)]
+
+
+def check_far_logits(backend, dtype=torch.float32, device='cpu', tol=1e-5):
+    """The running max over agreeing keys only: fp32 gives the float64 reference's values and q, k, v
+    gradients; dL/dprobs (astronomically large for the pairs without agreement) stays finite."""
+    q, k, v, probs, labels = far_logits_case(dtype, device)
+    for op in ('sna', 'hsna'):
+        ins = [t.clone().requires_grad_() for t in (q, k, v, probs)]
+        ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, probs)]
+        outs = []
+        for xs, be in ((ins, backend), (ref, 'reference')):
+            if op == 'sna':
+                out = soft_superpixel_attention(*xs, 5, 3, scale=1.0, backend=be)
+            else:
+                out = hard_superpixel_attention(*xs[:3], labels.cpu() if be == 'reference' else labels, 5, scale=1.0,
+                                                backend=be)
+            grads = torch.autograd.grad(out.square().sum(), xs[:4] if op == 'sna' else xs[:3])
+            outs.append((out, grads))
+        (got, ggot), (want, gwant) = outs
+        assert torch.isfinite(got).all(), op
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+        for a, b in zip(ggot[:3], gwant[:3]):
+            torch.testing.assert_close(a.double().cpu(), b, rtol=tol, atol=tol * 10)
+        if op == 'sna':
+            assert torch.isfinite(ggot[3]).all()
+
+
+def test_far_logits_torch():
+    check_far_logits('torch')
+
+
 def test_superpixel_labels():
     """Flat grid index of the argmax neighbour, outside-grid neighbours skipped, ties to the own cell."""
     H, W, cell = 8, 12, 4  # 2 x 3 grid

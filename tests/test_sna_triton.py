@@ -154,6 +154,12 @@ def test_one_hot_sna_equals_hsna():
     _close(sna, hsna, 1e-6, 'SNA(one-hot) vs H-SNA')
 
 
+def test_far_logits():
+    """Agreeing keys 120 nats below the window's max: fp32 still matches the float64 reference."""
+    from test_sna_ops import check_far_logits
+    check_far_logits('triton', device=DEVICE)
+
+
 def test_empty_batch_and_determinism():
     e = torch.zeros(0, 1, 8, 8, 4, device=DEVICE, requires_grad=True)
     out = soft_superpixel_attention(e, e, e, torch.zeros(0, 8, 8, 9, device=DEVICE), 3, 4, backend='triton')
