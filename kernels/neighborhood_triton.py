@@ -29,9 +29,10 @@ pointer tile (each slot is one basis column, so a masked store, no atomics). The
 of dprobs is written by the dq kernel, the key-side part added by the dk/dv kernel (a later
 launch); per head, summed over heads on the host when the heads share one probability map.
 
-Registers (no GPU here, so untimed): ptxas -v for sm_90 reports at most ~200 bytes of spills per
-kernel at head dims <= 32 with 8 warps (2-17 KB with 4 warps); coordinates and the 2-D window masks
-are int32, only pointer offsets are widened to int64.
+Registers (no GPU here, so untimed): ptxas -v for sm_90 with 8 warps, k = 7, cell 4, per-pixel
+lambda: forward no spills, dq <= ~200 bytes, dk/dv ~0.1 KB at head dim 16 and 0.7-1 KB at 32 (with
+4 warps 2-17 KB); coordinates and the 2-D window masks are int32, only pointer offsets are widened
+to int64.
 
 Arithmetic is fp32 (fp64 for fp64 inputs); tiles are upcast before ``tl.dot``. fp32/fp64 dots
 use ``input_precision='ieee'``; fp16/bf16 inputs use 'tf32' (products of input values are exact,
