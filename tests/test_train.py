@@ -176,7 +176,7 @@ def test_outputs_config_checkpoints_curves_and_push(learned):
 LOAD_CHECK = '''
 import sys, torch, timm
 import spformer  # registers the models
-final, ref = sys.argv[1], torch.load(sys.argv[2])
+final, ref = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
 for weights, key in (('model.safetensors', 'model'), ('model_ema.safetensors', 'model_ema')):
     model = timm.create_model('spformer_tiny_sp16_224', pretrained=True, num_classes=4, img_size=64,
                               pretrained_cfg_overlay=dict(file=f'{final}/{weights}', num_classes=4)).eval()
