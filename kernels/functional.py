@@ -4,6 +4,7 @@ The fast backends run behind ``torch.library`` custom ops (``torch.ops.spformer.
 fake implementations and registered autograd, so ``torch.compile`` traces whole models
 through them without graph breaks. The reference backend is plain autograd.
 """
+import importlib
 import math
 import os
 from typing import List, Optional, Tuple, Union
@@ -18,20 +19,26 @@ NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
 BACKENDS = ('auto', 'torch', 'triton', 'reference')
 
 
-def _impl(backend: str, device: torch.device):
-    """'torch' and 'triton' as named; 'auto': the fused Triton kernels for CUDA tensors, else torch."""
+def backend_module(backend: str, device: torch.device, triton_module: str, torch_module):
+    """The module implementing ``backend`` for tensors on ``device``: 'torch' and 'triton' as named;
+    'auto': the fused Triton kernels (``triton_module``, a sibling module imported on first use, so
+    that triton is only imported when needed) for CUDA tensors, else ``torch_module``."""
     if backend == 'triton' or (backend == 'auto' and device.type == 'cuda'):
         try:
-            from . import triton_backend  # imports triton on first use only
+            module = importlib.import_module(f'.{triton_module}', __package__)
         except ImportError:
             if backend == 'triton':
                 raise
-            return torch_backend
+            return torch_module
         if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
             raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
                              f"got tensors on {device}")
-        return triton_backend
-    return torch_backend
+        return module
+    return torch_module
+
+
+def _impl(backend: str, device: torch.device):
+    return backend_module(backend, device, 'triton_backend', torch_backend)
 
 
 def _exact(device: torch.device):

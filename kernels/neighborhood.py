@@ -30,7 +30,6 @@ behind the ``torch.library`` custom op ``torch.ops.spformer.neighborhood_attenti
 implementation, registered autograd, FLOP formula), so ``torch.compile`` traces through them.
 """
 import math
-import os
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import neighborhood_reference as reference
+from .functional import backend_module
 from . import neighborhood_torch as torch_backend
 from .neighborhood_reference import neighbor_superpixels, window_start
 
@@ -46,19 +46,7 @@ Scale = Union[None, float, Tensor]
 
 
 def _impl(backend: str, device: torch.device):
-    """'torch' and 'triton' as named; 'auto': the fused Triton kernels for CUDA tensors, else torch."""
-    if backend == 'triton' or (backend == 'auto' and device.type == 'cuda'):
-        try:
-            from . import neighborhood_triton  # imports triton on first use only
-        except ImportError:
-            if backend == 'triton':
-                raise
-            return torch_backend
-        if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET') != '1':
-            raise ValueError(f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
-                             f"got tensors on {device}")
-        return neighborhood_triton
-    return torch_backend
+    return backend_module(backend, device, 'neighborhood_triton', torch_backend)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
