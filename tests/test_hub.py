@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 import safetensors.torch
+from safetensors.torch import load as load_safetensors_bytes  # bytes -> tensors; safetensors, never pickle
 import torch
 import torch.nn.functional as F
 import timm
@@ -178,7 +179,7 @@ def test_push_training_folder_to_fake_hub_and_load_hf_hub_id_in_fresh_process(
 
     files = fake_hub.files(repo)
     # The EMA weights were pushed (as model.safetensors), tensor for tensor, under plain key names.
-    pushed = safetensors.torch.load(files['model.safetensors'])
+    pushed = load_safetensors_bytes(files['model.safetensors'])
     ema_file = safetensors.torch.load_file(str(train_folder / 'model_ema.safetensors'))
     assert pushed.keys() == ema_file.keys() == ema.state_dict().keys()
     assert all(torch.equal(pushed[k], ema_file[k]) for k in pushed)
@@ -396,7 +397,7 @@ def test_cli_push_no_ema_private_revision_and_download(fake_hub, train_folder, t
     assert url.endswith(fake_hub.repos[repo].branches['v1'])
     assert set(fake_hub.files(repo, 'main')) == {'.gitattributes'}  # main untouched
     files = fake_hub.files(repo, 'v1')
-    pushed = safetensors.torch.load(files['model.safetensors'])
+    pushed = load_safetensors_bytes(files['model.safetensors'])
     assert all(torch.equal(pushed[k], v) for k, v in model.state_dict().items())  # --no-ema: the model weights
     card = files['README.md'].decode()
     assert "timm.create_model('hf-hub:spformer-test/cli@v1', pretrained=True)" in card
@@ -425,7 +426,7 @@ def test_cli_push_single_safetensors_file_and_replace_pickles(fake_hub, train_fo
     assert fake_hub.commits(repo)[-1].deleted == ['pytorch_model.bin']
     config = json.loads(fake_hub.files(repo)['config.json'])
     assert config['num_classes'] == 5 and config['model_args']['img_size'] == [IMG, IMG]  # from the tensors
-    pushed = safetensors.torch.load(fake_hub.files(repo)['model.safetensors'])
+    pushed = load_safetensors_bytes(fake_hub.files(repo)['model.safetensors'])
     assert all(torch.equal(pushed[k], v) for k, v in model.state_dict().items())
 
     # The wrong variant for those tensors: refused before anything is pushed, naming both.
