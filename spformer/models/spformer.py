@@ -77,9 +77,37 @@ def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1)
 
 
+def project_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-head linear map: x (B, h, w, M, d), weight (M, d, c) -> (B, M, h, w, c) as a view of a
+    heads-last (B, h, w, M, c) tensor. The ops gather superpixel tensors per cell, all heads at once:
+    heads-last memory makes that gather copy contiguous rows (the einsum alone puts the heads
+    outermost, and the gather from it costs several times more than this small copy)."""
+    return torch.einsum('bhwmd,mdc->bhwmc', x, weight).contiguous().permute(0, 3, 1, 2, 4)
+
+
+def project_heads_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``<x, bias>`` per head: x (B, h, w, M, d), bias (M, d) -> (B, M, h, w), heads-last in memory."""
+    return torch.einsum('bhwmd,md->bhwm', x, bias).contiguous().permute(0, 3, 1, 2)
+
+
 def softmax_fp32(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in at least fp32 (bf16/fp16 logits under autocast), keeping fp64 as fp64."""
     return x.softmax(dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For a bias-free projection W followed by a LayerNorm over its outputs: (Wc, G) with Wc = W minus
+    its mean row and G = Wc^T Wc / rows, so that ``LayerNorm(W x) = gamma * (Wc x) * r + beta`` with
+    ``r = (x^T G x + eps)^-1/2`` (the mean of W x is the mean row times x; its variance is x^T G x).
+    The normalization then costs a pass over the narrow x instead of passes over the wide W x."""
+    wc = weight - weight.mean(dim=0, keepdim=True)
+    return wc, wc.t() @ wc / weight.shape[0]
+
+
+def rescale_by_projection_std(x: torch.Tensor, gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * r`` with r of :func:`centred_projection`: x divided by the std of its projection."""
+    var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
+    return x * torch.rsqrt(var + eps)
 
 
 class Association(NamedTuple):
@@ -146,9 +174,7 @@ class SuperpixelCrossAttention(nn.Module):
         """Per-head pieces of the centred pixel projection: (Wc_q, Wc_k, Wc_v) as (M, rows, C_p),
         the LayerNorm affine split the same way, and G = Wc^T Wc / channels."""
         C_p, C, M = self.pixel_dim, self.embed_dim, self.num_heads
-        w = self.pixel_qkv.weight
-        wc = w - w.mean(dim=0, keepdim=True)
-        gram = wc.t() @ wc / w.shape[0]
+        wc, gram = centred_projection(self.pixel_qkv.weight)
         wq, wk, wv = wc.split([C_p, C_p, C])
         gamma = self.pixel_norm.weight.split([C_p, C_p, C])
         beta = self.pixel_norm.bias.split([C_p, C_p, C])
@@ -167,9 +193,7 @@ class SuperpixelCrossAttention(nn.Module):
 
         # Both ops read the pixels cell-major: one layout copy here instead of one per op call.
         x = image_to_cells(conv_plus_identity(self.pixel_pos, pixels).unsqueeze(1), cell)  # (B, 1, h, w, n, C_p)
-        # r x: the pixels divided by the LayerNorm's standard deviation of their projection.
-        var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-        x_hat = x * torch.rsqrt(var + self.pixel_norm.eps)
+        x_hat = rescale_by_projection_std(x, gram, self.pixel_norm.eps)  # r x
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
@@ -180,20 +204,20 @@ class SuperpixelCrossAttention(nn.Module):
         # Under autocast the projections may come out in another dtype than x_hat (LayerNorm runs
         # in fp32 on CUDA): the ops take one dtype, x_hat's.
         dt = x_hat.dtype
-        queries = torch.einsum('bhwmd,mdc->bmhwc', q_s * gk * scale, wk).to(dt)
+        queries = project_heads(q_s * gk * scale, wk).to(dt)
         gathered = superpixel_attention(
             queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend, pixel_layout='cells')
         sp_update = torch.einsum('bmhwc,moc->bhwmo', gathered, wv) * gv + bv  # (B, h, w, M, C / M)
         superpixels = superpixels + self.sp_ls(sp_update.reshape(B, h, w, C))
 
         if self.pixel_ls is not None:  # both updates read the old pixels and superpixels
-            keys = torch.einsum('bhwmd,mdc->bmhwc', k_s * gq * scale, wq).to(dt)
-            key_bias = (torch.einsum('bhwmd,md->bmhw', k_s, bq) * scale).to(dt)
+            keys = project_heads(k_s * gq * scale, wq).to(dt)
+            key_bias = (project_heads_bias(k_s, bq) * scale).to(dt)
             values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4).to(dt)
             out = pixel_attention(
                 x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout='cells')
             pixels = add_cell_update(pixels, out, self.pixel_ls.gamma)
-        association = Association(x_hat, queries, (torch.einsum('bhwmd,md->bmhw', q_s, bk) * scale).to(dt))
+        association = Association(x_hat, queries, (project_heads_bias(q_s, bk) * scale).to(dt))
         return pixels, superpixels, association
 
 
@@ -758,7 +782,9 @@ class SPFormer(nn.Module):
             x, self.in_chans, self.group_stride, self.img_size, self.dynamic_img_size,
             f'the group stride (superpixel token stride {self.token_stride} x group_size={self.group_size}):'
             if self.grouping else 'the superpixel token stride')
-        pixels = self.stem(x).permute(0, 2, 3, 1)
+        # Channels-last from here on: a strided view would make every later pixel op slower (the
+        # depthwise convs fall back to their NCHW kernels, ~7x slower on CPU).
+        pixels = self.stem(x).permute(0, 2, 3, 1).contiguous()
         return pixels, self.sp_init(pixels)
 
     def _pos_embed(self, stage: SPFormerStage, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
