@@ -518,6 +518,35 @@ def test_sca_layer_parameter_gradients_match_naive():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)
 
 
+@pytest.mark.parametrize('grid,cell,chunk_bytes', [((2, 3), 4, 1 << 20), ((3, 1), 7, 1), ((1, 1), 4, 1)])
+def test_superpixel_init_chunked_matches_autograd(grid, cell, chunk_bytes, monkeypatch):
+    """The chunked CPU superpixel init (forward and hand-written backward) equals the plain
+    Linear -> LayerNorm -> GELU -> avg_pool computed by autograd, in float64, including a chunk size
+    (one cell row) that leaves a remainder."""
+    from spformer.models import spformer as spf
+    torch.manual_seed(0)
+    init = spf.SuperpixelInit(8, 12, cell).double()
+    for p in init.parameters():
+        p.data.normal_()
+    pixels = torch.randn(3, grid[0] * cell, grid[1] * cell, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, *grid, 12, dtype=torch.float64)
+    if chunk_bytes == 1:  # force chunks of one cell row (3 * grid[0] rows, not a multiple of 2)
+        monkeypatch.setattr(spf.SuperpixelInit, '_chunk_bytes', 1)
+    assert init._chunked(pixels)
+    out = init(pixels)
+    (out * weights).sum().backward()
+    fast = [pixels.grad] + [p.grad for p in init.parameters()]
+    ref_pixels = pixels.detach().clone().requires_grad_()
+    init.zero_grad()
+    x = F.gelu(F.layer_norm(ref_pixels @ init.proj.weight.t(), (12,), init.norm.weight, init.norm.bias, 1e-6))
+    ref = F.avg_pool2d(x.permute(0, 3, 1, 2), cell).permute(0, 2, 3, 1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(['pixels', 'proj.weight', 'norm.weight', 'norm.bias'], fast,
+                          [ref_pixels.grad] + [p.grad for p in init.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
 def test_model_backends_agree(model_name):
     """The whole model with the cell-major torch backend equals the dense reference backend."""

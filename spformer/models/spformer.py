@@ -273,13 +273,71 @@ class PixelUpdate(nn.Module):
         return add_cell_update(pixels, update, self.ls.gamma)
 
 
+class CellPooledProjection(torch.autograd.Function):
+    """``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixel rows, a few cell rows at a
+    time in the forward and in the backward (which recomputes the wide map chunk by chunk).
+
+    On CPU the embed_dim-wide map is memory-bound: each pass over it costs about as much as the
+    projection, so keeping the chunk in cache is ~3x faster than whole-tensor ops, and the backward
+    never materializes the wide map (a checkpointed autograd graph recomputes it whole, 38 MB per
+    tensor for SPFormer-S at batch 8, and was ~2x slower). Only the input is saved.
+    rows: (B * h, cell, W, C_p) -> (B * h, W / cell, C).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, gamma, beta, eps: float, cell: int, chunk: int):
+        ctx.save_for_backward(rows, weight, gamma, beta)
+        ctx.eps, ctx.cell, ctx.chunk = eps, cell, chunk
+        R, c, W, _ = rows.shape
+        C = weight.shape[0]
+        out = rows.new_empty(R, W // c, C)
+        for start in range(0, R, chunk):
+            part = rows[start:start + chunk]
+            y = F.gelu(F.layer_norm(F.linear(part, weight), (C,), gamma, beta, eps))
+            # two single-axis sums: ~10x faster than one over both axes of the strided view
+            torch.sum(y.sum(1).view(part.shape[0], W // c, c, C), dim=2, out=out[start:start + chunk])
+        return out.div_(c * c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, weight, gamma, beta = ctx.saved_tensors
+        c, chunk = ctx.cell, ctx.chunk
+        R, _, W, C_p = rows.shape
+        C = weight.shape[0]
+        grad = grad / (c * c)
+        d_rows = torch.empty_like(rows)
+        d_weight = torch.zeros_like(weight)
+        d_gamma, d_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
+        for start in range(0, R, chunk):
+            part = rows[start:start + chunk]
+            n = part.shape[0]
+            z = F.linear(part, weight)
+            a, mean, rstd = torch.native_layer_norm(z, (C,), gamma, beta, ctx.eps)
+            # every pixel of a cell gets its cell's gradient (made contiguous: gelu_backward runs
+            # ~2x slower on the broadcast view)
+            g = grad[start:start + chunk].view(n, 1, W // c, 1, C).expand(n, c, W // c, c, C).contiguous()
+            da = torch.ops.aten.gelu_backward(g, a.view(n, c, W // c, c, C)).view(n, c, W, C)
+            dz, dg, db = torch.ops.aten.native_layer_norm_backward(
+                da, z, (C,), mean, rstd, gamma, beta, [True, True, True])
+            d_weight.addmm_(dz.reshape(-1, C).t(), part.reshape(-1, C_p))
+            torch.matmul(dz, weight, out=d_rows[start:start + chunk])
+            d_gamma += dg
+            d_beta += db
+        return d_rows, d_weight, d_gamma, d_beta, None, None, None
+
+
 class SuperpixelInit(nn.Module):
     """Initial superpixel tokens: 1x1 conv + LayerNorm2d + GELU on the pixels, then the mean over
     every cell (DESIGN.md 1.2, step 2).
 
     Its three embed_dim-wide pixel maps would be the largest tensors kept for backward (3 x 38 MB
-    for SPFormer-S at batch 8), so in training it keeps only its input and recomputes them.
+    for SPFormer-S at batch 8): on CPU :class:`CellPooledProjection` computes it in cache-sized
+    chunks and saves only its input; elsewhere (CUDA, torch.compile, autocast) it is plain autograd
+    with the wide maps recomputed in the backward (activation checkpointing).
     """
+
+    _chunk_bytes = 1 << 20  # the wide map of one chunk: fits in a core's L2 cache with its temporaries
 
     def __init__(self, pixel_dim: int, embed_dim: int, cell_size: int, norm_layer=partial(nn.LayerNorm, eps=1e-6)):
         super().__init__()
@@ -288,21 +346,24 @@ class SuperpixelInit(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.act = nn.GELU()
 
+    def _chunked(self, pixels: torch.Tensor) -> bool:
+        return not (pixels.is_cuda or torch.compiler.is_compiling() or torch.is_autocast_enabled(pixels.device.type)
+                    or type(self.norm) is not nn.LayerNorm or not self.norm.elementwise_affine
+                    or self.act.approximate != 'none')
+
     def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
-        B, H, W, _ = pixels.shape
-        c = self.cell_size
-        if pixels.is_cuda or torch.compiler.is_compiling():
-            x = self.act(self.norm(self.proj(pixels)))
-            return F.avg_pool2d(x.permute(0, 3, 1, 2), c).permute(0, 2, 3, 1)
-        # On CPU the wide map is memory-bound (each pass over it costs as much as the projection):
-        # a few cell rows at a time keep it in cache, ~3x faster for SPFormer-S. Same result.
-        rows = pixels.reshape(B * H // c, c, W, -1)
-        chunk = max(1, (1 << 20) // (c * W * self.proj.out_features * pixels.element_size()))
-        pooled = [self.act(self.norm(self.proj(part))).sum(1).reshape(part.shape[0], W // c, c, -1).sum(2)
-                  for part in rows.split(chunk)]
-        return torch.cat(pooled).reshape(B, H // c, W // c, -1) / (c * c)
+        x = self.act(self.norm(self.proj(pixels)))
+        return F.avg_pool2d(x.permute(0, 3, 1, 2), self.cell_size).permute(0, 2, 3, 1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = pixels.shape
+        c = self.cell_size
+        if self._chunked(pixels):
+            chunk = max(1, self._chunk_bytes // (c * W * self.proj.out_features * pixels.element_size()))
+            pooled = CellPooledProjection.apply(
+                pixels.reshape(B * H // c, c, W, -1), self.proj.weight, self.norm.weight, self.norm.bias,
+                self.norm.eps, c, chunk)
+            return pooled.view(B, H // c, W // c, -1)
         if torch.is_grad_enabled() and pixels.requires_grad:
             return torch.utils.checkpoint.checkpoint(self._pooled, pixels, use_reentrant=False)
         return self._pooled(pixels)
