@@ -40,15 +40,23 @@ def _peak_tensor_mb(step, *tracked) -> float:
     return tracker.get_tracker_snapshot('peak')[torch.device('cpu')]['Total'] / 2 ** 20
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_times(steps: dict, repeats: int, warmup: int = 2) -> dict:
+    """Times the steps in turn (A, B, A, B, ...) so that load from other jobs, and the machine's own
+    drift, hit them alike. Returns each step's median seconds and, for every step, the median over
+    rounds of (first step's time / this step's time) within the same round: the ratio to report,
+    steadier than a ratio of medians on a noisy machine."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    first = next(iter(times.values()))
+    return {name: dict(seconds=statistics.median(t), ratio=statistics.median(a / b for a, b in zip(first, t)))
+            for name, t in times.items()}
 
 
 # --- measurements (each run inside its own subprocess) ---------------------------------------
@@ -64,7 +72,8 @@ OP_CASES = {
 }
 
 
-def measure_op(backend: str, case: str, batch: int, repeats: int) -> dict:
+def measure_op(case: str, batch: int, repeats: int) -> dict:
+    """Reference and torch backends on one case: interleaved times, and each one's peak memory."""
     from spformer.kernels import pixel_attention, superpixel_attention
     torch.manual_seed(0)
     B, h, w, cell = batch, 14, 14, 4
@@ -77,24 +86,29 @@ def measure_op(backend: str, case: str, batch: int, repeats: int) -> dict:
         heads, where, ch = spec[name]
         tensors[name] = torch.randn(B, heads, *grid[where], ch, requires_grad=True)
     args = [tensors['q'], tensors['k'], tensors.get('v', tensors['k'])]
-    kwargs = dict(backend=backend)
+    kwargs = {}
     if spec.get('bias'):
         tensors['bias'] = kwargs['bias'] = torch.randn(B, 2, h, w, requires_grad=True)
     op = superpixel_attention if direction == 'superpixel' else pixel_attention
     leaves = list(tensors.values())
 
-    def step():
-        out = op(*args, cell, **kwargs)
-        out.backward(torch.ones_like(out))
-        for t in leaves:
-            t.grad = None
+    def step_for(backend):
+        def step():
+            out = op(*args, cell, backend=backend, **kwargs)
+            out.backward(torch.ones_like(out))
+            for t in leaves:
+                t.grad = None
+        return step
 
-    seconds = _median_time(step, repeats)
+    steps = {backend: step_for(backend) for backend in ('reference', 'torch')}
+    results = interleaved_times(steps, repeats)
     # Beyond its inputs the op holds their gradients (the same for every backend) and its
     # working memory (saved tensors and temporaries): report both.
     inputs_mb = sum(t.numel() * t.element_size() for t in leaves) / 2 ** 20
-    above_inputs = _peak_tensor_mb(step, *leaves) - inputs_mb
-    return dict(seconds=seconds, peak_mb=above_inputs, working_mb=above_inputs - inputs_mb)
+    for backend, step in steps.items():
+        above_inputs = _peak_tensor_mb(step, *leaves) - inputs_mb
+        results[backend].update(peak_mb=above_inputs, working_mb=above_inputs - inputs_mb)
+    return results
 
 
 def _model_step(name: str, mode: str, batch: int):
@@ -128,19 +142,8 @@ def measure_model_memory(name: str, mode: str, batch: int) -> dict:
 
 
 def measure_models_time(names, mode: str, batch: int, repeats: int) -> dict:
-    """Interleaved timing (A, B, A, B, ...) in one process, so that load from other jobs hits
-    both models alike; returns the median seconds per step of each."""
-    steps = {name: _model_step(name, mode, batch)[0] for name in names}
-    for step in steps.values():
-        step()
-        step()
-    times = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Interleaved timing of the models' steps in one process (:func:`interleaved_times`)."""
+    return interleaved_times({name: _model_step(name, mode, batch)[0] for name in names}, repeats)
 
 
 def cuda_bandwidth(batch: int = 128, repeats: int = 20):
@@ -249,10 +252,10 @@ def main(argv=None):
              '| vs reference | of which working memory (MB) | vs reference |')
         emit('|---|---|---|---|---|---|---|---|')
         for case in OP_CASES:
-            ref = _run_child('op', 'reference', case, args.batch_size, args.repeats)
-            r = _run_child('op', 'torch', case, args.batch_size, args.repeats)
-            for backend, res in (('reference', ref), ('torch', r)):
-                emit(f"| {case} | {backend} | {res['seconds'] * 1e3:.1f} | {ref['seconds'] / res['seconds']:.2f}x | "
+            results = _run_child('op', case, args.batch_size, args.repeats)
+            ref = results['reference']
+            for backend, res in results.items():
+                emit(f"| {case} | {backend} | {res['seconds'] * 1e3:.1f} | {res['ratio']:.2f}x | "
                      f"{res['peak_mb']:.0f} | {ref['peak_mb'] / res['peak_mb']:.1f}x less | "
                      f"{res['working_mb']:.1f} | {ref['working_mb'] / max(res['working_mb'], 0.1):.1f}x less |")
     if args.only in (None, 'models'):
@@ -266,12 +269,12 @@ def main(argv=None):
         train = measure_models_time(names, 'train', args.batch_size, max(2, args.repeats - 2))
         memory = {name: _run_child('model', name, 'train', args.batch_size)['peak_mb'] for name in names}
         for name in names:
-            emit(f"| {name} | {args.batch_size / infer[name]:.1f} | {train[name]:.2f} | "
-                 f"{args.batch_size / train[name]:.1f} | {memory[name]:.0f} |")
+            emit(f"| {name} | {args.batch_size / infer[name]['seconds']:.1f} | {train[name]['seconds']:.2f} | "
+                 f"{args.batch_size / train[name]['seconds']:.1f} | {memory[name]:.0f} |")
         deit, spf = names
         emit()
-        emit(f"SPFormer-S / DeiT-S: inference throughput {infer[deit] / infer[spf]:.2f}x, "
-             f"train-step throughput {train[deit] / train[spf]:.2f}x, "
+        emit(f"SPFormer-S / DeiT-S (medians of the ratios within each interleaved round): inference throughput "
+             f"{infer[spf]['ratio']:.2f}x, train-step throughput {train[spf]['ratio']:.2f}x, "
              f"train peak memory {memory[spf] / memory[deit]:.2f}x")
     if args.readme:
         with open(args.readme) as f:
