@@ -104,10 +104,44 @@ def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return wc, wc.t() @ wc / weight.shape[0]
 
 
-def rescale_by_projection_std(x: torch.Tensor, gram: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * r`` with r of :func:`centred_projection`: x divided by the std of its projection."""
-    var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-    return x * torch.rsqrt(var + eps)
+class _RescaleByProjectionStd(torch.autograd.Function):
+    """``x * (x^T G x + eps)^-1/2`` per row with a hand-written backward that saves only x and the
+    per-row scale (autograd would keep x G too, a pixel-sized tensor per SCA iteration) and
+    makes fewer passes over the pixels:
+    dx = r g - (g.x) r^3 G x,  dG = -1/2 sum_p (g_p.x_p) r_p^3 x_p x_p^T."""
+
+    @staticmethod
+    def forward(ctx, x, gram, eps: float):
+        r = torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, gram, r)
+        return x * r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, gram, r = ctx.saved_tensors
+        coef = (grad * x).sum(dim=-1, keepdim=True).mul_(r.pow(3))  # (g.x) r^3
+        d_x = d_gram = None
+        if ctx.needs_input_grad[0]:
+            d_x = (grad * r).sub_(torch.matmul(x, gram).mul_(coef))
+        if ctx.needs_input_grad[1]:
+            flat = x.reshape(-1, x.shape[-1])
+            d_gram = (flat * coef.reshape(-1, 1)).t().matmul(flat).mul_(-0.5)
+        return d_x, d_gram, None
+
+
+def rescale_by_projection_std(x: torch.Tensor, gram: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
+    """``x * r`` with r of :func:`centred_projection`: x divided by the std of its projection.
+    ``inplace`` (no autograd): overwrite x and use one temporary instead of three; fresh
+    pixel-sized buffers are not free on CPU (first-touch page faults when the allocator has
+    returned the memory to the OS)."""
+    if inplace:
+        var = torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True)
+        return x.mul_(var.add_(eps).rsqrt_())
+    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
+        return x * torch.rsqrt(var + eps)
+    return _RescaleByProjectionStd.apply(x, gram, eps)
 
 
 class Association(NamedTuple):
@@ -193,7 +227,8 @@ class SuperpixelCrossAttention(nn.Module):
 
         # Both ops read the pixels cell-major: one layout copy here instead of one per op call.
         x = image_to_cells(conv_plus_identity(self.pixel_pos, pixels).unsqueeze(1), cell)  # (B, 1, h, w, n, C_p)
-        x_hat = rescale_by_projection_std(x, gram, self.pixel_norm.eps)  # r x
+        # r x; in place when nothing records a graph (x is this layer's own copy)
+        x_hat = rescale_by_projection_std(x, gram, self.pixel_norm.eps, inplace=not torch.is_grad_enabled())
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
