@@ -629,3 +629,17 @@ def test_model_triton_backend_matches_torch():
     grads = dict(model.named_parameters())
     for name, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_rescale_by_projection_std_gradcheck():
+    """The hand-written backward of the pixel rescaling x (x^T G x + eps)^-1/2 (symmetric G, as
+    every SCA's Gram matrix is) against finite differences, and its in-place no-grad form against
+    the out-of-place one."""
+    from spformer.models.spformer import _RescaleByProjectionStd, rescale_by_projection_std
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(6, 9, dtype=torch.float64)
+    gram = (a @ a.t() / 9).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, g: _RescaleByProjectionStd.apply(x, g, 1e-6), (x, gram))
+    expected = x.detach() / (((x.detach() @ gram.detach()) * x.detach()).sum(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(rescale_by_projection_std(x.detach().clone(), gram.detach(), 1e-6, inplace=True), expected)

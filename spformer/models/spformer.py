@@ -105,7 +105,7 @@ def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
 
 
 class _RescaleByProjectionStd(torch.autograd.Function):
-    """``x * (x^T G x + eps)^-1/2`` per row with a hand-written backward that saves only x and the
+    """``x * (x^T G x + eps)^-1/2`` per row (G symmetric) with a hand-written backward that saves only x and the
     per-row scale (autograd would keep x G too, a pixel-sized tensor per SCA iteration) and
     makes fewer passes over the pixels:
     dx = r g - (g.x) r^3 G x,  dG = -1/2 sum_p (g_p.x_p) r_p^3 x_p x_p^T."""
