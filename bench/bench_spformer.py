@@ -40,7 +40,7 @@ def _peak_tensor_mb(step, *tracked) -> float:
     return tracker.get_tracker_snapshot('peak')[torch.device('cpu')]['Total'] / 2 ** 20
 
 
-def interleaved_times(steps: dict, repeats: int, warmup: int = 2) -> dict:
+def interleaved_times(steps: dict, repeats: int, warmup: int = 2, clock=time.perf_counter) -> dict:
     """Times the steps in turn (A, B, A, B, ...) so that load from other jobs, and the machine's own
     drift, hit them alike. Returns each step's median seconds and, for every step, the median over
     rounds of (first step's time / this step's time) within the same round: the ratio to report,
@@ -51,9 +51,9 @@ def interleaved_times(steps: dict, repeats: int, warmup: int = 2) -> dict:
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     first = next(iter(times.values()))
     return {name: dict(seconds=statistics.median(t), ratio=statistics.median(a / b for a, b in zip(first, t)))
             for name, t in times.items()}
@@ -146,6 +146,15 @@ def measure_models_time(names, mode: str, batch: int, repeats: int) -> dict:
     return interleaved_times({name: _model_step(name, mode, batch)[0] for name in names}, repeats)
 
 
+def measure_models_cpu_time(names, mode: str, batch: int, repeats: int) -> dict:
+    """Like :func:`measure_models_time` on one thread, counting the CPU time the process got
+    (``time.process_time``): on a virtual machine whose host takes cores away (steal time),
+    wall-clock ratios drift with the host's load; CPU time on one thread does not."""
+    torch.set_num_threads(1)
+    return interleaved_times({name: _model_step(name, mode, batch)[0] for name in names}, repeats,
+                             clock=time.process_time)
+
+
 def cuda_bandwidth(batch: int = 128, repeats: int = 20):
     """Fused Triton kernels on CUDA at SPFormer-S shapes: time and achieved bandwidth."""
     from spformer.kernels import pixel_attention, superpixel_attention
@@ -231,7 +240,8 @@ def main(argv=None):
 
     if args.child:
         kind, *rest = json.loads(args.child)
-        result = measure_op(*rest) if kind == 'op' else measure_model_memory(*rest)
+        measure = dict(op=measure_op, model=measure_model_memory, cpu_time=measure_models_cpu_time)[kind]
+        result = measure(*rest)
         print(json.dumps(result))
         return
 
@@ -268,6 +278,8 @@ def main(argv=None):
         infer = measure_models_time(names, 'infer', args.batch_size, args.repeats)
         train = measure_models_time(names, 'train', args.batch_size, max(2, args.repeats - 2))
         memory = {name: _run_child('model', name, 'train', args.batch_size)['peak_mb'] for name in names}
+        cpu_infer = _run_child('cpu_time', names, 'infer', args.batch_size, args.repeats)
+        cpu_train = _run_child('cpu_time', names, 'train', args.batch_size, max(2, args.repeats - 4))
         for name in names:
             emit(f"| {name} | {args.batch_size / infer[name]['seconds']:.1f} | {train[name]['seconds']:.2f} | "
                  f"{args.batch_size / train[name]['seconds']:.1f} | {memory[name]:.0f} |")
@@ -276,6 +288,11 @@ def main(argv=None):
         emit(f"SPFormer-S / DeiT-S (medians of the ratios within each interleaved round): inference throughput "
              f"{infer[spf]['ratio']:.2f}x, train-step throughput {train[spf]['ratio']:.2f}x, "
              f"train peak memory {memory[spf] / memory[deit]:.2f}x")
+        emit()
+        emit(f"On one thread, in CPU time (`time.process_time`, blind to time the host takes away from this "
+             f"machine): inference {cpu_infer[deit]['seconds'] * 1e3:.0f} vs {cpu_infer[spf]['seconds'] * 1e3:.0f} ms "
+             f"per batch, {cpu_infer[spf]['ratio']:.2f}x; train step {cpu_train[deit]['seconds']:.2f} vs "
+             f"{cpu_train[spf]['seconds']:.2f} s, {cpu_train[spf]['ratio']:.2f}x")
     if args.readme:
         with open(args.readme) as f:
             text = f.read()
