@@ -4,8 +4,8 @@ Everything is compared side by side in one run (ratios, since shared machines ar
 backends of one op case, and the two models, run in turns within one process, and each ratio is
 the median of the per-round ratios. On a virtual machine whose host takes cores away (steal time)
 even that drifts, so the models are also compared on one thread in CPU time (``process_time``).
-Peak memory is the peak of live tensor bytes during one step (parameters, gradients, optimizer state, activations and temporaries), from
-torch's MemTracker: exact and independent of the allocator, unlike the process RSS.
+Peak memory is the peak of live tensor bytes during one step (parameters, gradients, optimizer
+state, activations and temporaries), from torch's MemTracker: exact and independent of the allocator, unlike the process RSS.
 
     python bench/bench_spformer.py                 # everything (~5 min on 2 cores)
     python bench/bench_spformer.py --only op       # just the op (CPU backends)
