@@ -48,10 +48,6 @@ def _exact(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @torch.library.custom_op('spformer::pixel_attention', mutates_args=())
 def _pixel_attention_op(
         q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cell: int, scale: float, backend: str, cells: bool,
@@ -66,7 +62,7 @@ def _(q, k, v, bias, cell, scale, backend, cells):
     B, Mp = q.shape[:2]
     M, h, w, dv = v.shape[1], v.shape[2], v.shape[3], v.shape[4]
     out = q.new_empty(B, h, w, cell * cell, M, dv) if cells else q.new_empty(B, h * cell, w * cell, M, dv)
-    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=_probs_dtype(q.dtype))
+    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=torch_backend.accumulate_dtype(q.dtype))
     return out, probs
 
 
@@ -118,7 +114,7 @@ def _(q, k, v, cell, scale, shared_kv, backend, cells):
     B, M, h, w, _ = q.shape
     Mp, dv = k.shape[1], v.shape[-1]
     out = q.new_empty(B, h, w, M, dv)
-    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=_probs_dtype(q.dtype))
+    probs = q.new_empty(B * Mp, h, w, cell * cell, 9 * (M // Mp), dtype=torch_backend.accumulate_dtype(q.dtype))
     return out, probs
 
 

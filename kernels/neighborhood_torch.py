@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .neighborhood_reference import neighbor_superpixels, window_start
+from .torch_backend import accumulate_dtype
 
 
 class Geometry(NamedTuple):
@@ -121,10 +122,6 @@ def window_adjoint_(dst: torch.Tensor, g: torch.Tensor, a: int, kernel_size: int
     return shift_adjoint_(dst, colstack_adjoint(g, kernel_size), a, kernel_size, -2)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _channels_first(x: torch.Tensor, dt) -> torch.Tensor:
     """(B, M, H, W, c) -> contiguous (B, M, c, H, W) in the compute dtype."""
     return x.to(dt).permute(0, 1, 4, 2, 3).contiguous()
@@ -189,7 +186,7 @@ def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch
     window's max logit and its agreement-weighted exp-sum (what the backward pass recomputes from).
     """
     ks = kernel_size
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     Q, K, V = _channels_first(q, dt), _channels_first(k, dt), _channels_first(v, dt)
     Qs = Q.unsqueeze(-2)  # (B, M, d, H, 1, W) against (B, M, d, H, k, W)
     lams = None if lam is None else lam.to(dt).unsqueeze(-2)
@@ -242,7 +239,7 @@ def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size
     [dlam if lam], in the inputs' shapes."""
     M = q.shape[1]
     ks = kernel_size
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     Q, K, V = _channels_first(q, dt), _channels_first(k, dt), _channels_first(v, dt)
     Qs = Q.unsqueeze(-2)
     G = grad_out.to(dt).permute(0, 3, 4, 1, 2).contiguous()  # (B, M, dv, H, W)

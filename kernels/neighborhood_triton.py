@@ -39,12 +39,15 @@ use ``input_precision='ieee'``; fp16/bf16 inputs use 'tf32' (products of input v
 probabilities and weights are rounded to tf32 as operands). ``scale`` travels as an fp32 pair
 (hi, lo) as in kernels/triton_backend.py.
 """
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+# Launch helpers shared with the local cross-attention kernels.
+from .torch_backend import accumulate_dtype
+from .triton_backend import _block, _device, _empty, _split
 
 TILE = 8  # query / key tiles are TILE x TILE pixels
 CHUNK_ROWS, CHUNK_COLS = 4, 16  # the other side is walked in chunks of 4 x 16 pixels
@@ -377,11 +380,6 @@ def _bwd_dkv_kernel(
 
 # --- launch configuration --------------------------------------------------------------------
 
-def _block(x: int) -> int:
-    """Power of two >= max(x, 16): tl.dot needs every dimension >= 16."""
-    return max(16, triton.next_power_of_2(max(int(x), 1)))
-
-
 def basis_side(cell: int) -> int:
     """Rows (= columns) of the local superpixel basis of a TILE x TILE tile: its cells and one around."""
     return (TILE + cell - 2) // cell + 3
@@ -394,26 +392,6 @@ def _config(dtype: torch.dtype, d: int, dv: int, kernel_size: int, cell: int, mo
     return dict(KS=kernel_size, CELL=cell if mode == MODE_SOFT else 1, MODE=mode, TY=TILE, TX=TILE,
                 CR=CHUNK_ROWS, CC=CHUNK_COLS, SY=side, SX=side, BS=_block(side * side), BD=_block(d),
                 BDV=_block(dv), ACC=acc, PREC=prec, num_warps=8)
-
-
-def _split(scale: float):
-    """``scale`` as an fp32 pair (hi, lo) with hi + lo = scale to ~2**-48 (fp64 inputs keep it whole)."""
-    hi = float(torch.tensor(scale, dtype=torch.float32))
-    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty(like: torch.Tensor, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Every buffer the kernels fill completely (outputs, stats, gradients)."""
-    return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
-
-
-def _device(t: torch.Tensor):
-    """Launch on the tensors' GPU, not the current one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
@@ -455,7 +433,7 @@ def attention_fwd(q, k, v, probs: Optional[torch.Tensor], labels: Optional[torch
     B, M, H, W, d = q.shape
     dv = v.shape[-1]
     out = _empty(q, (B, H, W, M, dv))
-    stats = _empty(q, (B, M, H, W, 2), _acc_dtype(q.dtype))
+    stats = _empty(q, (B, M, H, W, 2), accumulate_dtype(q.dtype))
     if out.numel() == 0:
         return out.zero_(), stats.zero_()
     mode, tensors, sizes = _launch_args(q, k, v, probs, labels, lam, kernel_size, cell)
@@ -470,7 +448,7 @@ def attention_bwd(grad_out, out, stats, q, k, v, probs, labels, lam, kernel_size
     [dlam if lam], in the inputs' shapes."""
     B, M, H, W, d = q.shape
     dv = v.shape[-1]
-    acc = _acc_dtype(q.dtype)
+    acc = accumulate_dtype(q.dtype)
     dq, dk, dv_ = _empty(q, q.shape), _empty(k, k.shape), _empty(v, v.shape)
     dprobs = None if probs is None else torch.zeros(B, M, H, W, 9, dtype=acc, device=q.device)  # scattered into
     dlam = None if lam is None else _empty(q, (B, M, H, W), acc)

@@ -103,7 +103,9 @@ def fold9(y: torch.Tensor, reduce: str = 'sum', axis: int = 3) -> torch.Tensor:
     return out[:, 1:1 + h, 1:1 + w]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16 inputs, else the inputs' dtype: what every backend accumulates in and
+    stores probabilities and softmax statistics in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -191,7 +193,7 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     B, Mp = q.shape[:2]
     M, dv = v.shape[1], v.shape[-1]
     G = M // Mp
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     qc = as_cells(q.to(dt), cell, cells)
     N, h, w, n, _ = qc.shape
     probs = _pixel_probs(qc, k.to(dt), None if bias is None else bias.to(dt), B, Mp, scale)
@@ -206,7 +208,7 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
     B, Mp, d = q.shape[0], q.shape[1], q.shape[-1]
     M, h, w, dv = v.shape[1], v.shape[2], v.shape[3], v.shape[-1]
     G = M // Mp
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     N, n = B * Mp, cell * cell
     qc = as_cells(q.to(dt), cell, cells)
     kn = neighbors(k.to(dt), Mp).view(N, h, w, G * 9, d)
@@ -246,7 +248,7 @@ def superpixel_association(q, k, bias: Optional[torch.Tensor], cell: int, scale:
     """(B, M, H, W, 9) probabilities ((B, M, h, w, n, 9) if ``cells``); differentiable through plain autograd."""
     B, Mp = q.shape[:2]
     G = k.shape[1] // Mp
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     probs = _pixel_probs(as_cells(q.to(dt), cell, cells), k.to(dt), None if bias is None else bias.to(dt),
                             B, Mp, scale)
     return probs_to_weights(probs, B, Mp, G, cell, cells).to(q.dtype)
@@ -259,7 +261,7 @@ def _superpixel_operands(q, k, v, cell: int, shared_kv: bool, cells: bool):
     B, M, h, w, d = q.shape
     Mp = k.shape[1]
     G = M // Mp
-    dt = _compute_dtype(q.dtype)
+    dt = accumulate_dtype(q.dtype)
     kc = as_cells(k.to(dt), cell, cells)
     vc = kc if shared_kv else as_cells(v.to(dt), cell, cells)
     qn = neighbors(q.to(dt), Mp).view(B * Mp, h, w, G * 9, d)

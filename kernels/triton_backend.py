@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .torch_backend import accumulate_dtype
+
 _BK = 16  # the 9 neighbours padded to a tl.dot-legal width
 
 
@@ -427,10 +429,6 @@ def _split(scale: float):
     return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
 
 
-def _probs_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _empty(like: torch.Tensor, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Every buffer the kernels fill (outputs, probabilities, scratch): each element is written."""
     return torch.empty(tuple(shape), dtype=like.dtype if dtype is None else dtype, device=like.device)
@@ -455,7 +453,7 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     G = M // Mp
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = _empty(q, (B, h, w, cell * cell, M, dv) if cells else (B, h * cell, w * cell, M, dv))
-    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), _probs_dtype(q.dtype))
+    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), accumulate_dtype(q.dtype))
     if probs.numel() == 0:
         return out.zero_(), probs
     has_bias = bias is not None
@@ -504,7 +502,7 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     q, k = q.contiguous(), k.contiguous()
     v = k if shared_kv else v.contiguous()
     out = _empty(q, (B, h, w, M, dv))
-    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), _probs_dtype(q.dtype))
+    probs = _empty(q, (B * Mp, h, w, cell * cell, 9 * G), accumulate_dtype(q.dtype))
     if probs.numel() == 0:
         return out.zero_(), probs
     with _device(q):
