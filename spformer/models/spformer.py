@@ -97,7 +97,9 @@ def add_head_projections(
     residual = (x + (beta * ls).reshape(-1)).view(B * h * w, M, -1).transpose(0, 1)  # (M, BHW, C / M)
     scaled = weight * (gamma * ls).unsqueeze(-1)  # (M, C / M, c)
     heads = heads.permute(1, 0, 2, 3, 4).reshape(M, B * h * w, c)
-    out = torch.baddbmm(residual, heads.to(residual.dtype), scaled.transpose(1, 2).to(residual.dtype))
+    # Outside autocast: the residual stream keeps its dtype (baddbmm would come out in bf16/fp16).
+    with torch.autocast(x.device.type, enabled=False):
+        out = torch.baddbmm(residual, heads.to(residual.dtype), scaled.transpose(1, 2).to(residual.dtype))
     return out.transpose(0, 1).reshape(B, h, w, -1)
 
 
