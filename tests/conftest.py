@@ -11,3 +11,33 @@ import torch  # noqa: E402
 
 # Two cores: keep intra-op threads at the core count and results reproducible.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def compile_for_sm90():
+    """Runs a kernel-compiling script (it prints 'compiled' when every job compiled) for sm_90 in
+    two processes, jobs split by ``argv = part parts``, without the interpreter: front end, LLVM and
+    ptxas, no GPU needed. Skips if this triton has no bundled ptxas."""
+    def run(script: str, timeout: float):
+        import triton
+        ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+        if not os.path.exists(ptxas):
+            pytest.skip('this triton has no bundled ptxas: cannot compile for the GPU here')
+        env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        procs = [subprocess.Popen([sys.executable, '-c', script, str(part), '2'], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env, cwd=root) for part in range(2)]
+        try:
+            for proc in procs:
+                out, err = proc.communicate(timeout=timeout)
+                assert proc.returncode == 0 and 'compiled' in out, err[-4000:]
+        finally:
+            for proc in procs:
+                proc.kill()
+    return run

@@ -15,8 +15,6 @@ fails to write shows up. Tolerance (max abs error / max(1, max |expected|)): fp3
 1e-12, fp16 4e-3, bf16 3e-2 (low precision against the float64 oracle on the same rounded inputs).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -222,20 +220,7 @@ print('compiled')
 '''
 
 
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(compile_for_sm90):
     """The interpreter accepts code a GPU compile rejects (dot shapes, dtype mixes, constexpr use):
     compile the kernels for sm_90 (front end, LLVM and ptxas; no GPU needed)."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
-    if not os.path.exists(ptxas):
-        pytest.skip('this triton has no bundled ptxas: cannot compile for the GPU here')
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, '-c', _COMPILE, str(part), '2'], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=root) for part in range(2)]
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=900)
-            assert proc.returncode == 0 and 'compiled' in out, err[-4000:]
-    finally:
-        for proc in procs:
-            proc.kill()
+    compile_for_sm90(_COMPILE, timeout=900)
