@@ -123,10 +123,13 @@ def neighbors(s: torch.Tensor, Mp: int, fill: float = 0.0) -> torch.Tensor:
 
 def block_diagonal(vn: torch.Tensor) -> torch.Tensor:
     """(N, h, w, G, 9, c) per-head neighbour values -> (N, h, w, G * 9, G * c), head g's block on the
-    diagonal. ``probs (n, G * 9) @ block_diagonal(vn)`` is every head's weighted sum in one matmul that
-    writes heads-last rows (n, G * c) directly; the per-head einsum moved the pixel-sized operands
-    and results between layouts (a copy each way). The zero blocks cost flops only on tiny matrices."""
+    diagonal (a view when G == 1). ``probs (n, G * 9) @ block_diagonal(vn)`` is every head's weighted
+    sum in one matmul that writes heads-last rows (n, G * c) directly; the per-head einsum moved the
+    pixel-sized operands and results between layouts (a copy each way). The zero blocks cost flops
+    only on tiny matrices."""
     N, h, w, G, k, c = vn.shape
+    if G == 1:
+        return vn.view(N, h, w, k, c)
     bd = vn.new_zeros(N, h, w, G, k, G, c)
     bd.diagonal(dim1=3, dim2=5).copy_(vn.permute(0, 1, 2, 4, 5, 3))
     return bd.view(N, h, w, G * k, G * c)
@@ -198,7 +201,7 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     N, h, w, n, _ = qc.shape
     probs = _pixel_probs(qc, k.to(dt), None if bias is None else bias.to(dt), B, Mp, scale)
     vn = neighbors(v.to(dt), Mp)  # (N, h, w, G, 9, dv)
-    out = torch.matmul(probs, block_diagonal(vn) if G > 1 else vn.view(N, h, w, 9, dv)).view(N, h, w, n, G, dv)
+    out = torch.matmul(probs, block_diagonal(vn)).view(N, h, w, n, G, dv)
     return heads_last_out(out, B, Mp, G, cell, cells).to(q.dtype), probs
 
 
@@ -216,13 +219,10 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
     go = heads_last_to_cells(grad_out.to(dt), Mp, cell, cells)  # (N, h, w, n, G, dv)
     p = probs.view(N, h, w, n, G, 9)
     go_rows = go.reshape(N, h, w, n, G * dv)
-    dp = torch.matmul(go_rows, (block_diagonal(vn) if G > 1 else vn.view(N, h, w, 9, dv)).transpose(-1, -2))
-    dp = dp.view(N, h, w, n, G, 9)
-    dvn = torch.matmul(probs.transpose(-1, -2), go_rows)  # (N, h, w, G9, G * dv): head g's block on the diagonal
-    if G > 1:
-        dvn = dvn.view(N, h, w, G, 9, G, dv).diagonal(dim1=3, dim2=5).permute(0, 1, 2, 5, 3, 4)
-    else:
-        dvn = dvn.view(N, h, w, 1, 9, dv)
+    dp = torch.matmul(go_rows, block_diagonal(vn).transpose(-1, -2)).view(N, h, w, n, G, 9)
+    # (N, h, w, G9, G * dv) with head g's block on the diagonal -> (N, h, w, G, 9, dv), a view
+    dvn = torch.matmul(probs.transpose(-1, -2), go_rows)
+    dvn = dvn.view(N, h, w, G, 9, G, dv).diagonal(dim1=3, dim2=5).permute(0, 1, 2, 5, 3, 4)
     # softmax backward over the 9 neighbours; excluded neighbours have p = 0 and get 0.
     dlogits = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p)  # (N, h, w, n, G, 9)
     dbias = None
