@@ -19,7 +19,7 @@ These functions hold the math; kernels/functional.py wraps them as torch.library
 ops (autograd and torch.compile) and checks arguments.
 """
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ Every test is parametrized over ``timm.list_models('spformer*')``: registering a
 enough to have it tested.
 """
 import math
-import re
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import spformer  # noqa: F401  (registers the models)
-from spformer.models.spformer import SPFormer, SuperpixelCrossAttention
+from spformer.models.spformer import SuperpixelCrossAttention
 
 MODELS = timm.list_models('spformer*')
 
@@ -530,8 +529,8 @@ def test_superpixel_init_chunked_matches_autograd(grid, cell, chunk_bytes, monke
         p.data.normal_()
     pixels = torch.randn(3, grid[0] * cell, grid[1] * cell, 8, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, *grid, 12, dtype=torch.float64)
-    if chunk_bytes == 1:  # force chunks of one cell row (3 * grid[0] rows, not a multiple of 2)
-        monkeypatch.setattr(spf.SuperpixelInit, '_chunk_bytes', 1)
+    # 1 byte forces chunks of one cell row (3 * grid[0] rows, not a multiple of 2)
+    monkeypatch.setattr(spf.SuperpixelInit, '_chunk_bytes', chunk_bytes)
     assert init._chunked(pixels)
     out = init(pixels)
     (out * weights).sum().backward()

@@ -85,6 +85,11 @@ def project_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum('bhwmd,mdc->bhwmc', x, weight).contiguous().permute(0, 3, 1, 2, 4)
 
 
+def project_heads_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``<x, bias>`` per head: x (B, h, w, M, d), bias (M, d) -> (B, M, h, w), heads-last in memory."""
+    return torch.einsum('bhwmd,md->bhwm', x, bias).contiguous().permute(0, 3, 1, 2)
+
+
 def add_head_projections(
         x: torch.Tensor, heads: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
         layer_scale: torch.Tensor) -> torch.Tensor:
@@ -103,11 +108,6 @@ def add_head_projections(
     return out.transpose(0, 1).reshape(B, h, w, -1)
 
 
-def project_heads_bias(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``<x, bias>`` per head: x (B, h, w, M, d), bias (M, d) -> (B, M, h, w), heads-last in memory."""
-    return torch.einsum('bhwmd,md->bhwm', x, bias).contiguous().permute(0, 3, 1, 2)
-
-
 def softmax_fp32(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in at least fp32 (bf16/fp16 logits under autocast), keeping fp64 as fp64."""
     return x.softmax(dim=dim, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -122,6 +122,11 @@ def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return wc, wc.t() @ wc / weight.shape[0]
 
 
+def _projection_rstd(x: torch.Tensor, gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x^T G x + eps)^-1/2`` per row, in place on its own temporary (not for autograd to record)."""
+    return torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True).add_(eps).rsqrt_()
+
+
 class _RescaleByProjectionStd(torch.autograd.Function):
     """``x * (x^T G x + eps)^-1/2`` per row (G symmetric) with a hand-written backward that saves only x and the
     per-row scale (autograd would keep x G too, a pixel-sized tensor per SCA iteration) and
@@ -130,7 +135,7 @@ class _RescaleByProjectionStd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gram, eps: float):
-        r = torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True).add_(eps).rsqrt_()
+        r = _projection_rstd(x, gram, eps)
         ctx.save_for_backward(x, gram, r)
         return x * r
 
@@ -154,8 +159,7 @@ def rescale_by_projection_std(x: torch.Tensor, gram: torch.Tensor, eps: float, i
     pixel-sized buffers are not free on CPU (first-touch page faults when the allocator has
     returned the memory to the OS)."""
     if inplace:
-        var = torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True)
-        return x.mul_(var.add_(eps).rsqrt_())
+        return x.mul_(_projection_rstd(x, gram, eps))
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
         return x * torch.rsqrt(var + eps)
