@@ -630,15 +630,23 @@ def test_model_triton_backend_matches_torch():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_rescale_by_projection_std_gradcheck():
-    """The hand-written backward of the pixel rescaling x (x^T G x + eps)^-1/2 (symmetric G, as
-    every SCA's Gram matrix is) against finite differences, and its in-place no-grad form against
-    the out-of-place one."""
-    from spformer.models.spformer import _RescaleByProjectionStd, rescale_by_projection_std
+def test_rescale_to_cells_gradcheck():
+    """The pixel rescaling x (x^T G x + eps)^-1/2 fused with the cell-major layout copy: its
+    hand-written backward against finite differences (symmetric G, as every SCA's Gram matrix is,
+    and the variance read through G's QR factor as on CPU, or through G itself), and its no-grad
+    form against the plain expression."""
+    from spformer.kernels import image_to_cells
+    from spformer.models.spformer import _RescaleByProjectionStd, centred_projection, gram_factor, rescale_to_cells
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(6, 9, dtype=torch.float64)
-    gram = (a @ a.t() / 9).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, g: _RescaleByProjectionStd.apply(x, g, 1e-6), (x, gram))
-    expected = x.detach() / (((x.detach() @ gram.detach()) * x.detach()).sum(-1, keepdim=True) + 1e-6).sqrt()
-    torch.testing.assert_close(rescale_by_projection_std(x.detach().clone(), gram.detach(), 1e-6, inplace=True), expected)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)  # (B, H, W, C), cells of 2x2
+    wc, gram = centred_projection(torch.randn(9, 5, dtype=torch.float64))
+    gram.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, g: _RescaleByProjectionStd.apply(x, g, None, 1e-6, 2), (x, gram))
+    # through the factor the value no longer reads G (finite differences in G see nothing): x only
+    factor = gram_factor(wc)
+    assert torch.autograd.gradcheck(lambda x: _RescaleByProjectionStd.apply(x, gram, factor, 1e-6, 2), (x,))
+    xd = x.detach()
+    expected = image_to_cells((xd / (((xd @ gram.detach()) * xd).sum(-1, keepdim=True) + 1e-6).sqrt()).unsqueeze(1), 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rescale_to_cells(xd, wc, gram, 1e-6, 2), expected)
+    torch.testing.assert_close(rescale_to_cells(x, wc, gram, 1e-6, 2), expected)

@@ -122,48 +122,87 @@ def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return wc, wc.t() @ wc / weight.shape[0]
 
 
-def _projection_rstd(x: torch.Tensor, gram: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(x^T G x + eps)^-1/2`` per row, in place on its own temporary (not for autograd to record)."""
+def gram_factor(wc: torch.Tensor) -> torch.Tensor:
+    """R with R^T R = G = Wc^T Wc / rows, from a QR of Wc (exists even when G is singular), not
+    differentiated: it only evaluates x^T G x = |R x|^2, the gradient flows through G."""
+    with torch.no_grad():
+        dt = wc.dtype if wc.dtype in (torch.float32, torch.float64) else torch.float32
+        return (torch.linalg.qr(wc.to(dt), mode='r').R / math.sqrt(wc.shape[0])).to(wc.dtype)
+
+
+def _projection_rstd(x: torch.Tensor, gram: torch.Tensor, factor: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """``(x^T G x + eps)^-1/2`` per row, on its own temporaries (not for autograd to record). With
+    the factor R of :func:`gram_factor` it is one product and one norm pass (``x G`` then a
+    multiply and a sum make two passes over a pixel-sized product)."""
+    if factor is not None:
+        return torch.linalg.vector_norm(torch.matmul(x, factor.t()), dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
     return torch.matmul(x, gram).mul_(x).sum(dim=-1, keepdim=True).add_(eps).rsqrt_()
 
 
+def _cell_views(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """Channels-last (B, H, W, c) as (B, h, cell, w, cell, c): a view indexed like the image whose
+    memory order may be the image's or, transposed, the cell-major one."""
+    B, H, W, c = x.shape
+    return x.reshape(B, H // cell, cell, W // cell, cell, c)
+
+
+def _scaled_cells(x: torch.Tensor, r: torch.Tensor, cell: int) -> torch.Tensor:
+    """``image_to_cells(x * r)`` in one pass: (B, H, W, C) and (B, H, W, 1) -> (B, 1, h, w, cell * cell, C)."""
+    B, H, W, C = x.shape
+    out = x.new_empty(B, 1, H // cell, W // cell, cell * cell, C)
+    torch.mul(_cell_views(x, cell), _cell_views(r, cell), out=out.view(B, H // cell, W // cell, cell, cell, C).transpose(2, 3))
+    return out
+
+
 class _RescaleByProjectionStd(torch.autograd.Function):
-    """``x * (x^T G x + eps)^-1/2`` per row (G symmetric) with a hand-written backward that saves only x and the
-    per-row scale (autograd would keep x G too, a pixel-sized tensor per SCA iteration) and
-    makes fewer passes over the pixels:
+    """``image_to_cells(x * (x^T G x + eps)^-1/2)`` per pixel row (G symmetric): channels-last pixels
+    (B, H, W, C) in, cell-major (B, 1, h, w, cell * cell, C) out, the rescaling and the layout copy
+    in one pass. The hand-written backward saves only x and the per-row scale (autograd would
+    keep x G too, a pixel-sized tensor per SCA iteration) and makes fewer passes over the pixels:
     dx = r g - (g.x) r^3 G x,  dG = -1/2 sum_p (g_p.x_p) r_p^3 x_p x_p^T."""
 
     @staticmethod
-    def forward(ctx, x, gram, eps: float):
-        r = _projection_rstd(x, gram, eps)
+    def forward(ctx, x, gram, factor, eps: float, cell: int):
+        r = _projection_rstd(x, gram, factor, eps)
         ctx.save_for_backward(x, gram, r)
-        return x * r
+        ctx.cell = cell
+        return _scaled_cells(x, r, cell)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, gram, r = ctx.saved_tensors
-        coef = (grad * x).sum(dim=-1, keepdim=True).mul_(r.pow(3))  # (g.x) r^3
+        cell = ctx.cell
+        B, H, W, C = x.shape
+        # the cell-major gradient read in image order (a view): no layout copy
+        g = grad.reshape(B, H // cell, W // cell, cell, cell, C).transpose(2, 3)
+        xv, rv = _cell_views(x, cell), _cell_views(r, cell)
+        coef = (g * xv).sum(dim=-1, keepdim=True).mul_(rv.pow(3))  # (g.x) r^3
         d_x = d_gram = None
         if ctx.needs_input_grad[0]:
-            d_x = (grad * r).sub_(torch.matmul(x, gram).mul_(coef))
+            d_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+            dv = _cell_views(d_x, cell)
+            torch.mul(g, rv, out=dv)
+            dv.sub_(_cell_views(torch.matmul(x, gram), cell).mul_(coef))
         if ctx.needs_input_grad[1]:
-            flat = x.reshape(-1, x.shape[-1])
+            flat = x.reshape(-1, C)
             d_gram = (flat * coef.reshape(-1, 1)).t().matmul(flat).mul_(-0.5)
-        return d_x, d_gram, None
+        return d_x, d_gram, None, None, None
 
 
-def rescale_by_projection_std(x: torch.Tensor, gram: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
-    """``x * r`` with r of :func:`centred_projection`: x divided by the std of its projection.
-    ``inplace`` (no autograd): overwrite x and use one temporary instead of three; fresh
-    pixel-sized buffers are not free on CPU (first-touch page faults when the allocator has
-    returned the memory to the OS)."""
-    if inplace:
-        return x.mul_(_projection_rstd(x, gram, eps))
+def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float, cell: int) -> torch.Tensor:
+    """``image_to_cells(x * r)`` with r of :func:`centred_projection`: channels-last pixels (B, H, W, C)
+    divided by the std of their projection, returned cell-major (B, 1, h, w, cell * cell, C) as the
+    attention ops read them. Each fresh pixel-sized buffer costs on CPU (first-touch page faults
+    when the allocator has returned the memory to the OS), hence one pass and one output."""
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-        return x * torch.rsqrt(var + eps)
-    return _RescaleByProjectionStd.apply(x, gram, eps)
+        return image_to_cells((x * torch.rsqrt(var + eps)).unsqueeze(1), cell)
+    # R costs a small QR per call; on the CPU it saves a pass over the pixels (elsewhere x G is cheap)
+    factor = gram_factor(wc) if x.device.type == 'cpu' else None
+    if torch.is_grad_enabled() and (x.requires_grad or gram.requires_grad):
+        return _RescaleByProjectionStd.apply(x, gram, factor, eps, cell)
+    return _scaled_cells(x, _projection_rstd(x, gram, factor, eps), cell)
 
 
 class Association(NamedTuple):
@@ -235,7 +274,7 @@ class SuperpixelCrossAttention(nn.Module):
         gamma = self.pixel_norm.weight.split([C_p, C_p, C])
         beta = self.pixel_norm.bias.split([C_p, C_p, C])
         heads = lambda t: t.reshape(M, t.shape[0] // M, *t.shape[1:])  # noqa: E731
-        return [heads(t) for t in (wq, wk, wv)], [heads(t) for t in gamma], [heads(t) for t in beta], gram
+        return [heads(t) for t in (wq, wk, wv)], [heads(t) for t in gamma], [heads(t) for t in beta], wc, gram
 
     def forward(
             self, pixels: torch.Tensor, superpixels: torch.Tensor,
@@ -245,12 +284,11 @@ class SuperpixelCrossAttention(nn.Module):
         B, H, W, _ = pixels.shape
         _, h, w, C = superpixels.shape
         scale = (C_p // M) ** -0.5
-        (wq, wk, wv), (gq, gk, gv), (bq, bk, bv), gram = self._pixel_projection()
+        (wq, wk, wv), (gq, gk, gv), (bq, bk, bv), wc, gram = self._pixel_projection()
 
-        # Both ops read the pixels cell-major: one layout copy here instead of one per op call.
-        x = image_to_cells(conv_plus_identity(self.pixel_pos, pixels).unsqueeze(1), cell)  # (B, 1, h, w, n, C_p)
-        # r x; in place when nothing records a graph (x is this layer's own copy)
-        x_hat = rescale_by_projection_std(x, gram, self.pixel_norm.eps, inplace=not torch.is_grad_enabled())
+        # r x, cell-major (B, 1, h, w, n, C_p): both ops read the pixels that way, so the layout
+        # copy happens once here, in the same pass as the rescaling.
+        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell)
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
