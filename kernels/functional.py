@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import reference, torch_backend
+from . import cpu_backend, reference, torch_backend
 
 NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
-BACKENDS = ('auto', 'torch', 'triton', 'reference')
+BACKENDS = ('auto', 'torch', 'cpu', 'triton', 'reference')
 
 
 def backend_module(backend: str, device: torch.device, triton_module: str, torch_module):
@@ -38,6 +38,12 @@ def backend_module(backend: str, device: torch.device, triton_module: str, torch
 
 
 def _impl(backend: str, device: torch.device):
+    if backend == 'cpu' or (backend == 'auto' and device.type == 'cpu'):
+        if backend == 'cpu' and (device.type != 'cpu' or not cpu_backend.available()):
+            raise ValueError(f"backend='cpu' runs the fused C kernels on CPU tensors, got tensors on {device}"
+                             if device.type != 'cpu' else
+                             f"backend='cpu': the fused C kernels are unavailable ({cpu_backend.unavailable_reason()})")
+        return cpu_backend  # hands what its kernels do not cover to the torch backend
     return backend_module(backend, device, 'triton_backend', torch_backend)
 
 
@@ -315,7 +321,7 @@ def superpixel_attention(
         v_p: pixel values (B, M or 1, h*cell, w*cell, dv); may be the same tensor as ``k_p``.
         cell: side of a superpixel's own cell in pixels.
         scale: logit scale, default d**-0.5.
-        backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
+        backend: 'auto' (Triton on CUDA, the fused C kernels on CPU), 'torch', 'cpu', 'triton' or 'reference'.
         {layout}
 
     Returns:
@@ -362,7 +368,7 @@ def pixel_attention(
         return_weights: also return the (B, M, H, W, 9) probabilities (detached), neighbour k being
             the cell at offset ``NEIGHBOR_OFFSETS[k]`` from the pixel's own cell (0 outside the image).
             For differentiable probabilities use :func:`superpixel_association`.
-        backend: 'auto' (Triton on CUDA, else torch), 'torch', 'triton' or 'reference'.
+        backend: 'auto' (Triton on CUDA, the fused C kernels on CPU), 'torch', 'cpu', 'triton' or 'reference'.
         {layout}
 
     Returns:

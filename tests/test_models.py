@@ -492,7 +492,7 @@ def test_sca_layer_matches_naive(grid, cell, update_pixels, heads):
     torch.testing.assert_close(P, P_ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('backend', ['torch', 'reference'])
+@pytest.mark.parametrize('backend', ['torch', 'cpu', 'reference'])
 def test_sca_layer_gradcheck(backend):
     layer = _randomized_sca(True, cell=2, heads=2)
     layer.attn_backend = backend
@@ -546,11 +546,16 @@ def test_superpixel_init_chunked_matches_autograd(grid, cell, chunk_bytes, monke
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize('backend', ['torch', 'cpu'])
 @pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
-def test_model_backends_agree(model_name):
-    """The whole model with the cell-major torch backend equals the dense reference backend."""
+def test_model_backends_agree(model_name, backend):
+    """The whole model with the cell-major torch backend, and with the fused C kernels, equals the
+    dense reference backend."""
+    from spformer.kernels import cpu_backend
+    if backend == 'cpu' and not cpu_backend.available():
+        pytest.skip(f'no C compiler: {cpu_backend.unavailable_reason()}')
     torch.manual_seed(0)
-    model = timm.create_model(model_name, attn_backend='torch').double().eval()
+    model = timm.create_model(model_name, attn_backend=backend).double().eval()
     ref = timm.create_model(model_name, attn_backend='reference').double().eval()
     ref.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)

@@ -1,0 +1,214 @@
+"""Fused CPU backend: kernels/cpu_kernels.c, compiled on first use with the machine's C compiler.
+
+The PyTorch backend (torch_backend.py) spends its time between kernels: each logit, softmax and
+weighted sum is a separate pass over per-cell tensors, and the per-cell products are thousands of
+tiny matrix products. Here each direction is one pass that keeps its rows in the L1 cache
+(DESIGN.md 1.5: beyond ~0.9x DeiT-S throughput needs a fused kernel for the pixel side).
+
+What the C kernels cover: pixel tensors shared by all heads (M_p = 1, what SPFormer runs), in
+float32 and float64 (fp16/bf16 inputs are computed in fp32, as every backend accumulates). Other
+calls go to the PyTorch backend, as does everything when no C compiler is found (a one-time
+warning says why). The compiled library is cached under ``$SPFORMER_CACHE_DIR`` (default
+``~/.cache/spformer``), keyed by the source, the compiler, its flags and the CPU; set
+``SPFORMER_CPU_KERNELS=0`` to turn the kernels off. They run on torch's OpenMP threads (the
+library binds to the libgomp torch has loaded), ``torch.set_num_threads()`` of them.
+"""
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import torch_backend
+from .torch_backend import _cells_to_pixels, accumulate_dtype, as_cells, heads_last_out, heads_last_to_cells
+
+SOURCE = Path(__file__).with_name('cpu_kernels.c')
+FLAGS = ('-O3', '-march=native', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
+# each missing feature still leaves a working build: portable code, then no threads
+_FALLBACK_FLAGS = (FLAGS, tuple(f for f in FLAGS if f != '-march=native'),
+                   tuple(f if f != '-fopenmp' else '-fopenmp-simd' for f in FLAGS if f != '-march=native'))
+_DTYPES = {torch.float32: ('f32', ctypes.c_float, ()), torch.float64: ('f64', ctypes.c_double, ('-DREAL=double', '-DREAL_IS_DOUBLE'))}
+
+_lock = threading.Lock()
+_libraries = {}
+_unavailable: Optional[str] = None  # why the kernels cannot be used, once known
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get('SPFORMER_CACHE_DIR') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'spformer')
+    return Path(root) / 'cpu_kernels'
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code runs only on CPUs with the same instruction sets: part of the cache key."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            lines = [line for line in f if line.startswith(('model name', 'flags', 'Features'))]
+        return ''.join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(compiler: str, flags, out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *flags, str(SOURCE), '-o', tmp, '-lm'], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)  # atomic: concurrent processes compiling the same library do not clash
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(dtype: torch.dtype):
+    """The compiled library for ``dtype``, or None (and the reason in ``_unavailable``)."""
+    global _unavailable
+    if dtype in _libraries:
+        return _libraries[dtype]
+    with _lock:
+        if dtype in _libraries:
+            return _libraries[dtype]
+        if os.environ.get('SPFORMER_CPU_KERNELS', '1') == '0':
+            _unavailable = 'SPFORMER_CPU_KERNELS=0'
+            return None
+        suffix, _, defines = _DTYPES[dtype]
+        compiler = os.environ.get('CC', 'cc')
+        try:
+            version = subprocess.run([compiler, '--version'], capture_output=True, text=True, check=True).stdout
+            errors = []
+            for flags in _FALLBACK_FLAGS:
+                flags = flags + defines
+                key = hashlib.sha256('\0'.join([SOURCE.read_text(), version, *flags, _cpu_fingerprint()]).encode())
+                path = _cache_dir() / f'spformer_cpu_{suffix}_{key.hexdigest()[:16]}.so'
+                try:
+                    if not path.exists():
+                        _compile(compiler, flags, path)
+                    lib = ctypes.CDLL(str(path))
+                    break
+                except (subprocess.CalledProcessError, OSError) as e:
+                    errors.append(getattr(e, 'stderr', None) or str(e))
+            else:
+                raise RuntimeError(errors[-1].strip().splitlines()[-1] if errors[-1].strip() else 'compilation failed')
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+            _unavailable = f'{compiler}: {e}'
+            warnings.warn(f'spformer: the fused CPU attention kernels are unavailable ({_unavailable}); using the '
+                          f'PyTorch backend, which is slower. Set CC to a C compiler to use them.', RuntimeWarning)
+            _libraries[dtype] = None
+            return None
+        _libraries[dtype] = lib
+        return lib
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the fused kernels run for inputs of ``dtype`` (compiling them on first use)."""
+    return _load(accumulate_dtype(dtype)) is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    return _unavailable
+
+
+def _supported(pixel_heads: int, x: torch.Tensor) -> bool:
+    return pixel_heads == 1 and x.device.type == 'cpu' and available(x.dtype)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _run(fn_name: str, dtype: torch.dtype, *args):
+    suffix, c_real, _ = _DTYPES[dtype]
+    *pointers, scale = args
+    getattr(_load(dtype), f'{fn_name}_{suffix}')(*pointers, c_real(scale))
+
+
+def _c(*ints):
+    return [ctypes.c_ssize_t(int(i)) for i in ints]
+
+
+def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
+    """As :func:`torch_backend.superpixel_attention_fwd`."""
+    if not _supported(k.shape[1], q):
+        return torch_backend.superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
+    B, M, h, w, d = q.shape
+    dt = accumulate_dtype(q.dtype)
+    kc = as_cells(k.to(dt), cell, cells).contiguous()  # (B, h, w, n, d)
+    vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
+    qh = q.to(dt).permute(0, 2, 3, 1, 4).contiguous()  # heads-last (B, h, w, M, d); free for the model's queries
+    n, dv = kc.shape[3], vc.shape[-1]
+    out = q.new_empty(B, h, w, M, dv, dtype=dt)
+    probs = q.new_empty(B, h, w, n, M * 9, dtype=dt)
+    _run('superpixel_fwd', dt, _ptr(qh), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs), *_c(B, h, w, n, M, d, dv), scale)
+    return out.to(q.dtype), probs
+
+
+def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
+                             cells: bool = False):
+    """As :func:`torch_backend.superpixel_attention_bwd`."""
+    if not _supported(k.shape[1], q):
+        return torch_backend.superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell, scale, shared_kv, cells)
+    B, M, h, w, d = q.shape
+    dt = accumulate_dtype(q.dtype)
+    kc = as_cells(k.to(dt), cell, cells).contiguous()
+    vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
+    qh = q.to(dt).permute(0, 2, 3, 1, 4).contiguous()
+    go, o = grad_out.to(dt).contiguous(), out.to(dt).contiguous()
+    n, dv = kc.shape[3], vc.shape[-1]
+    probs = probs.contiguous()
+    dq = q.new_empty(B, h, w, M, d, dtype=dt)
+    dkc = q.new_empty(B, h, w, n, d, dtype=dt)
+    dvc = dkc if shared_kv else q.new_empty(B, h, w, n, dv, dtype=dt)  # one buffer: both uses add up
+    _run('superpixel_bwd', dt, _ptr(go), _ptr(o), _ptr(qh), _ptr(kc), _ptr(vc), _ptr(probs), _ptr(dq), _ptr(dkc),
+         _ptr(dvc), *_c(B, h, w, n, M, d, dv), scale)
+    dk = _cells_to_pixels(dkc, B, 1, cell, cells).to(k.dtype)
+    dv_ = None if shared_kv else _cells_to_pixels(dvc, B, 1, cell, cells).to(v.dtype)
+    return dq.permute(0, 3, 1, 2, 4).to(q.dtype), dk, dv_
+
+
+def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float, cells: bool = False):
+    """As :func:`torch_backend.pixel_attention_fwd`."""
+    if not _supported(q.shape[1], q):
+        return torch_backend.pixel_attention_fwd(q, k, v, bias, cell, scale, cells)
+    B, M, h, w, d = k.shape
+    dt = accumulate_dtype(q.dtype)
+    qc = as_cells(q.to(dt), cell, cells).contiguous()  # (B, h, w, n, d)
+    kh = k.to(dt).permute(0, 2, 3, 1, 4).contiguous()
+    vh = v.to(dt).permute(0, 2, 3, 1, 4).contiguous()
+    bh = None if bias is None else bias.to(dt).permute(0, 2, 3, 1).contiguous()
+    n, dv = qc.shape[3], vh.shape[-1]
+    out = q.new_empty(B, h, w, n, M, dv, dtype=dt)
+    probs = q.new_empty(B, h, w, n, M * 9, dtype=dt)
+    _run('pixel_fwd', dt, _ptr(qc), _ptr(kh), _ptr(vh), _ptr(bh), _ptr(out), _ptr(probs), *_c(B, h, w, n, M, d, dv),
+         scale)
+    return heads_last_out(out, B, 1, M, cell, cells).to(q.dtype), probs
+
+
+def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
+    """As :func:`torch_backend.pixel_attention_bwd`."""
+    if not _supported(q.shape[1], q):
+        return torch_backend.pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell, scale, cells)
+    B, M, h, w, d = k.shape
+    dt = accumulate_dtype(q.dtype)
+    qc = as_cells(q.to(dt), cell, cells).contiguous()
+    kh = k.to(dt).permute(0, 2, 3, 1, 4).contiguous()
+    vh = v.to(dt).permute(0, 2, 3, 1, 4).contiguous()
+    go = heads_last_to_cells(grad_out.to(dt), 1, cell, cells).contiguous()  # (B, h, w, n, M, dv)
+    n, dv = qc.shape[3], vh.shape[-1]
+    probs = probs.contiguous()
+    dqc = q.new_empty(B, h, w, n, d, dtype=dt)
+    dk = q.new_empty(B, h, w, M, d, dtype=dt)
+    dv_ = q.new_empty(B, h, w, M, dv, dtype=dt)
+    dbias = None if bias is None else q.new_empty(B, h, w, M, dtype=dt)
+    _run('pixel_bwd', dt, _ptr(go), _ptr(qc), _ptr(kh), _ptr(vh), _ptr(probs), _ptr(dqc), _ptr(dk), _ptr(dv_),
+         _ptr(dbias), *_c(B, h, w, n, M, d, dv), scale)
+    return (_cells_to_pixels(dqc, B, 1, cell, cells).to(q.dtype), dk.permute(0, 3, 1, 2, 4).to(k.dtype),
+            dv_.permute(0, 3, 1, 2, 4).to(v.dtype), None if dbias is None else dbias.permute(0, 3, 1, 2).to(bias.dtype))

@@ -1,0 +1,167 @@
+"""The fused CPU backend (kernels/cpu_kernels.c, compiled on first use) against the reference
+backend, the test oracle: values and every gradient in float64 over a sweep of grids (1x1, 1xN,
+Nx1, non-square, borders), cells 1-7, 1-3 heads, d != dv, batch > 1, both pixel layouts; fp64
+gradcheck; the cases it hands to the torch backend; and what happens without a C compiler.
+
+The kernels cover pixel tensors shared by all heads (what SPFormer runs); each test checks that
+they, not the fallback, ran.
+"""
+import pytest
+import torch
+
+from spformer.kernels import cpu_backend, image_to_cells, pixel_attention, superpixel_attention, torch_backend
+from spformer.kernels.functional import cells_to_image
+
+pytestmark = pytest.mark.skipif(not cpu_backend.available(), reason=f'no C compiler: {cpu_backend.unavailable_reason()}')
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail if the torch backend's attention runs: the C kernels must have done the work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError('the torch backend ran instead of the C kernels')
+    for name in ('superpixel_attention_fwd', 'superpixel_attention_bwd', 'pixel_attention_fwd', 'pixel_attention_bwd'):
+        monkeypatch.setattr(torch_backend, name, refuse)
+
+
+# (B, M, h, w, cell, d, dv, scale)
+SHARED_CONFIGS = [
+    (1, 1, 1, 1, 1, 3, 3, None),
+    (1, 2, 1, 1, 4, 4, 2, None),
+    (2, 1, 1, 4, 2, 3, 5, None),
+    (1, 3, 4, 1, 3, 2, 4, 0.7),
+    (2, 2, 3, 5, 4, 4, 3, None),
+    (1, 2, 2, 3, 7, 2, 3, 1.3),
+    (3, 3, 4, 4, 2, 5, 3, 0.25),
+]
+
+
+def _inputs(B, M, h, w, cell, d, dv, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, W = h * cell, w * cell
+
+    def rnd(*shape, mult=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * mult).to(dtype).requires_grad_()
+    return dict(
+        q_s=rnd(B, M, h, w, d, mult=2.0), k_p=rnd(B, 1, H, W, d), v_p=rnd(B, 1, H, W, dv),
+        q_p=rnd(B, 1, H, W, d, mult=2.0), k_s=rnd(B, M, h, w, d), v_s=rnd(B, M, h, w, dv), bias=rnd(B, M, h, w),
+    )
+
+
+def _run(x, cell, scale, backend, layout, shared_kv):
+    """Both ops on the inputs; outputs in image layout and the gradients of every input."""
+    cells = layout == 'cells'
+    conv = (lambda t: image_to_cells(t, cell)) if cells else (lambda t: t)
+    k_p = conv(x['k_p'])
+    v_p = k_p if shared_kv else conv(x['v_p'])
+    out_s = superpixel_attention(x['q_s'], k_p, v_p, cell, scale=scale, backend=backend, pixel_layout=layout)
+    out_p = pixel_attention(conv(x['q_p']), x['k_s'], x['v_s'], cell, scale=scale, bias=x['bias'], backend=backend,
+                            pixel_layout=layout)
+    if cells:
+        out_p = cells_to_image(out_p, cell)
+    g = torch.Generator().manual_seed(5)
+    loss = (out_s * _upstream(out_s, g)).sum() + (out_p * _upstream(out_p, g)).sum()
+    leaves = [t for name, t in x.items() if not (shared_kv and name == 'v_p')]
+    return [out_s, out_p], torch.autograd.grad(loss, leaves)
+
+
+def _upstream(out, g):
+    """The same upstream gradient whatever the output's dtype."""
+    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+
+
+def _run_reference(x, cell, scale, shared_kv):
+    # the reference backend has no shared-head path of its own: the shared tensor expanded to M heads
+    M = x['q_s'].shape[1]
+    e = lambda t: t.expand(t.shape[0], M, *t.shape[2:])  # noqa: E731
+    k_p = e(x['k_p'])
+    v_p = k_p if shared_kv else e(x['v_p'])
+    out_s = superpixel_attention(x['q_s'], k_p, v_p, cell, scale=scale, backend='reference')
+    out_p = pixel_attention(e(x['q_p']), x['k_s'], x['v_s'], cell, scale=scale, bias=x['bias'], backend='reference')
+    g = torch.Generator().manual_seed(5)
+    loss = (out_s * _upstream(out_s, g)).sum() + (out_p * _upstream(out_p, g)).sum()
+    leaves = [t for name, t in x.items() if not (shared_kv and name == 'v_p')]
+    return [out_s, out_p], torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize('shared_kv', [True, False], ids=['k=v', 'k,v'])
+@pytest.mark.parametrize('layout', ['image', 'cells'])
+@pytest.mark.parametrize('cfg', SHARED_CONFIGS, ids=lambda c: 'B{}M{}_{}x{}_cell{}_d{}dv{}'.format(*c[:7]))
+def test_cpu_kernels_match_reference(cfg, layout, shared_kv, no_fallback):
+    B, M, h, w, cell, d, dv, scale = cfg
+    if shared_kv:
+        dv = d
+    x = _inputs(B, M, h, w, cell, d, dv)
+    got, got_grads = _run(x, cell, scale, 'cpu', layout, shared_kv)
+    want, want_grads = _run_reference(x, cell, scale, shared_kv)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # not vacuous: the values' gradients (the others are 0 where a softmax has one candidate)
+    assert want_grads[1 if shared_kv else 2].abs().max() > 0 and want_grads[-2].abs().max() > 0
+
+
+@pytest.mark.parametrize('cfg', [(1, 2, 3, 2, 2, 3, 2, None), (2, 1, 1, 3, 3, 2, 3, 0.5), (1, 3, 2, 2, 1, 2, 2, None)],
+                         ids=['2x3_cell2', '1x3_cell3', '2x2_cell1'])
+def test_cpu_kernels_gradcheck(cfg, no_fallback):
+    """float64 gradcheck of both ops (every input: queries, keys, values, bias) on the C kernels."""
+    B, M, h, w, cell, d, dv, scale = cfg
+    x = _inputs(B, M, h, w, cell, d, dv, seed=3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: superpixel_attention(q, k, v, cell, scale=scale, backend='cpu'), (x['q_s'], x['k_p'], x['v_p']))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: pixel_attention(q, k, v, cell, scale=scale, bias=b, backend='cpu'),
+        (x['q_p'], x['k_s'], x['v_s'], x['bias']))
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)], ids=['float32', 'bfloat16'])
+def test_cpu_kernels_low_precision(dtype, tol, no_fallback):
+    """fp32 in the C kernels, and bf16 inputs computed in fp32 (as every backend accumulates), against
+    the float64 reference; outputs keep the input dtype."""
+    x64 = _inputs(2, 2, 3, 4, 4, 8, 8)
+    x = {k: v.detach().to(dtype).requires_grad_() for k, v in x64.items()}
+    got, got_grads = _run(x, 4, None, 'cpu', 'cells', shared_kv=True)
+    want, want_grads = _run_reference({k: v.detach().to(dtype).double().requires_grad_() for k, v in x64.items()},
+                                      4, None, shared_kv=True)
+    assert all(o.dtype == dtype for o in got)
+    for a, b in zip(list(got) + list(got_grads), list(want) + list(want_grads)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+def test_per_head_pixel_tensors_go_to_the_torch_backend():
+    """Pixel tensors with one head per superpixel head (M_p = M): not the kernels' case; the torch
+    backend runs them and the results equal its own."""
+    torch.manual_seed(0)
+    q_s, k_p, v_p = torch.randn(1, 2, 3, 3, 4), torch.randn(1, 2, 12, 12, 4), torch.randn(1, 2, 12, 12, 5)
+    torch.testing.assert_close(superpixel_attention(q_s, k_p, v_p, 4, backend='cpu'),
+                               superpixel_attention(q_s, k_p, v_p, 4, backend='torch'))
+    assert superpixel_attention(q_s, k_p, v_p, 4, backend='cpu').shape == (1, 2, 3, 3, 5)
+
+
+def test_without_a_compiler(monkeypatch, tmp_path):
+    """No C compiler: 'auto' warns once and runs the torch backend; backend='cpu' says why it cannot run."""
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    monkeypatch.setattr(cpu_backend, '_unavailable', None)
+    monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
+    monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
+    torch.manual_seed(0)
+    q_s, x_p = torch.randn(1, 2, 2, 3, 4), torch.randn(1, 1, 8, 12, 4)
+    with pytest.warns(RuntimeWarning, match='fused CPU attention kernels are unavailable.*no-such-compiler'):
+        out = superpixel_attention(q_s, x_p, x_p, 4)
+    torch.testing.assert_close(out, superpixel_attention(q_s, x_p, x_p, 4, backend='torch'))
+    with pytest.raises(ValueError, match="backend='cpu': the fused C kernels are unavailable"):
+        superpixel_attention(q_s, x_p, x_p, 4, backend='cpu')
+
+
+def test_compiled_library_is_cached(monkeypatch, tmp_path):
+    """The first use compiles into the cache directory, later processes load it from there."""
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path))
+    assert cpu_backend.available(torch.float32)
+    built = list((tmp_path / 'cpu_kernels').glob('spformer_cpu_f32_*.so'))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    assert cpu_backend.available(torch.float32)
+    assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
