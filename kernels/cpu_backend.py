@@ -30,7 +30,7 @@ from . import torch_backend
 from .torch_backend import _cells_to_pixels, accumulate_dtype, as_cells, heads_last_out, heads_last_to_cells
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
-FLAGS = ('-O3', '-march=native', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
+FLAGS = ('-O3', '-march=native', '-funroll-loops', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
 # each missing feature still leaves a working build: portable code, then no threads
 _FALLBACK_FLAGS = (FLAGS, tuple(f for f in FLAGS if f != '-march=native'),
                    tuple(f if f != '-fopenmp' else '-fopenmp-simd' for f in FLAGS if f != '-march=native'))

@@ -32,10 +32,8 @@
 #define CAT(a, b) CAT_(a, b)
 #ifdef REAL_IS_DOUBLE
 #define SUFFIX f64
-#define EXP exp
 #else
 #define SUFFIX f32
-#define EXP expf
 #endif
 #define FN(name) CAT(name, SUFFIX)
 
@@ -76,6 +74,40 @@ static void dots(const real *const *rows, idx count, const real *restrict q, idx
     for (; r < count; ++r) out[r] = dot(rows[r], q, c);
 }
 
+/* Two queries against the same rows, each row loaded once: out0[r] = <rows[r], q0>, out1[r] = <rows[r], q1>. */
+static void dots2(const real *const *rows, idx count, const real *restrict q0, const real *restrict q1, idx c,
+                  real *restrict out0, real *restrict out1) {
+    idx r = 0;
+    for (; r + 4 <= count; r += 4) {
+        const real *restrict a = rows[r], *restrict b = rows[r + 1], *restrict e = rows[r + 2], *restrict f = rows[r + 3];
+        real s0 = 0, s1 = 0, s2 = 0, s3 = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+        for (idx i = 0; i < c; ++i) {
+            const real x0 = q0[i], x1 = q1[i];
+            s0 += a[i] * x0;
+            s1 += b[i] * x0;
+            s2 += e[i] * x0;
+            s3 += f[i] * x0;
+            t0 += a[i] * x1;
+            t1 += b[i] * x1;
+            t2 += e[i] * x1;
+            t3 += f[i] * x1;
+        }
+        out0[r] = s0;
+        out0[r + 1] = s1;
+        out0[r + 2] = s2;
+        out0[r + 3] = s3;
+        out1[r] = t0;
+        out1[r + 1] = t1;
+        out1[r + 2] = t2;
+        out1[r + 3] = t3;
+    }
+    for (; r < count; ++r) {
+        out0[r] = dot(rows[r], q0, c);
+        out1[r] = dot(rows[r], q1, c);
+    }
+}
+
 /* y += sum_r coef[r] * rows[r] */
 static void combine(real *restrict y, const real *const *rows, const real *restrict coef, idx count, idx c) {
     idx r = 0;
@@ -88,15 +120,80 @@ static void combine(real *restrict y, const real *const *rows, const real *restr
     for (; r < count; ++r) axpy(y, coef[r], rows[r], c);
 }
 
-/* Softmax of l[0..count) in place; returns nothing, l holds the probabilities. */
-static void softmax(real *l, idx count) {
+/* Two weighted sums of the same rows, each row loaded once: y0 += sum_r coef0[r] rows[r], y1 likewise. */
+static void combine2(real *restrict y0, real *restrict y1, const real *const *rows, const real *restrict coef0,
+                     const real *restrict coef1, idx count, idx c) {
+    idx r = 0;
+    for (; r + 4 <= count; r += 4) {
+        const real *restrict a = rows[r], *restrict b = rows[r + 1], *restrict e = rows[r + 2], *restrict f = rows[r + 3];
+        const real a0 = coef0[r], b0 = coef0[r + 1], e0 = coef0[r + 2], f0 = coef0[r + 3];
+        const real a1 = coef1[r], b1 = coef1[r + 1], e1 = coef1[r + 2], f1 = coef1[r + 3];
+#pragma omp simd
+        for (idx i = 0; i < c; ++i) {
+            const real ai = a[i], bi = b[i], ei = e[i], fi = f[i];
+            y0[i] += a0 * ai + b0 * bi + e0 * ei + f0 * fi;
+            y1[i] += a1 * ai + b1 * bi + e1 * ei + f1 * fi;
+        }
+    }
+    for (; r < count; ++r) {
+        axpy(y0, coef0[r], rows[r], c);
+        axpy(y1, coef1[r], rows[r], c);
+    }
+}
+
+/* y += a0 * x0 + a1 * x1 */
+static inline void axpy2(real *restrict y, real a0, const real *restrict x0, real a1, const real *restrict x1, idx c) {
+#pragma omp simd
+    for (idx i = 0; i < c; ++i) y[i] += a0 * x0[i] + a1 * x1[i];
+}
+
+#ifdef REAL_IS_DOUBLE
+static inline real exp_nonpositive(real x) { return exp(x); }
+#else
+/* exp(x) for x <= 0 (every softmax argument here is a logit minus its maximum), in a form the
+   compiler vectorizes (libm's expf is a call per element): 2^n p(r), r = x - n ln2 in
+   [-ln2/2, ln2/2], p Cephes' degree-6 polynomial (relative error ~1e-7). Below -87 it returns
+   exp(-87) ~ 2e-38 instead of a denormal: nothing next to the maximum's 1. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int i; float f; } scale = { .i = ((int)n + 127) << 23 };
+    return p * scale.f;
+}
+#endif
+
+/* Softmax over the (at most 9) neighbours of a pixel: plain loops (vectorized ones would spend
+   their time in prologues and remainders). */
+static inline void softmax9(real *restrict l, idx count) {
     real m = l[0], s = 0;
     for (idx r = 1; r < count; ++r) m = l[r] > m ? l[r] : m;
     for (idx r = 0; r < count; ++r) {
-        l[r] = EXP(l[r] - m);
+        l[r] = exp_nonpositive(l[r] - m);
         s += l[r];
     }
     const real inv = 1 / s;
+    for (idx r = 0; r < count; ++r) l[r] *= inv;
+}
+
+/* Softmax of l[0..count) in place (a superpixel's up to 9 * n pixels). */
+static void softmax(real *restrict l, idx count) {
+    real m = l[0], s = 0;
+    for (idx r = 1; r < count; ++r) m = l[r] > m ? l[r] : m;
+#pragma omp simd
+    for (idx r = 0; r < count; ++r) l[r] = exp_nonpositive(l[r] - m);
+#pragma omp simd reduction(+ : s)
+    for (idx r = 0; r < count; ++r) s += l[r];
+    const real inv = 1 / s;
+#pragma omp simd
     for (idx r = 0; r < count; ++r) l[r] *= inv;
 }
 
@@ -113,7 +210,7 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
         const real **krows = malloc((size_t)(9 * n) * sizeof(real *));
         const real **vrows = malloc((size_t)(9 * n) * sizeof(real *));
         idx *dest = malloc((size_t)(9 * n) * sizeof(idx));
-        real *l = malloc((size_t)(9 * n) * sizeof(real));
+        real *l = malloc((size_t)(18 * n) * sizeof(real));  /* the logits of two heads */
 #pragma omp for collapse(2) schedule(static)
         for (idx b = 0; b < B; ++b)
             for (idx y = 0; y < h; ++y) {
@@ -139,14 +236,25 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
                             dest[count] = (c * n + p) * G * 9 + k;
                         }
                     }
-                    for (idx g = 0; g < G; ++g) {
-                        dots(krows, count, Qb + (j * G + g) * d, d, l);
-                        for (idx r = 0; r < count; ++r) l[r] *= scale;
-                        softmax(l, count);
-                        for (idx r = 0; r < count; ++r) Pb[dest[r] + g * 9] = l[r];
-                        real *o = ob + (j * G + g) * dv;
-                        memset(o, 0, (size_t)dv * sizeof(real));
-                        combine(o, vrows, l, count, dv);
+                    /* heads two at a time: each pixel row is loaded once for both */
+                    for (idx g = 0; g < G; g += 2) {
+                        const int pair = g + 1 < G;
+                        real *l1 = l + 9 * n, *o = ob + (j * G + g) * dv;
+                        if (pair)
+                            dots2(krows, count, Qb + (j * G + g) * d, Qb + (j * G + g + 1) * d, d, l, l1);
+                        else
+                            dots(krows, count, Qb + (j * G + g) * d, d, l);
+                        for (idx e = 0; e <= pair; ++e) {
+                            real *le = e ? l1 : l;
+                            for (idx r = 0; r < count; ++r) le[r] *= scale;
+                            softmax(le, count);
+                            for (idx r = 0; r < count; ++r) Pb[dest[r] + (g + e) * 9] = le[r];
+                        }
+                        memset(o, 0, (size_t)((1 + pair) * dv) * sizeof(real));
+                        if (pair)
+                            combine2(o, o + dv, vrows, l, l1, count, dv);
+                        else
+                            combine(o, vrows, l, count, dv);
                     }
                 }
             }
@@ -167,7 +275,7 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
         real *delta = malloc((size_t)(cells * G) * sizeof(real));
         const real **krows = malloc((size_t)n * sizeof(real *));
         const real **vrows = malloc((size_t)n * sizeof(real *));
-        real *dl = malloc((size_t)n * sizeof(real));
+        real *dl = malloc((size_t)(2 * n) * sizeof(real));
 #pragma omp for schedule(static)
         for (idx b = 0; b < B; ++b) {
             const real *gob = go + b * cells * G * dv, *outb = out + b * cells * G * dv, *Qb = Q + b * cells * G * d;
@@ -187,17 +295,33 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
                     for (idx k = 0; k < 9; ++k) {
                         if (!inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) continue;
                         const idx j = (y + k / 3 - 1) * w + x + k % 3 - 1;
-                        for (idx g = 0; g < G; ++g) {
+                        /* heads two at a time: each pixel row is loaded once for both */
+                        for (idx g = 0; g < G; g += 2) {
+                            const int pair = g + 1 < G;
+                            const idx g1 = pair ? g + 1 : g;
                             const real *gj = gob + (j * G + g) * dv, *q = Qb + (j * G + g) * d;
-                            const real dj = delta[j * G + g];
-                            dots(vrows, n, gj, dv, dl);
+                            const real *gj1 = gob + (j * G + g1) * dv, *q1 = Qb + (j * G + g1) * d;
+                            real *dl1 = dl + n;
+                            if (pair)
+                                dots2(vrows, n, gj, gj1, dv, dl, dl1);
+                            else
+                                dots(vrows, n, gj, dv, dl);
                             for (idx p = 0; p < n; ++p) {
-                                const real pr = Pb[((c * n + p) * G + g) * 9 + k];
-                                dl[p] = pr * (dl[p] - dj) * scale;
-                                axpy(dVb + (c * n + p) * dv, pr, gj, dv);
-                                axpy(dKb + (c * n + p) * d, dl[p], q, d);
+                                const real *pr = Pb + ((c * n + p) * G + g) * 9 + k;
+                                dl[p] = pr[0] * (dl[p] - delta[j * G + g]) * scale;
+                                if (pair) {
+                                    dl1[p] = pr[9] * (dl1[p] - delta[j * G + g1]) * scale;
+                                    axpy2(dVb + (c * n + p) * dv, pr[0], gj, pr[9], gj1, dv);
+                                    axpy2(dKb + (c * n + p) * d, dl[p], q, dl1[p], q1, d);
+                                } else {
+                                    axpy(dVb + (c * n + p) * dv, pr[0], gj, dv);
+                                    axpy(dKb + (c * n + p) * d, dl[p], q, d);
+                                }
                             }
-                            combine(dQb + (j * G + g) * d, krows, dl, n, d);
+                            if (pair)
+                                combine2(dQb + (j * G + g) * d, dQb + (j * G + g1) * d, krows, dl, dl1, n, d);
+                            else
+                                combine(dQb + (j * G + g) * d, krows, dl, n, d);
                         }
                     }
                 }
@@ -234,17 +358,28 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
                         krows[r] = Kb + (nb[r] * G + g) * d;
                         vrows[r] = Vb + (nb[r] * G + g) * dv;
                     }
-                    for (idx p = 0; p < n; ++p) {
-                        real l[9];
-                        dots(krows, count, Qb + (c * n + p) * d, d, l);
-                        for (idx r = 0; r < count; ++r) l[r] = l[r] * scale + (bb ? bb[nb[r] * G + g] : 0);
-                        softmax(l, count);
-                        real *pr = Pb + ((c * n + p) * G + g) * 9;
-                        memset(pr, 0, 9 * sizeof(real));
-                        for (idx r = 0; r < count; ++r) pr[ks[r]] = l[r];
+                    /* pixels two at a time: each neighbour row is loaded once for both */
+                    for (idx p = 0; p < n; p += 2) {
+                        const int pair = p + 1 < n;
+                        real l[2][9];
+                        if (pair)
+                            dots2(krows, count, Qb + (c * n + p) * d, Qb + (c * n + p + 1) * d, d, l[0], l[1]);
+                        else
+                            dots(krows, count, Qb + (c * n + p) * d, d, l[0]);
+                        for (idx e = 0; e <= pair; ++e) {
+                            for (idx r = 0; r < count; ++r) l[e][r] = l[e][r] * scale + (bb ? bb[nb[r] * G + g] : 0);
+                            softmax9(l[e], count);
+                            real *pr = Pb + ((c * n + p + e) * G + g) * 9;
+                            memset(pr, 0, 9 * sizeof(real));
+                            for (idx r = 0; r < count; ++r) pr[ks[r]] = l[e][r];
+                            real *o = ob + ((c * n + p + e) * G + g) * dv;
+                            memset(o, 0, (size_t)dv * sizeof(real));
+                        }
                         real *o = ob + ((c * n + p) * G + g) * dv;
-                        memset(o, 0, (size_t)dv * sizeof(real));
-                        combine(o, vrows, l, count, dv);
+                        if (pair)
+                            combine2(o, o + G * dv, vrows, l[0], l[1], count, dv);
+                        else
+                            combine(o, vrows, l[0], count, dv);
                     }
                 }
             }
@@ -282,21 +417,44 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
                         krows[r] = Kb + (nb[r] * G + g) * d;
                         vrows[r] = Vb + (nb[r] * G + g) * dv;
                     }
-                    for (idx p = 0; p < n; ++p) {
-                        const idx row = c * n + p;
-                        const real *gp = gob + (row * G + g) * dv, *q = Qb + row * d, *pr = Pb + (row * G + g) * 9;
-                        real dp[9], ds[9], t = 0;
-                        dots(vrows, count, gp, dv, dp);
-                        for (idx r = 0; r < count; ++r) t += pr[ks[r]] * dp[r];
-                        for (idx r = 0; r < count; ++r) {
-                            const real prob = pr[ks[r]];
-                            ds[r] = prob * (dp[r] - t);  /* logit gradient (the bias's) */
-                            if (dbb) dbb[nb[r] * G + g] += ds[r];
-                            ds[r] *= scale;
-                            axpy(dKb + (nb[r] * G + g) * d, ds[r], q, d);
-                            axpy(dVb + (nb[r] * G + g) * dv, prob, gp, dv);
+                    /* pixels two at a time: each neighbour row is loaded once for both */
+                    for (idx p = 0; p < n; p += 2) {
+                        const int pair = p + 1 < n;
+                        const idx row = c * n + p, row1 = pair ? row + 1 : row;
+                        const real *gp[2] = {gob + (row * G + g) * dv, gob + (row1 * G + g) * dv};
+                        const real *pr[2] = {Pb + (row * G + g) * 9, Pb + (row1 * G + g) * 9};
+                        real dp[2][9], ds[2][9], prob[2][9];
+                        if (pair)
+                            dots2(vrows, count, gp[0], gp[1], dv, dp[0], dp[1]);
+                        else
+                            dots(vrows, count, gp[0], dv, dp[0]);
+                        for (idx e = 0; e <= pair; ++e) {
+                            real t = 0;
+                            for (idx r = 0; r < count; ++r) {
+                                prob[e][r] = pr[e][ks[r]];
+                                t += prob[e][r] * dp[e][r];
+                            }
+                            for (idx r = 0; r < count; ++r) {
+                                ds[e][r] = prob[e][r] * (dp[e][r] - t);  /* logit gradient (the bias's) */
+                                if (dbb) dbb[nb[r] * G + g] += ds[e][r];
+                                ds[e][r] *= scale;
+                            }
                         }
-                        combine(dQb + row * d, krows, ds, count, d);
+                        const real *q = Qb + row * d, *q1 = Qb + row1 * d;
+                        for (idx r = 0; r < count; ++r) {
+                            real *dk = dKb + (nb[r] * G + g) * d, *dvr = dVb + (nb[r] * G + g) * dv;
+                            if (pair) {
+                                axpy2(dk, ds[0][r], q, ds[1][r], q1, d);
+                                axpy2(dvr, prob[0][r], gp[0], prob[1][r], gp[1], dv);
+                            } else {
+                                axpy(dk, ds[0][r], q, d);
+                                axpy(dvr, prob[0][r], gp[0], dv);
+                            }
+                        }
+                        if (pair)
+                            combine2(dQb + row * d, dQb + row1 * d, krows, ds[0], ds[1], count, d);
+                        else
+                            combine(dQb + row * d, krows, ds[0], count, d);
                     }
                 }
             }
