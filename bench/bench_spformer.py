@@ -102,7 +102,9 @@ def measure_op(case: str, batch: int, repeats: int) -> dict:
                 t.grad = None
         return step
 
-    steps = {backend: step_for(backend) for backend in ('reference', 'torch')}
+    from spformer.kernels import cpu_backend
+    backends = ('reference', 'torch') + (('cpu',) if cpu_backend.available() else ())
+    steps = {backend: step_for(backend) for backend in backends}
     results = interleaved_times(steps, repeats)
     # Beyond its inputs the op holds their gradients (the same for every backend) and its
     # working memory (saved tensors and temporaries): report both.

@@ -5,9 +5,9 @@ weighted sum is a separate pass over per-cell tensors, and the per-cell products
 tiny matrix products. Here each direction is one pass that keeps its rows in the L1 cache
 (DESIGN.md 1.5: beyond ~0.9x DeiT-S throughput needs a fused kernel for the pixel side).
 
-What the C kernels cover: pixel tensors shared by all heads (M_p = 1, what SPFormer runs), in
-float32 and float64 (fp16/bf16 inputs are computed in fp32, as every backend accumulates). Other
-calls go to the PyTorch backend, as does everything when no C compiler is found (a one-time
+The C kernels take N = B * M_p images of G = M / M_p heads each (pixel tensors shared by all heads,
+what SPFormer runs, or one per head), float32 and float64 (fp16/bf16 inputs are computed in fp32, as
+every backend accumulates). Without a C compiler every call goes to the PyTorch backend (a one-time
 warning says why). The compiled library is cached under ``$SPFORMER_CACHE_DIR`` (default
 ``~/.cache/spformer``), keyed by the source, the compiler, its flags and the CPU; set
 ``SPFORMER_CPU_KERNELS=0`` to turn the kernels off. They run on torch's OpenMP threads (the
@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from . import torch_backend
-from .torch_backend import _cells_to_pixels, accumulate_dtype, as_cells, heads_last_out, heads_last_to_cells
+from .torch_backend import (_cells_to_pixels, _ungroup, accumulate_dtype, as_cells, heads_last_out, heads_last_to_cells,
+                            superpixels_grouped)
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
 FLAGS = ('-O3', '-march=native', '-funroll-loops', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
@@ -117,8 +118,20 @@ def unavailable_reason() -> Optional[str]:
     return _unavailable
 
 
-def _supported(pixel_heads: int, x: torch.Tensor) -> bool:
-    return pixel_heads == 1 and x.device.type == 'cpu' and available(x.dtype)
+def _supported(x: torch.Tensor) -> bool:
+    return x.device.type == 'cpu' and available(x.dtype)
+
+
+def _grouped(s: torch.Tensor, Mp: int) -> torch.Tensor:
+    """Superpixel tensor (B, M, h, w, *c) -> contiguous (B * Mp, h, w, G, *c), the kernels' layout
+    (:func:`torch_backend.superpixels_grouped`; no copy for heads-last memory and Mp = 1)."""
+    return superpixels_grouped(s, Mp).contiguous()
+
+
+def _heads_last(out: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
+    """(B * Mp, h, w, G, c) -> (B, h, w, M, c), as the ops return superpixel-side results."""
+    N, h, w, G, c = out.shape
+    return out.reshape(B, Mp, h, w, G, c).permute(0, 2, 3, 1, 4, 5).reshape(B, h, w, Mp * G, c)
 
 
 def _ptr(t: Optional[torch.Tensor]):
@@ -137,78 +150,85 @@ def _c(*ints):
 
 def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
     """As :func:`torch_backend.superpixel_attention_fwd`."""
-    if not _supported(k.shape[1], q):
+    if not _supported(q):
         return torch_backend.superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
     B, M, h, w, d = q.shape
+    Mp = k.shape[1]
     dt = accumulate_dtype(q.dtype)
-    kc = as_cells(k.to(dt), cell, cells).contiguous()  # (B, h, w, n, d)
+    kc = as_cells(k.to(dt), cell, cells).contiguous()  # (N, h, w, n, d), N = B * Mp
     vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
-    qh = q.to(dt).permute(0, 2, 3, 1, 4).contiguous()  # heads-last (B, h, w, M, d); free for the model's queries
-    n, dv = kc.shape[3], vc.shape[-1]
-    out = q.new_empty(B, h, w, M, dv, dtype=dt)
-    probs = q.new_empty(B, h, w, n, M * 9, dtype=dt)
-    _run('superpixel_fwd', dt, _ptr(qh), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs), *_c(B, h, w, n, M, d, dv), scale)
-    return out.to(q.dtype), probs
+    qg = _grouped(q.to(dt), Mp)  # (N, h, w, G, d); free for the model's heads-last queries
+    N, _, _, n, _ = kc.shape
+    G, dv = M // Mp, vc.shape[-1]
+    out = q.new_empty(N, h, w, G, dv, dtype=dt)
+    probs = q.new_empty(N, h, w, n, G * 9, dtype=dt)
+    _run('superpixel_fwd', dt, _ptr(qg), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs), *_c(N, h, w, n, G, d, dv), scale)
+    return _heads_last(out, B, Mp).to(q.dtype), probs
 
 
 def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
                              cells: bool = False):
     """As :func:`torch_backend.superpixel_attention_bwd`."""
-    if not _supported(k.shape[1], q):
+    if not _supported(q):
         return torch_backend.superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell, scale, shared_kv, cells)
     B, M, h, w, d = q.shape
+    Mp = k.shape[1]
     dt = accumulate_dtype(q.dtype)
     kc = as_cells(k.to(dt), cell, cells).contiguous()
     vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
-    qh = q.to(dt).permute(0, 2, 3, 1, 4).contiguous()
-    go, o = grad_out.to(dt).contiguous(), out.to(dt).contiguous()
-    n, dv = kc.shape[3], vc.shape[-1]
+    qg = _grouped(q.to(dt), Mp)
+    # heads-last (B, h, w, M, dv) -> (N, h, w, G, dv)
+    go, o = (_grouped(t.to(dt).permute(0, 3, 1, 2, 4), Mp) for t in (grad_out, out))
+    N, _, _, n, _ = kc.shape
+    G, dv = M // Mp, vc.shape[-1]
     probs = probs.contiguous()
-    dq = q.new_empty(B, h, w, M, d, dtype=dt)
-    dkc = q.new_empty(B, h, w, n, d, dtype=dt)
-    dvc = dkc if shared_kv else q.new_empty(B, h, w, n, dv, dtype=dt)  # one buffer: both uses add up
-    _run('superpixel_bwd', dt, _ptr(go), _ptr(o), _ptr(qh), _ptr(kc), _ptr(vc), _ptr(probs), _ptr(dq), _ptr(dkc),
-         _ptr(dvc), *_c(B, h, w, n, M, d, dv), scale)
-    dk = _cells_to_pixels(dkc, B, 1, cell, cells).to(k.dtype)
-    dv_ = None if shared_kv else _cells_to_pixels(dvc, B, 1, cell, cells).to(v.dtype)
-    return dq.permute(0, 3, 1, 2, 4).to(q.dtype), dk, dv_
+    dq = q.new_empty(N, h, w, G, d, dtype=dt)
+    dkc = q.new_empty(N, h, w, n, d, dtype=dt)
+    dvc = dkc if shared_kv else q.new_empty(N, h, w, n, dv, dtype=dt)  # one buffer: both uses add up
+    _run('superpixel_bwd', dt, _ptr(go), _ptr(o), _ptr(qg), _ptr(kc), _ptr(vc), _ptr(probs), _ptr(dq), _ptr(dkc),
+         _ptr(dvc), *_c(N, h, w, n, G, d, dv), scale)
+    dk = _cells_to_pixels(dkc, B, Mp, cell, cells).to(k.dtype)
+    dv_ = None if shared_kv else _cells_to_pixels(dvc, B, Mp, cell, cells).to(v.dtype)
+    return _ungroup(dq, B, Mp).to(q.dtype), dk, dv_
 
 
 def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale: float, cells: bool = False):
     """As :func:`torch_backend.pixel_attention_fwd`."""
-    if not _supported(q.shape[1], q):
+    if not _supported(q):
         return torch_backend.pixel_attention_fwd(q, k, v, bias, cell, scale, cells)
-    B, M, h, w, d = k.shape
+    B, Mp = q.shape[:2]
+    M, h, w, d = k.shape[1:]
     dt = accumulate_dtype(q.dtype)
-    qc = as_cells(q.to(dt), cell, cells).contiguous()  # (B, h, w, n, d)
-    kh = k.to(dt).permute(0, 2, 3, 1, 4).contiguous()
-    vh = v.to(dt).permute(0, 2, 3, 1, 4).contiguous()
-    bh = None if bias is None else bias.to(dt).permute(0, 2, 3, 1).contiguous()
-    n, dv = qc.shape[3], vh.shape[-1]
-    out = q.new_empty(B, h, w, n, M, dv, dtype=dt)
-    probs = q.new_empty(B, h, w, n, M * 9, dtype=dt)
-    _run('pixel_fwd', dt, _ptr(qc), _ptr(kh), _ptr(vh), _ptr(bh), _ptr(out), _ptr(probs), *_c(B, h, w, n, M, d, dv),
+    qc = as_cells(q.to(dt), cell, cells).contiguous()  # (N, h, w, n, d)
+    kg, vg = _grouped(k.to(dt), Mp), _grouped(v.to(dt), Mp)  # (N, h, w, G, c)
+    bg = None if bias is None else _grouped(bias.to(dt), Mp)  # (N, h, w, G)
+    N, _, _, n, _ = qc.shape
+    G, dv = M // Mp, vg.shape[-1]
+    out = q.new_empty(N, h, w, n, G, dv, dtype=dt)
+    probs = q.new_empty(N, h, w, n, G * 9, dtype=dt)
+    _run('pixel_fwd', dt, _ptr(qc), _ptr(kg), _ptr(vg), _ptr(bg), _ptr(out), _ptr(probs), *_c(N, h, w, n, G, d, dv),
          scale)
-    return heads_last_out(out, B, 1, M, cell, cells).to(q.dtype), probs
+    return heads_last_out(out, B, Mp, G, cell, cells).to(q.dtype), probs
 
 
 def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
     """As :func:`torch_backend.pixel_attention_bwd`."""
-    if not _supported(q.shape[1], q):
+    if not _supported(q):
         return torch_backend.pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell, scale, cells)
-    B, M, h, w, d = k.shape
+    B, Mp = q.shape[:2]
+    M, h, w, d = k.shape[1:]
     dt = accumulate_dtype(q.dtype)
     qc = as_cells(q.to(dt), cell, cells).contiguous()
-    kh = k.to(dt).permute(0, 2, 3, 1, 4).contiguous()
-    vh = v.to(dt).permute(0, 2, 3, 1, 4).contiguous()
-    go = heads_last_to_cells(grad_out.to(dt), 1, cell, cells).contiguous()  # (B, h, w, n, M, dv)
-    n, dv = qc.shape[3], vh.shape[-1]
+    kg, vg = _grouped(k.to(dt), Mp), _grouped(v.to(dt), Mp)
+    go = heads_last_to_cells(grad_out.to(dt), Mp, cell, cells).contiguous()  # (N, h, w, n, G, dv)
+    N, _, _, n, _ = qc.shape
+    G, dv = M // Mp, vg.shape[-1]
     probs = probs.contiguous()
-    dqc = q.new_empty(B, h, w, n, d, dtype=dt)
-    dk = q.new_empty(B, h, w, M, d, dtype=dt)
-    dv_ = q.new_empty(B, h, w, M, dv, dtype=dt)
-    dbias = None if bias is None else q.new_empty(B, h, w, M, dtype=dt)
-    _run('pixel_bwd', dt, _ptr(go), _ptr(qc), _ptr(kh), _ptr(vh), _ptr(probs), _ptr(dqc), _ptr(dk), _ptr(dv_),
-         _ptr(dbias), *_c(B, h, w, n, M, d, dv), scale)
-    return (_cells_to_pixels(dqc, B, 1, cell, cells).to(q.dtype), dk.permute(0, 3, 1, 2, 4).to(k.dtype),
-            dv_.permute(0, 3, 1, 2, 4).to(v.dtype), None if dbias is None else dbias.permute(0, 3, 1, 2).to(bias.dtype))
+    dqc = q.new_empty(N, h, w, n, d, dtype=dt)
+    dk = q.new_empty(N, h, w, G, d, dtype=dt)
+    dv_ = q.new_empty(N, h, w, G, dv, dtype=dt)
+    dbias = None if bias is None else q.new_empty(N, h, w, G, dtype=dt)
+    _run('pixel_bwd', dt, _ptr(go), _ptr(qc), _ptr(kg), _ptr(vg), _ptr(probs), _ptr(dqc), _ptr(dk), _ptr(dv_),
+         _ptr(dbias), *_c(N, h, w, n, G, d, dv), scale)
+    return (_cells_to_pixels(dqc, B, Mp, cell, cells).to(q.dtype), _ungroup(dk, B, Mp).to(k.dtype),
+            _ungroup(dv_, B, Mp).to(v.dtype), None if dbias is None else _ungroup(dbias, B, Mp).to(bias.dtype))

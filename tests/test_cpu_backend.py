@@ -1,10 +1,8 @@
 """The fused CPU backend (kernels/cpu_kernels.c, compiled on first use) against the reference
 backend, the test oracle: values and every gradient in float64 over a sweep of grids (1x1, 1xN,
 Nx1, non-square, borders), cells 1-7, 1-3 heads, d != dv, batch > 1, both pixel layouts; fp64
-gradcheck; the cases it hands to the torch backend; and what happens without a C compiler.
-
-The kernels cover pixel tensors shared by all heads (what SPFormer runs); each test checks that
-they, not the fallback, ran.
+gradcheck; and what happens without a C compiler. Each test checks that the kernels, not the
+torch backend they fall back to, ran.
 """
 import pytest
 import torch
@@ -25,7 +23,7 @@ def no_fallback(monkeypatch):
 
 
 # (B, M, h, w, cell, d, dv, scale)
-SHARED_CONFIGS = [
+CONFIGS = [
     (1, 1, 1, 1, 1, 3, 3, None),
     (1, 2, 1, 1, 4, 4, 2, None),
     (2, 1, 1, 4, 2, 3, 5, None),
@@ -36,15 +34,16 @@ SHARED_CONFIGS = [
 ]
 
 
-def _inputs(B, M, h, w, cell, d, dv, dtype=torch.float64, seed=0):
+def _inputs(B, M, h, w, cell, d, dv, dtype=torch.float64, seed=0, pixel_heads=1):
     g = torch.Generator().manual_seed(seed)
     H, W = h * cell, w * cell
+    Mp = pixel_heads
 
     def rnd(*shape, mult=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * mult).to(dtype).requires_grad_()
     return dict(
-        q_s=rnd(B, M, h, w, d, mult=2.0), k_p=rnd(B, 1, H, W, d), v_p=rnd(B, 1, H, W, dv),
-        q_p=rnd(B, 1, H, W, d, mult=2.0), k_s=rnd(B, M, h, w, d), v_s=rnd(B, M, h, w, dv), bias=rnd(B, M, h, w),
+        q_s=rnd(B, M, h, w, d, mult=2.0), k_p=rnd(B, Mp, H, W, d), v_p=rnd(B, Mp, H, W, dv),
+        q_p=rnd(B, Mp, H, W, d, mult=2.0), k_s=rnd(B, M, h, w, d), v_s=rnd(B, M, h, w, dv), bias=rnd(B, M, h, w),
     )
 
 
@@ -71,7 +70,7 @@ def _upstream(out, g):
 
 
 def _run_reference(x, cell, scale, shared_kv):
-    # the reference backend has no shared-head path of its own: the shared tensor expanded to M heads
+    # the reference backend has no shared-head path of its own: a shared tensor expanded to M heads
     M = x['q_s'].shape[1]
     e = lambda t: t.expand(t.shape[0], M, *t.shape[2:])  # noqa: E731
     k_p = e(x['k_p'])
@@ -84,14 +83,16 @@ def _run_reference(x, cell, scale, shared_kv):
     return [out_s, out_p], torch.autograd.grad(loss, leaves)
 
 
+@pytest.mark.parametrize('pixel_heads', ['shared', 'per head'])
 @pytest.mark.parametrize('shared_kv', [True, False], ids=['k=v', 'k,v'])
 @pytest.mark.parametrize('layout', ['image', 'cells'])
-@pytest.mark.parametrize('cfg', SHARED_CONFIGS, ids=lambda c: 'B{}M{}_{}x{}_cell{}_d{}dv{}'.format(*c[:7]))
-def test_cpu_kernels_match_reference(cfg, layout, shared_kv, no_fallback):
+@pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: 'B{}M{}_{}x{}_cell{}_d{}dv{}'.format(*c[:7]))
+def test_cpu_kernels_match_reference(cfg, layout, shared_kv, pixel_heads, no_fallback):
+    """Pixel tensors shared by all heads (the model's case) or one per head; keys = values or not."""
     B, M, h, w, cell, d, dv, scale = cfg
     if shared_kv:
         dv = d
-    x = _inputs(B, M, h, w, cell, d, dv)
+    x = _inputs(B, M, h, w, cell, d, dv, pixel_heads=1 if pixel_heads == 'shared' else M)
     got, got_grads = _run(x, cell, scale, 'cpu', layout, shared_kv)
     want, want_grads = _run_reference(x, cell, scale, shared_kv)
     for a, b in zip(got, want):
@@ -129,14 +130,12 @@ def test_cpu_kernels_low_precision(dtype, tol, no_fallback):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
-def test_per_head_pixel_tensors_go_to_the_torch_backend():
-    """Pixel tensors with one head per superpixel head (M_p = M): not the kernels' case; the torch
-    backend runs them and the results equal its own."""
-    torch.manual_seed(0)
-    q_s, k_p, v_p = torch.randn(1, 2, 3, 3, 4), torch.randn(1, 2, 12, 12, 4), torch.randn(1, 2, 12, 12, 5)
-    torch.testing.assert_close(superpixel_attention(q_s, k_p, v_p, 4, backend='cpu'),
-                               superpixel_attention(q_s, k_p, v_p, 4, backend='torch'))
-    assert superpixel_attention(q_s, k_p, v_p, 4, backend='cpu').shape == (1, 2, 3, 3, 5)
+def test_cpu_backend_on_other_devices_is_refused():
+    """backend='cpu' on CUDA tensors (none here: the dispatch itself) names the device."""
+    from spformer.kernels import functional
+    with pytest.raises(ValueError, match="backend='cpu' runs the fused C kernels on CPU tensors, got tensors on cuda"):
+        functional._impl('cpu', torch.device('cuda'))
+    assert functional._impl('auto', torch.device('cpu')) is cpu_backend
 
 
 def test_without_a_compiler(monkeypatch, tmp_path):
