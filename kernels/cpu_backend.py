@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 
 from . import torch_backend
-from .torch_backend import (_cells_to_pixels, _ungroup, accumulate_dtype, as_cells, heads_last_out, heads_last_to_cells,
-                            superpixels_grouped)
+from .torch_backend import _ungroup, accumulate_dtype, superpixels_grouped
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
 FLAGS = ('-O3', '-march=native', '-funroll-loops', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
@@ -122,10 +121,30 @@ def _supported(x: torch.Tensor) -> bool:
     return x.device.type == 'cpu' and available(x.dtype)
 
 
+def _pixels(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """A pixel tensor as the kernels read it: (B, Mp, ...) -> contiguous (B * Mp, ...), in its own layout
+    (image or cell-major: the kernels index both, so no layout copy)."""
+    return x.to(dt).reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
 def _grouped(s: torch.Tensor, Mp: int) -> torch.Tensor:
     """Superpixel tensor (B, M, h, w, *c) -> contiguous (B * Mp, h, w, G, *c), the kernels' layout
     (:func:`torch_backend.superpixels_grouped`; no copy for heads-last memory and Mp = 1)."""
     return superpixels_grouped(s, Mp).contiguous()
+
+
+def _pixel_heads_last(out: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
+    """(B * Mp, *pixels, G, c) -> (B, *pixels, M, c), the ops' heads-last pixel-side result (a view for Mp = 1)."""
+    pixels, (G, c) = out.shape[1:-2], out.shape[-2:]
+    out = out.view(B, Mp, *pixels, G, c)
+    return out.movedim(1, -3).reshape(B, *pixels, Mp * G, c)
+
+
+def _pixel_grouped(g: torch.Tensor, Mp: int) -> torch.Tensor:
+    """Inverse of :func:`_pixel_heads_last`: (B, *pixels, M, c) -> contiguous (B * Mp, *pixels, G, c)."""
+    B, pixels, (M, c) = g.shape[0], g.shape[1:-2], g.shape[-2:]
+    g = g.reshape(B, *pixels, Mp, M // Mp, c).movedim(-3, 1)
+    return g.reshape(B * Mp, *pixels, M // Mp, c).contiguous()
 
 
 def _heads_last(out: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
@@ -138,14 +157,18 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _run(fn_name: str, dtype: torch.dtype, *args):
+def _run(fn_name: str, dtype: torch.dtype, pointers, sizes, scale: float, layout):
     suffix, c_real, _ = _DTYPES[dtype]
-    *pointers, scale = args
-    getattr(_load(dtype), f'{fn_name}_{suffix}')(*pointers, c_real(scale))
+    getattr(_load(dtype), f'{fn_name}_{suffix}')(*pointers, *sizes, c_real(scale), *layout)
 
 
 def _c(*ints):
     return [ctypes.c_ssize_t(int(i)) for i in ints]
+
+
+def _geometry(N, h, w, cell, G, d, dv, cells):
+    """The kernels' size arguments (before the scale) and layout arguments (after it)."""
+    return _c(N, h, w, cell * cell, G, d, dv), [ctypes.c_ssize_t(cell), ctypes.c_int(0 if cells else 1)]
 
 
 def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
@@ -155,14 +178,14 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     B, M, h, w, d = q.shape
     Mp = k.shape[1]
     dt = accumulate_dtype(q.dtype)
-    kc = as_cells(k.to(dt), cell, cells).contiguous()  # (N, h, w, n, d), N = B * Mp
-    vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
+    kc = _pixels(k, dt)  # (N, ..., d), N = B * Mp
+    vc = kc if shared_kv else _pixels(v, dt)
     qg = _grouped(q.to(dt), Mp)  # (N, h, w, G, d); free for the model's heads-last queries
-    N, _, _, n, _ = kc.shape
-    G, dv = M // Mp, vc.shape[-1]
+    N, G, dv = kc.shape[0], M // Mp, vc.shape[-1]
     out = q.new_empty(N, h, w, G, dv, dtype=dt)
-    probs = q.new_empty(N, h, w, n, G * 9, dtype=dt)
-    _run('superpixel_fwd', dt, _ptr(qg), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs), *_c(N, h, w, n, G, d, dv), scale)
+    probs = q.new_empty(N, h, w, cell * cell, G * 9, dtype=dt)
+    sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
+    _run('superpixel_fwd', dt, [_ptr(qg), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs)], sizes, scale, layout)
     return _heads_last(out, B, Mp).to(q.dtype), probs
 
 
@@ -174,21 +197,21 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     B, M, h, w, d = q.shape
     Mp = k.shape[1]
     dt = accumulate_dtype(q.dtype)
-    kc = as_cells(k.to(dt), cell, cells).contiguous()
-    vc = kc if shared_kv else as_cells(v.to(dt), cell, cells).contiguous()
+    kc = _pixels(k, dt)
+    vc = kc if shared_kv else _pixels(v, dt)
     qg = _grouped(q.to(dt), Mp)
     # heads-last (B, h, w, M, dv) -> (N, h, w, G, dv)
     go, o = (_grouped(t.to(dt).permute(0, 3, 1, 2, 4), Mp) for t in (grad_out, out))
-    N, _, _, n, _ = kc.shape
-    G, dv = M // Mp, vc.shape[-1]
+    N, G, dv = kc.shape[0], M // Mp, vc.shape[-1]
     probs = probs.contiguous()
     dq = q.new_empty(N, h, w, G, d, dtype=dt)
-    dkc = q.new_empty(N, h, w, n, d, dtype=dt)
-    dvc = dkc if shared_kv else q.new_empty(N, h, w, n, dv, dtype=dt)  # one buffer: both uses add up
-    _run('superpixel_bwd', dt, _ptr(go), _ptr(o), _ptr(qg), _ptr(kc), _ptr(vc), _ptr(probs), _ptr(dq), _ptr(dkc),
-         _ptr(dvc), *_c(N, h, w, n, G, d, dv), scale)
-    dk = _cells_to_pixels(dkc, B, Mp, cell, cells).to(k.dtype)
-    dv_ = None if shared_kv else _cells_to_pixels(dvc, B, Mp, cell, cells).to(v.dtype)
+    dkc = torch.empty_like(kc)
+    dvc = dkc if shared_kv else torch.empty_like(vc)  # one buffer: both uses add up
+    sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
+    _run('superpixel_bwd', dt, [_ptr(go), _ptr(o), _ptr(qg), _ptr(kc), _ptr(vc), _ptr(probs), _ptr(dq), _ptr(dkc),
+                                _ptr(dvc)], sizes, scale, layout)
+    dk = dkc.view(k.shape).to(k.dtype)
+    dv_ = None if shared_kv else dvc.view(v.shape).to(v.dtype)
     return _ungroup(dq, B, Mp).to(q.dtype), dk, dv_
 
 
@@ -199,16 +222,15 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     B, Mp = q.shape[:2]
     M, h, w, d = k.shape[1:]
     dt = accumulate_dtype(q.dtype)
-    qc = as_cells(q.to(dt), cell, cells).contiguous()  # (N, h, w, n, d)
+    qc = _pixels(q, dt)  # (N, ..., d)
     kg, vg = _grouped(k.to(dt), Mp), _grouped(v.to(dt), Mp)  # (N, h, w, G, c)
     bg = None if bias is None else _grouped(bias.to(dt), Mp)  # (N, h, w, G)
-    N, _, _, n, _ = qc.shape
-    G, dv = M // Mp, vg.shape[-1]
-    out = q.new_empty(N, h, w, n, G, dv, dtype=dt)
-    probs = q.new_empty(N, h, w, n, G * 9, dtype=dt)
-    _run('pixel_fwd', dt, _ptr(qc), _ptr(kg), _ptr(vg), _ptr(bg), _ptr(out), _ptr(probs), *_c(N, h, w, n, G, d, dv),
-         scale)
-    return heads_last_out(out, B, Mp, G, cell, cells).to(q.dtype), probs
+    N, G, dv = qc.shape[0], M // Mp, vg.shape[-1]
+    out = q.new_empty(*qc.shape[:-1], G, dv, dtype=dt)  # heads-last per pixel tensor
+    probs = q.new_empty(N, h, w, cell * cell, G * 9, dtype=dt)
+    sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
+    _run('pixel_fwd', dt, [_ptr(qc), _ptr(kg), _ptr(vg), _ptr(bg), _ptr(out), _ptr(probs)], sizes, scale, layout)
+    return _pixel_heads_last(out, B, Mp).to(q.dtype), probs
 
 
 def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
@@ -218,17 +240,17 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
     B, Mp = q.shape[:2]
     M, h, w, d = k.shape[1:]
     dt = accumulate_dtype(q.dtype)
-    qc = as_cells(q.to(dt), cell, cells).contiguous()
+    qc = _pixels(q, dt)
     kg, vg = _grouped(k.to(dt), Mp), _grouped(v.to(dt), Mp)
-    go = heads_last_to_cells(grad_out.to(dt), Mp, cell, cells).contiguous()  # (N, h, w, n, G, dv)
-    N, _, _, n, _ = qc.shape
-    G, dv = M // Mp, vg.shape[-1]
+    go = _pixel_grouped(grad_out.to(dt), Mp)  # (N, ..., G, dv)
+    N, G, dv = qc.shape[0], M // Mp, vg.shape[-1]
     probs = probs.contiguous()
-    dqc = q.new_empty(N, h, w, n, d, dtype=dt)
+    dqc = torch.empty_like(qc)
     dk = q.new_empty(N, h, w, G, d, dtype=dt)
     dv_ = q.new_empty(N, h, w, G, dv, dtype=dt)
     dbias = None if bias is None else q.new_empty(N, h, w, G, dtype=dt)
-    _run('pixel_bwd', dt, _ptr(go), _ptr(qc), _ptr(kg), _ptr(vg), _ptr(probs), _ptr(dqc), _ptr(dk), _ptr(dv_),
-         _ptr(dbias), *_c(N, h, w, n, G, d, dv), scale)
-    return (_cells_to_pixels(dqc, B, Mp, cell, cells).to(q.dtype), _ungroup(dk, B, Mp).to(k.dtype),
-            _ungroup(dv_, B, Mp).to(v.dtype), None if dbias is None else _ungroup(dbias, B, Mp).to(bias.dtype))
+    sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
+    _run('pixel_bwd', dt, [_ptr(go), _ptr(qc), _ptr(kg), _ptr(vg), _ptr(probs), _ptr(dqc), _ptr(dk), _ptr(dv_),
+                           _ptr(dbias)], sizes, scale, layout)
+    return (dqc.view(q.shape).to(q.dtype), _ungroup(dk, B, Mp).to(k.dtype), _ungroup(dv_, B, Mp).to(v.dtype),
+            None if dbias is None else _ungroup(dbias, B, Mp).to(bias.dtype))

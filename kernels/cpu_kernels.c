@@ -14,7 +14,8 @@
    passes by image, since their superpixel-side gradients gather from 9 cells.
 
    Layouts (all contiguous, row-major), for a batch of B images:
-     pixels          X, K, V   (B, h, w, n, c)    cell-major, n = cell * cell pixels per cell
+     pixels          X, K, V   (B, h, w, n, c)    cell-major, n = cell * cell pixels per cell, or with
+                               (B, H, W, c)       image != 0 the image's own layout (H = h * cell)
      superpixels     Q, K, V   (B, h, w, G, c)    heads-last
      bias                      (B, h, w, G)
      probabilities   P         (B, h, w, n, G, 9) entry [c][p][g][k]: pixel p of cell c and the
@@ -199,10 +200,17 @@ static void softmax(real *restrict l, idx count) {
 
 static inline int inside(idx y, idx x, idx h, idx w) { return y >= 0 && y < h && x >= 0 && x < w; }
 
+/* Row of pixel p of cell c in a pixel-side tensor: cell-major, or (image) the image's raster order,
+   W = w * cell pixels per row. The probabilities are always cell-major, row c * n + p. */
+static inline idx pix(idx c, idx p, idx w, idx n, idx cell, int image) {
+    if (!image) return c * n + p;
+    return ((c / w) * cell + p / cell) * (w * cell) + (c % w) * cell + p % cell;
+}
+
 /* Superpixel queries over the pixels of their 3x3 cells (softmax over up to 9 * n pixels).
    out (B, h, w, G, dv); logits scale * <K_p, Q_j>. */
 void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, real *P,
-                        idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale) {
+                        idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
 #pragma omp parallel
     {
@@ -231,8 +239,9 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
                         if (!inside(cy, cx, h, w)) continue;
                         const idx c = cy * w + cx;
                         for (idx p = 0; p < n; ++p, ++count) {
-                            krows[count] = Kb + (c * n + p) * d;
-                            vrows[count] = Vb + (c * n + p) * dv;
+                            const idx row = pix(c, p, w, n, cell, image);
+                            krows[count] = Kb + row * d;
+                            vrows[count] = Vb + row * dv;
                             dest[count] = (c * n + p) * G * 9 + k;
                         }
                     }
@@ -268,7 +277,7 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
 /* Backward of superpixel_fwd. dK (B, h, w, n, d), dV (B, h, w, n, dv), dQ (B, h, w, G, d), all
    overwritten; dV may be dK (keys and values one tensor: both gradients add up there). */
 void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const real *K, const real *V, const real *P,
-                        real *dQ, real *dK, real *dV, idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale) {
+                        real *dQ, real *dK, real *dV, idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
 #pragma omp parallel
     {
@@ -289,8 +298,8 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
                 for (idx x = 0; x < w; ++x) {
                     const idx c = y * w + x;
                     for (idx p = 0; p < n; ++p) {
-                        krows[p] = Kb + (c * n + p) * d;
-                        vrows[p] = Vb + (c * n + p) * dv;
+                        krows[p] = Kb + pix(c, p, w, n, cell, image) * d;
+                        vrows[p] = Vb + pix(c, p, w, n, cell, image) * dv;
                     }
                     for (idx k = 0; k < 9; ++k) {
                         if (!inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) continue;
@@ -308,14 +317,15 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
                                 dots(vrows, n, gj, dv, dl);
                             for (idx p = 0; p < n; ++p) {
                                 const real *pr = Pb + ((c * n + p) * G + g) * 9 + k;
+                                const idx row = pix(c, p, w, n, cell, image);
                                 dl[p] = pr[0] * (dl[p] - delta[j * G + g]) * scale;
                                 if (pair) {
                                     dl1[p] = pr[9] * (dl1[p] - delta[j * G + g1]) * scale;
-                                    axpy2(dVb + (c * n + p) * dv, pr[0], gj, pr[9], gj1, dv);
-                                    axpy2(dKb + (c * n + p) * d, dl[p], q, dl1[p], q1, d);
+                                    axpy2(dVb + row * dv, pr[0], gj, pr[9], gj1, dv);
+                                    axpy2(dKb + row * d, dl[p], q, dl1[p], q1, d);
                                 } else {
-                                    axpy(dVb + (c * n + p) * dv, pr[0], gj, dv);
-                                    axpy(dKb + (c * n + p) * d, dl[p], q, d);
+                                    axpy(dVb + row * dv, pr[0], gj, dv);
+                                    axpy(dKb + row * d, dl[p], q, d);
                                 }
                             }
                             if (pair)
@@ -336,7 +346,7 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
 /* Pixel queries over the superpixels of their 3x3 neighbourhood (softmax over up to 9).
    out (B, h, w, n, G, dv); logits scale * <Q_p, K_j> + bias_j (bias may be NULL). */
 void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bias, real *out, real *P,
-                   idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale) {
+                   idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
 #pragma omp parallel for collapse(2) schedule(static)
     for (idx b = 0; b < B; ++b)
@@ -362,22 +372,22 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
                     for (idx p = 0; p < n; p += 2) {
                         const int pair = p + 1 < n;
                         real l[2][9];
+                        const idx row[2] = {pix(c, p, w, n, cell, image), pix(c, pair ? p + 1 : p, w, n, cell, image)};
                         if (pair)
-                            dots2(krows, count, Qb + (c * n + p) * d, Qb + (c * n + p + 1) * d, d, l[0], l[1]);
+                            dots2(krows, count, Qb + row[0] * d, Qb + row[1] * d, d, l[0], l[1]);
                         else
-                            dots(krows, count, Qb + (c * n + p) * d, d, l[0]);
+                            dots(krows, count, Qb + row[0] * d, d, l[0]);
                         for (idx e = 0; e <= pair; ++e) {
                             for (idx r = 0; r < count; ++r) l[e][r] = l[e][r] * scale + (bb ? bb[nb[r] * G + g] : 0);
                             softmax9(l[e], count);
                             real *pr = Pb + ((c * n + p + e) * G + g) * 9;
                             memset(pr, 0, 9 * sizeof(real));
                             for (idx r = 0; r < count; ++r) pr[ks[r]] = l[e][r];
-                            real *o = ob + ((c * n + p + e) * G + g) * dv;
-                            memset(o, 0, (size_t)dv * sizeof(real));
+                            memset(ob + (row[e] * G + g) * dv, 0, (size_t)dv * sizeof(real));
                         }
-                        real *o = ob + ((c * n + p) * G + g) * dv;
+                        real *o = ob + (row[0] * G + g) * dv, *o1 = ob + (row[1] * G + g) * dv;
                         if (pair)
-                            combine2(o, o + G * dv, vrows, l[0], l[1], count, dv);
+                            combine2(o, o1, vrows, l[0], l[1], count, dv);
                         else
                             combine(o, vrows, l[0], count, dv);
                     }
@@ -390,7 +400,7 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
    dbias (B, h, w, G) or NULL: all overwritten. */
 void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V, const real *P,
                    real *dQ, real *dK, real *dV, real *dbias, idx B, idx h, idx w, idx n, idx G,
-                   idx d, idx dv, real scale) {
+                   idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
 #pragma omp parallel for schedule(static)
     for (idx b = 0; b < B; ++b) {
@@ -420,9 +430,10 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
                     /* pixels two at a time: each neighbour row is loaded once for both */
                     for (idx p = 0; p < n; p += 2) {
                         const int pair = p + 1 < n;
-                        const idx row = c * n + p, row1 = pair ? row + 1 : row;
+                        const idx row = pix(c, p, w, n, cell, image), row1 = pix(c, pair ? p + 1 : p, w, n, cell, image);
+                        const idx prow = c * n + p, prow1 = pair ? prow + 1 : prow;  /* probabilities: cell-major */
                         const real *gp[2] = {gob + (row * G + g) * dv, gob + (row1 * G + g) * dv};
-                        const real *pr[2] = {Pb + (row * G + g) * 9, Pb + (row1 * G + g) * 9};
+                        const real *pr[2] = {Pb + (prow * G + g) * 9, Pb + (prow1 * G + g) * 9};
                         real dp[2][9], ds[2][9], prob[2][9];
                         if (pair)
                             dots2(vrows, count, gp[0], gp[1], dv, dp[0], dp[1]);
