@@ -200,6 +200,27 @@ static void softmax(real *restrict l, idx count) {
 
 static inline int inside(idx y, idx x, idx h, idx w) { return y >= 0 && y < h && x >= 0 && x < w; }
 
+/* The neighbours of cell (y, x) inside the grid: their superpixel indices nb and offsets k, in
+   order; returns how many. */
+static idx neighbours(idx y, idx x, idx h, idx w, idx nb[9], idx ks[9]) {
+    idx count = 0;
+    for (idx k = 0; k < 9; ++k)
+        if (inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) {
+            nb[count] = (y + k / 3 - 1) * w + x + k % 3 - 1;
+            ks[count++] = k;
+        }
+    return count;
+}
+
+/* Head g's key and value rows of those neighbours (superpixel tensors (h, w, G, c)). */
+static void neighbour_rows(const real *K, const real *V, const idx *nb, idx count, idx G, idx g, idx d, idx dv,
+                           const real **krows, const real **vrows) {
+    for (idx r = 0; r < count; ++r) {
+        krows[r] = K + (nb[r] * G + g) * d;
+        vrows[r] = V + (nb[r] * G + g) * dv;
+    }
+}
+
 /* Row of pixel p of cell c in a pixel-side tensor: cell-major, or (image) the image's raster order,
    W = w * cell pixels per row. The probabilities are always cell-major, row c * n + p. */
 static inline idx pix(idx c, idx p, idx w, idx n, idx cell, int image) {
@@ -356,18 +377,11 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
             real *ob = out + b * cells * n * G * dv, *Pb = P + b * cells * n * G * 9;
             for (idx x = 0; x < w; ++x) {
                 const idx c = y * w + x;
-                idx nb[9], ks[9], count = 0;  /* the valid neighbours: superpixel index and k */
-                for (idx k = 0; k < 9; ++k)
-                    if (inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) {
-                        nb[count] = (y + k / 3 - 1) * w + x + k % 3 - 1;
-                        ks[count++] = k;
-                    }
+                idx nb[9], ks[9];
+                const idx count = neighbours(y, x, h, w, nb, ks);
                 for (idx g = 0; g < G; ++g) {
                     const real *krows[9], *vrows[9];
-                    for (idx r = 0; r < count; ++r) {
-                        krows[r] = Kb + (nb[r] * G + g) * d;
-                        vrows[r] = Vb + (nb[r] * G + g) * dv;
-                    }
+                    neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
                     /* pixels two at a time: each neighbour row is loaded once for both */
                     for (idx p = 0; p < n; p += 2) {
                         const int pair = p + 1 < n;
@@ -415,18 +429,11 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
         for (idx y = 0; y < h; ++y)
             for (idx x = 0; x < w; ++x) {
                 const idx c = y * w + x;
-                idx nb[9], ks[9], count = 0;
-                for (idx k = 0; k < 9; ++k)
-                    if (inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) {
-                        nb[count] = (y + k / 3 - 1) * w + x + k % 3 - 1;
-                        ks[count++] = k;
-                    }
+                idx nb[9], ks[9];
+                const idx count = neighbours(y, x, h, w, nb, ks);
                 for (idx g = 0; g < G; ++g) {
                     const real *krows[9], *vrows[9];
-                    for (idx r = 0; r < count; ++r) {
-                        krows[r] = Kb + (nb[r] * G + g) * d;
-                        vrows[r] = Vb + (nb[r] * G + g) * dv;
-                    }
+                    neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
                     /* pixels two at a time: each neighbour row is loaded once for both */
                     for (idx p = 0; p < n; p += 2) {
                         const int pair = p + 1 < n;
