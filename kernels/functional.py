@@ -43,7 +43,7 @@ def _impl(backend: str, device: torch.device):
             raise ValueError(f"backend='cpu' runs the fused C kernels on CPU tensors, got tensors on {device}"
                              if device.type != 'cpu' else
                              f"backend='cpu': the fused C kernels are unavailable ({cpu_backend.unavailable_reason()})")
-        return cpu_backend  # hands what its kernels do not cover to the torch backend
+        return cpu_backend  # which runs the torch backend where no C compiler was found
     return backend_module(backend, device, 'triton_backend', torch_backend)
 
 
