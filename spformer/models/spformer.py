@@ -42,6 +42,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
+from spformer.allocator import prime_glibc_heap
 from spformer.kernels import cells_to_image, image_to_cells, pixel_attention, superpixel_association, \
     superpixel_attention
 
@@ -760,6 +761,8 @@ class SPFormer(nn.Module):
                 each (default: sca_heads).
         """
         super().__init__()
+        # On CPU, glibc would otherwise trim and re-fault SPFormer's heap every forward (spformer/allocator.py).
+        prime_glibc_heap()
         assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         token_stride = stem_stride * cell_size
