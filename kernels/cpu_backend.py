@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import torch_backend
-from .torch_backend import _ungroup, accumulate_dtype, superpixels_grouped
+from .torch_backend import _ungroup, accumulate_dtype, heads_grouped, heads_last, superpixels_grouped
 
 SOURCE = Path(__file__).with_name('cpu_kernels.c')
 FLAGS = ('-O3', '-march=native', '-funroll-loops', '-ffp-contract=fast', '-fopenmp', '-std=c99', '-fPIC', '-shared')
@@ -133,26 +133,6 @@ def _grouped(s: torch.Tensor, Mp: int) -> torch.Tensor:
     return superpixels_grouped(s, Mp).contiguous()
 
 
-def _pixel_heads_last(out: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
-    """(B * Mp, *pixels, G, c) -> (B, *pixels, M, c), the ops' heads-last pixel-side result (a view for Mp = 1)."""
-    pixels, (G, c) = out.shape[1:-2], out.shape[-2:]
-    out = out.view(B, Mp, *pixels, G, c)
-    return out.movedim(1, -3).reshape(B, *pixels, Mp * G, c)
-
-
-def _pixel_grouped(g: torch.Tensor, Mp: int) -> torch.Tensor:
-    """Inverse of :func:`_pixel_heads_last`: (B, *pixels, M, c) -> contiguous (B * Mp, *pixels, G, c)."""
-    B, pixels, (M, c) = g.shape[0], g.shape[1:-2], g.shape[-2:]
-    g = g.reshape(B, *pixels, Mp, M // Mp, c).movedim(-3, 1)
-    return g.reshape(B * Mp, *pixels, M // Mp, c).contiguous()
-
-
-def _heads_last(out: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
-    """(B * Mp, h, w, G, c) -> (B, h, w, M, c), as the ops return superpixel-side results."""
-    N, h, w, G, c = out.shape
-    return out.reshape(B, Mp, h, w, G, c).permute(0, 2, 3, 1, 4, 5).reshape(B, h, w, Mp * G, c)
-
-
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -186,7 +166,7 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     probs = q.new_empty(N, h, w, cell * cell, G * 9, dtype=dt)
     sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
     _run('superpixel_fwd', dt, [_ptr(qg), _ptr(kc), _ptr(vc), _ptr(out), _ptr(probs)], sizes, scale, layout)
-    return _heads_last(out, B, Mp).to(q.dtype), probs
+    return heads_last(out, B, Mp).to(q.dtype), probs
 
 
 def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
@@ -201,7 +181,7 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     vc = kc if shared_kv else _pixels(v, dt)
     qg = _grouped(q.to(dt), Mp)
     # heads-last (B, h, w, M, dv) -> (N, h, w, G, dv)
-    go, o = (_grouped(t.to(dt).permute(0, 3, 1, 2, 4), Mp) for t in (grad_out, out))
+    go, o = (heads_grouped(t.to(dt), Mp).contiguous() for t in (grad_out, out))
     N, G, dv = kc.shape[0], M // Mp, vc.shape[-1]
     probs = probs.contiguous()
     dq = q.new_empty(N, h, w, G, d, dtype=dt)
@@ -230,7 +210,7 @@ def pixel_attention_fwd(q, k, v, bias: Optional[torch.Tensor], cell: int, scale:
     probs = q.new_empty(N, h, w, cell * cell, G * 9, dtype=dt)
     sizes, layout = _geometry(N, h, w, cell, G, d, dv, cells)
     _run('pixel_fwd', dt, [_ptr(qc), _ptr(kg), _ptr(vg), _ptr(bg), _ptr(out), _ptr(probs)], sizes, scale, layout)
-    return _pixel_heads_last(out, B, Mp).to(q.dtype), probs
+    return heads_last(out, B, Mp).to(q.dtype), probs
 
 
 def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float, cells: bool = False):
@@ -242,7 +222,7 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
     dt = accumulate_dtype(q.dtype)
     qc = _pixels(q, dt)
     kg, vg = _grouped(k.to(dt), Mp), _grouped(v.to(dt), Mp)
-    go = _pixel_grouped(grad_out.to(dt), Mp)  # (N, ..., G, dv)
+    go = heads_grouped(grad_out.to(dt), Mp).contiguous()  # (N, ..., G, dv)
     N, G, dv = qc.shape[0], M // Mp, vg.shape[-1]
     probs = probs.contiguous()
     dqc = torch.empty_like(qc)

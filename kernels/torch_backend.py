@@ -50,24 +50,28 @@ def as_cells(x: torch.Tensor, cell: int, cells: bool) -> torch.Tensor:
     return pixels_to_cells(x, cell)
 
 
+def heads_last(y: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
+    """(B * Mp, *grid, G, c) -> heads-last (B, *grid, Mp * G, c), head m = mp * G + g (a view for Mp = 1):
+    how the ops return results on any grid (superpixels, cells, image pixels)."""
+    grid, (G, c) = y.shape[1:-2], y.shape[-2:]
+    return y.reshape(B, Mp, *grid, G, c).movedim(1, -3).reshape(B, *grid, Mp * G, c)
+
+
+def heads_grouped(g: torch.Tensor, Mp: int) -> torch.Tensor:
+    """Inverse of :func:`heads_last`: (B, *grid, M, c) -> (B * Mp, *grid, G, c) (a view for Mp = 1)."""
+    B, grid, (M, c) = g.shape[0], g.shape[1:-2], g.shape[-2:]
+    return g.reshape(B, *grid, Mp, M // Mp, c).movedim(-3, 1).reshape(B * Mp, *grid, M // Mp, c)
+
+
 def heads_last_out(y: torch.Tensor, B: int, Mp: int, G: int, cell: int, cells: bool) -> torch.Tensor:
     """Pixel-side result (B * Mp, h, w, n, G, c) -> heads-last (B, H, W, M, c), or (B, h, w, n, M, c) if ``cells``."""
-    if not cells:
-        return cells_to_heads_last(y, B, Mp, G, cell)
-    _, h, w, n, _, c = y.shape
-    if Mp == 1:
-        return y.reshape(B, h, w, n, G, c)
-    return y.reshape(B, Mp, h, w, n, G, c).permute(0, 2, 3, 4, 1, 5, 6).reshape(B, h, w, n, Mp * G, c)
+    return heads_last(y, B, Mp) if cells else cells_to_heads_last(y, B, Mp, G, cell)
 
 
 def heads_last_to_cells(g: torch.Tensor, Mp: int, cell: int, cells: bool) -> torch.Tensor:
     """Inverse of :func:`heads_last_out`: (B, H, W, M, c) or (B, h, w, n, M, c) -> (B * Mp, h, w, n, G, c)."""
     if cells:
-        B, h, w, n, M, c = g.shape
-        G = M // Mp
-        if Mp == 1:
-            return g.reshape(B, h, w, n, G, c)
-        return g.reshape(B, h, w, n, Mp, G, c).permute(0, 4, 1, 2, 3, 5, 6).reshape(B * Mp, h, w, n, G, c)
+        return heads_grouped(g, Mp)
     B, H, W, M, c = g.shape
     G = M // Mp
     h, w = H // cell, W // cell
@@ -290,8 +294,7 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     probs.mul_(neighbors(_ungroup(sp_sum.reciprocal(), B, Mp), Mp).view(N, h, w, 1, G * 9))
     u = torch.matmul(probs.transpose(-1, -2), vc)  # (N, h, w, G9, dv)
     out = fold_neighbors(u.view(N, h, w, G, 9, dv))  # (N, h, w, G, dv)
-    out = out.reshape(B, Mp, h, w, G, dv).permute(0, 2, 3, 1, 4, 5).reshape(B, h, w, M, dv)
-    return out.to(q.dtype), probs
+    return heads_last(out, B, Mp).to(q.dtype), probs
 
 
 def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool = False,
