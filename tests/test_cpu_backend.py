@@ -58,15 +58,17 @@ def _run(x, cell, scale, backend, layout, shared_kv):
                             pixel_layout=layout)
     if cells:
         out_p = cells_to_image(out_p, cell)
+    return _with_grads(x, out_s, out_p, shared_kv)
+
+
+def _with_grads(x, out_s, out_p, shared_kv):
+    """The outputs and the gradients of every input for fixed random upstream gradients (drawn in
+    float64, so every dtype gets the same ones)."""
     g = torch.Generator().manual_seed(5)
-    loss = (out_s * _upstream(out_s, g)).sum() + (out_p * _upstream(out_p, g)).sum()
+    up = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in (out_s, out_p)]
+    loss = (out_s * up[0]).sum() + (out_p * up[1]).sum()
     leaves = [t for name, t in x.items() if not (shared_kv and name == 'v_p')]
     return [out_s, out_p], torch.autograd.grad(loss, leaves)
-
-
-def _upstream(out, g):
-    """The same upstream gradient whatever the output's dtype."""
-    return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
 
 
 def _run_reference(x, cell, scale, shared_kv):
@@ -77,10 +79,7 @@ def _run_reference(x, cell, scale, shared_kv):
     v_p = k_p if shared_kv else e(x['v_p'])
     out_s = superpixel_attention(x['q_s'], k_p, v_p, cell, scale=scale, backend='reference')
     out_p = pixel_attention(e(x['q_p']), x['k_s'], x['v_s'], cell, scale=scale, bias=x['bias'], backend='reference')
-    g = torch.Generator().manual_seed(5)
-    loss = (out_s * _upstream(out_s, g)).sum() + (out_p * _upstream(out_p, g)).sum()
-    leaves = [t for name, t in x.items() if not (shared_kv and name == 'v_p')]
-    return [out_s, out_p], torch.autograd.grad(loss, leaves)
+    return _with_grads(x, out_s, out_p, shared_kv)
 
 
 @pytest.mark.parametrize('pixel_heads', ['shared', 'per head'])
