@@ -115,25 +115,32 @@ def measure_op(case: str, batch: int, repeats: int) -> dict:
     return results
 
 
-def _model_step(name: str, mode: str, batch: int):
+def _model_step(name: str, mode: str, batch: int, device: str = 'cpu', amp_dtype=None, **model_kwargs):
+    """One inference batch or one train step (forward, backward, AdamW) of a timm model;
+    ``amp_dtype``: under autocast to that dtype, as timm's and Accelerate's mixed precision run it."""
+    import contextlib
     import timm
     import spformer  # noqa: F401
     torch.manual_seed(0)
-    model = timm.create_model(name)
-    x = torch.randn(batch, 3, 224, 224)
+    model = timm.create_model(name, **model_kwargs).to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+
+    def autocast():
+        return torch.autocast(device, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     if mode == 'infer':
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 model(x)
         return step, (model, x)
     model.train()
-    target = torch.randint(0, 1000, (batch,))
+    target = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), target)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,31 +166,42 @@ def measure_models_cpu_time(names, mode: str, batch: int, repeats: int) -> dict:
                              clock=time.process_time)
 
 
+def _cuda_times(fn, repeats: int, warmup: int = 3) -> list:
+    """Seconds per call of ``fn`` on the current CUDA stream, from CUDA events, after a warm-up."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
 def cuda_bandwidth(batch: int = 128, repeats: int = 20):
     """Fused Triton kernels on CUDA at SPFormer-S shapes: time and achieved bandwidth."""
     from spformer.kernels import pixel_attention, superpixel_attention
     dev = torch.device('cuda')
     props = torch.cuda.get_device_properties(dev)
     clock_khz, bus_bits = getattr(props, 'memory_clock_rate', 0), getattr(props, 'memory_bus_width', 0)
-    peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else float('nan')  # DDR: 2 per clock
-    print(f'\n## Triton kernels on {props.name} (batch {batch}; peak memory bandwidth '
-          f'{peak / 1e9:.0f} GB/s from the memory clock and bus width)\n')
-    print('| case | dtype | backend | fwd (ms) | fwd GB/s | fwd+bwd (ms) | fwd+bwd GB/s | fwd+bwd % of peak |')
+    spec_peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else float('nan')  # DDR: 2 per clock
+    # The ceiling a kernel can reach in practice: a large device-to-device copy (bytes read + written).
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_s = statistics.median(_cuda_times(lambda: dst.copy_(src), repeats))
+    peak = 2 * src.numel() / copy_s
+    src = dst = None  # free the 2 GiB
+    print(f'\n## Triton kernels on {props.name} (batch {batch}; memory bandwidth: {peak / 1e9:.0f} GB/s '
+          f'measured by a 1 GiB device copy, {spec_peak / 1e9:.0f} GB/s from the memory clock and bus width)\n')
+    print('| case | dtype | backend | fwd (ms) | fwd GB/s | fwd+bwd (ms) | fwd+bwd GB/s | fwd+bwd % of copy bandwidth |')
     print('|---|---|---|---|---|---|---|---|')
     B, h, w, cell, M = batch, 14, 14, 4, 2
 
     def timed(fn):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeats):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        return statistics.median(_cuda_times(fn, repeats))
 
     for dtype in (torch.bfloat16, torch.float32):
         esize = torch.tensor([], dtype=dtype).element_size()
@@ -221,6 +239,47 @@ def cuda_bandwidth(batch: int = 128, repeats: int = 20):
                 bw = (fwd_bytes + bwd_bytes) / t_fb
                 print(f'| {case} | {str(dtype).split(".")[-1]} | {backend} | {t_f * 1e3:.3f} | {fwd_bytes / t_f / 1e9:.0f} | '
                       f'{t_fb * 1e3:.3f} | {bw / 1e9:.0f} | {100 * bw / peak:.0f}% |')
+
+
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def cuda_models(batch: int = 128, repeats: int = 10):
+    """SPFormer-S with the Triton kernels and with the torch backend against DeiT-S on CUDA, under
+    bf16 autocast: inference img/s, train-step img/s and the train step's peak allocated memory."""
+    runs = {'deit_small_patch16_224': ('deit_small_patch16_224', {}),
+            'spformer_small_sp16_224 (triton)': ('spformer_small_sp16_224', dict(attn_backend='triton')),
+            'spformer_small_sp16_224 (torch)': ('spformer_small_sp16_224', dict(attn_backend='torch'))}
+    print(f'\n## SPFormer-S vs DeiT-S on {torch.cuda.get_device_name()} (batch {batch}, bf16 autocast, '
+          f'224 px; interleaved rounds, medians)\n')
+    print('| model | inference img/s | vs DeiT-S | train img/s | vs DeiT-S | train peak memory (GB) | vs DeiT-S |')
+    print('|---|---|---|---|---|---|---|')
+    results = {}
+    for mode in ('infer', 'train'):
+        steps, memory = {}, {}
+        for label, (name, kwargs) in runs.items():
+            # what this model holds: its parameters, input, gradients, optimizer state, activations
+            # (the models measured before it stay allocated, hence the baseline)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step, _ = _model_step(name, mode, batch, 'cuda', torch.bfloat16, **kwargs)
+            step()
+            step()
+            torch.cuda.synchronize()
+            memory[label] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+            steps[label] = step
+        results[mode] = interleaved_times(steps, repeats, clock=_cuda_clock)
+        results[mode + '_memory'] = memory
+        del steps
+        torch.cuda.empty_cache()
+    deit = next(iter(runs))
+    for label in runs:
+        infer, train, mem = results['infer'][label], results['train'][label], results['train_memory']
+        print(f"| {label} | {batch / infer['seconds']:.0f} | {infer['ratio']:.2f}x | {batch / train['seconds']:.0f} | "
+              f"{train['ratio']:.2f}x | {mem[label]:.2f} | {mem[label] / mem[deit]:.2f}x |")
 
 
 def _run_child(kind: str, *args, env: dict = None) -> dict:
@@ -322,6 +381,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise SystemExit('--only cuda needs a CUDA device; torch.cuda.is_available() is False here')
         cuda_bandwidth()
+        cuda_models()
 
 
 if __name__ == '__main__':

@@ -20,6 +20,25 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def triton_device():
+    """Where a test runs the Triton backend: CPU tensors through the interpreter (the default, and
+    CI), or CUDA tensors when TRITON_INTERPRET=0 on a machine with a GPU (``.ci/gpu``), where the
+    same checks run the compiled kernels. TF32 is switched off for the test so that the torch
+    backend it is compared with computes in true fp32 on the GPU too."""
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        yield torch.device('cpu')
+        return
+    if not torch.cuda.is_available():
+        pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device to run the Triton kernels on')
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device('cuda')
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
 def compile_for_sm90():
     """Runs a kernel-compiling script (it prints 'compiled' when every job compiled) for sm_90 in
     two processes, jobs split by ``argv = part parts``, without the interpreter: front end, LLVM and

@@ -61,6 +61,30 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(compiled_grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
+def test_compiled_model_matches_eager_on_cuda(triton_device):
+    """The same on CUDA, where 'auto' runs the fused Triton kernels inside the compiled graph (bf16
+    autocast, as models train there): needs TRITON_INTERPRET=0 and a GPU, see .ci/gpu."""
+    if triton_device.type != 'cuda':
+        pytest.skip('needs a CUDA device with TRITON_INTERPRET=0 (.ci/gpu); on CPU, '
+                    'test_compiled_model_matches_eager covers compilation')
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', img_size=64, num_classes=10).cuda()
+    x = torch.randn(2, 3, 64, 64, device='cuda')
+    outs, grads = [], []
+    for run in (torch.compile(model, fullgraph=True), model):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = run(x)
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad()
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    for n in grads[1]:
+        scale = float(grads[1][n].abs().max())
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=5e-2, atol=5e-2 * scale, msg=n)
+
+
 def test_flop_counter_sees_the_custom_ops():
     """torch.utils.flop_counter counts the custom ops: 2 flops per MAC, every pixel meets 9
     superpixels per head, d MACs for the logit and dv for the value (by hand: B=2, M=3, 8x12 pixels)."""

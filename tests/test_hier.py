@@ -353,21 +353,22 @@ def test_compiled_group_block_matches_eager(grouping):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()), msg=n)
 
 
-def test_local_group_block_triton_backend_matches_torch():
+def test_local_group_block_triton_backend_matches_torch(triton_device):
     """The local grouping runs the attention ops with head dimension C (192 here, 384 for the small model):
-    the fused Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest) equal the torch backend,
-    forward and backward."""
+    the fused Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest; compiled, on CUDA, under
+    .ci/gpu) equal the torch backend, forward and backward."""
     pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
     from spformer.models.spformer import GroupBlock
     torch.manual_seed(0)
     blocks = [GroupBlock(192, 3, 2, 2, 'local', attn_backend=backend) for backend in ('torch', 'triton')]
     blocks[1].load_state_dict(blocks[0].state_dict())
+    blocks = [block.to(triton_device) for block in blocks]
     with torch.no_grad():
         for block in blocks:
             for name, p in block.named_parameters():
                 if name.endswith('.gamma'):
                     p.fill_(0.5)
-    tokens = torch.randn(2, 4, 6, 192)
+    tokens = torch.randn(2, 4, 6, 192, device=triton_device)
     outs = [block(tokens)[0] for block in blocks]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     for out in outs:

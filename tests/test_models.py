@@ -612,20 +612,21 @@ def test_forward_superpixels_consistent():
     assert int(last['labels'].max()) < h * w and int(last['labels'].min()) >= 0
 
 
-def test_model_triton_backend_matches_torch():
-    """The whole model with the fused Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest)
-    equals the torch backend, forward and backward."""
+def test_model_triton_backend_matches_torch(triton_device):
+    """The whole model with the fused Triton kernels (under TRITON_INTERPRET=1 on CPU, see conftest;
+    compiled, on CUDA, under .ci/gpu) equals the torch backend, forward and backward."""
     pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
     torch.manual_seed(0)
     model = timm.create_model('spformer_tiny_sp16_224', img_size=32, num_classes=10, attn_backend='torch')
     fused = timm.create_model('spformer_tiny_sp16_224', img_size=32, num_classes=10, attn_backend='triton')
     fused.load_state_dict(model.state_dict())
+    model, fused = model.to(triton_device), fused.to(triton_device)
     with torch.no_grad():  # LayerScales of 1e-5 would hide the SCA's contribution
         for m in (model, fused):
             for name, p in m.named_parameters():
                 if name.endswith('.gamma'):
                     p.fill_(0.5)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, device=triton_device)
     out, out_fused = model(x), fused(x)
     torch.testing.assert_close(out_fused, out, rtol=1e-4, atol=1e-5)
     out.square().sum().backward()
