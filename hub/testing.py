@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
-import httpx2
+try:  # huggingface_hub's HTTP client: httpx2 from huggingface_hub 2 on, httpx before
+    import httpx2
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    import httpx as httpx2
 import yaml
 from huggingface_hub import constants
 from huggingface_hub.utils import _http as hf_http

@@ -12,7 +12,9 @@ one per head or a per-pixel map, non-contiguous q/k/v.
 Oracle: the reference backend in float64 (values and, through autograd, the gradients of q, k,
 v, probs and lambda). Every buffer the kernels fill is NaN-filled first, so an element a kernel
 fails to write shows up. Tolerance (max abs error / max(1, max |expected|)): fp32 1e-5, fp64
-1e-12, fp16 4e-3, bf16 3e-2 (low precision against the float64 oracle on the same rounded inputs).
+1e-12, fp16 6e-3, bf16 3e-2 (low precision against the float64 oracle on the same rounded inputs;
+for fp16 and bf16 the kernels' dots take tf32 operands, exact under the interpreter but rounded to
+2**-11 on a GPU, where fp16's dprobs measured 4.3e-3 on an H100).
 """
 import os
 
@@ -40,7 +42,7 @@ from spformer.kernels import (
 from spformer.kernels import neighborhood
 from spformer.kernels import neighborhood_triton as nt
 
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 6e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)

@@ -1430,9 +1430,21 @@ def _unpublished_and_not_cached(variant: str, kwargs: Dict[str, Any]) -> bool:
     return not isinstance(try_to_load_from_cache(location, 'model.safetensors'), str)
 
 
+def _http_transport_errors() -> Tuple[type, ...]:
+    """The network-failure exceptions of huggingface_hub's HTTP client: httpx2 from huggingface_hub 2
+    on, httpx before (either may be the one installed)."""
+    import importlib
+    errors = []
+    for client in ('httpx2', 'httpx'):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
     out_indices = kwargs.pop('out_indices', 3)
-    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
     if pretrained and _unpublished_and_not_cached(variant, kwargs):
         missing = FileNotFoundError('not published and not in the local Hub cache')
@@ -1447,7 +1459,7 @@ def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPForm
             **kwargs,
         )
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, ConnectionError, FileNotFoundError,
-            httpx2.TransportError) as e:
+            *_http_transport_errors()) as e:
         if not pretrained:
             raise
         raise _weights_unavailable(variant, kwargs, e) from e
