@@ -28,8 +28,10 @@ Backward, superpixel direction: per superpixel -> dq; per cell -> dk, dv (summed
 Every program owns its outputs: no atomics, deterministic.
 
 Arithmetic is fp32 (fp64 for fp64 inputs); tiles are cast before ``tl.dot`` (the interpreter
-mis-computes bf16 dots). fp32/fp64 dots use ``input_precision='ieee'``; for fp16/bf16 inputs
-'tf32' (tensor cores): exact for products of input values, probabilities and logit gradients
+mis-computes bf16 dots). fp64 dots use ``input_precision='ieee'``; fp32 dots 'tf32x3' (three
+tf32 tensor-core products per dot, fp32-level accuracy: 'ieee' runs on the FMA units and made
+the superpixel forward 6x slower on an H100, 4.7 vs 0.8 ms at SPFormer-S shapes, batch 128);
+fp16/bf16 inputs 'tf32': exact for products of input values, probabilities and logit gradients
 are rounded to tf32 (2**-11) as operands. ``scale`` travels as an fp32 pair (hi, lo): kernel
 float arguments are fp32, and fp64 inputs keep its full precision.
 """
@@ -43,6 +45,14 @@ import triton.language as tl
 from .torch_backend import accumulate_dtype
 
 _BK = 16  # the 9 neighbours padded to a tl.dot-legal width
+
+# Triton compiles a separate kernel for integer arguments equal to 1 (and for multiples of 16), with
+# the value folded in. On an H100 (Triton 3.6) the pixel-direction dk/dv kernel came out wrong for
+# grids one cell wide (w = 1), while the same source with these sizes passed at run time was exact
+# (.ci/gpu; under the interpreter both are exact): the kernels take the sizes as plain run-time
+# integers. D and DV included: the channel loops are masked to BD/BDV, so alignment facts about
+# them buy nothing.
+_SIZE_ARGS = ('h', 'w', 'Mp', 'G', 'D', 'DV')
 
 
 # --- index helpers ---------------------------------------------------------------------------
@@ -116,7 +126,7 @@ def _own_cell_pixels(k_ptr, v_ptr, probs_ptr, nn, pid, p, pix, pin, gg, gmask, d
 
 # --- pixel queries over their 9 superpixels --------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _pixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, probs_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -156,7 +166,7 @@ def _pixel_fwd_kernel(
         tl.store(out_ptrs + g * DV, o.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _pixel_bwd_dq_kernel(
         go_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr, delta_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -193,7 +203,7 @@ def _pixel_bwd_dq_kernel(
              (dq * scale + dq * scale_lo).to(dq_ptr.dtype.element_ty), mask=pin[:, None] & (dc < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _pixel_bwd_dkv_kernel(
         go_ptr, q_ptr, v_ptr, probs_ptr, delta_ptr, dk_ptr, dv_ptr, dbias_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -247,7 +257,7 @@ def _pixel_bwd_dkv_kernel(
 
 # --- superpixel queries over the pixels of their 3x3 cells -----------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _superpixel_fwd_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, probs_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -315,7 +325,7 @@ def _superpixel_fwd_kernel(
             tl.store(zero_ptrs + g * 9, tl.zeros((BP, BK), dtype=probs_ptr.dtype.element_ty), mask=zmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _superpixel_bwd_dq_kernel(
         go_ptr, out_ptr, k_ptr, v_ptr, probs_ptr, dq_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -359,7 +369,7 @@ def _superpixel_bwd_dq_kernel(
              (acc * scale + acc * scale_lo).to(dq_ptr.dtype.element_ty), mask=gmask[:, None] & (dc < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _superpixel_bwd_dkv_kernel(
         go_ptr, out_ptr, q_ptr, v_ptr, probs_ptr, dk_ptr, dv_ptr,
         h, w, Mp, G, D, DV, scale, scale_lo,
@@ -412,11 +422,17 @@ def _block(x: int) -> int:
     return max(16, triton.next_power_of_2(max(int(x), 1)))
 
 
+def arithmetic(dtype: torch.dtype):
+    """(accumulator dtype, tl.dot input precision) for inputs of ``dtype`` (module docstring)."""
+    if dtype == torch.float64:
+        return tl.float64, 'ieee'
+    return tl.float32, 'tf32x3' if dtype == torch.float32 else 'tf32'
+
+
 def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int, cells: bool = False) -> dict:
     """The one configuration: blocks from the shapes, warps from the largest tile."""
     BP, BD, BDV = _block(cell * cell), _block(d), _block(dv)
-    acc, prec = (tl.float64, 'ieee') if dtype == torch.float64 else (
-        (tl.float32, 'ieee') if dtype == torch.float32 else (tl.float32, 'tf32'))
+    acc, prec = arithmetic(dtype)
     # 8 warps from 64 x 64 tiles (cell 7, 64 channels): with 4 the kernels spill registers on sm_90
     # (ptxas resource usage, compiled for the target without a GPU)
     return dict(CELL=cell, CELLS=cells, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)

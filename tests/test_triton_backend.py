@@ -370,7 +370,7 @@ def compile_one(kernel, dtype, cell, d, dv, G, **flags):
 
 
 F32, BF16 = torch.float32, torch.bfloat16
-# fp32 (ieee dots): every flag variant; bf16 (tf32 dots on upcast tiles, cell 7): every kernel once.
+# fp32 (tf32x3 dots): every flag variant; bf16 (tf32 dots on upcast tiles, cell 7): every kernel once.
 JOBS = [(tb._pixel_fwd_kernel, F32, 4, 32, 48, dict(HAS_BIAS=False)),
         (tb._pixel_fwd_kernel, F32, 4, 32, 48, dict(HAS_BIAS=True)),
         (tb._pixel_bwd_dq_kernel, F32, 4, 32, 48, {}),
