@@ -12,10 +12,12 @@ state, activations and temporaries), from torch's MemTracker: exact and independ
     python bench/bench_spformer.py --only models   # just SPFormer-S vs DeiT-S (CPU)
     python bench/bench_spformer.py --only cuda     # Triton kernels' achieved bandwidth (needs a GPU)
 
-On a machine with CUDA, the default run adds the Triton section: forward and forward+backward
-time of the fused kernels at SPFormer-S shapes (batch 128) and the bandwidth they achieve,
-counting the bytes they must move at least (inputs, outputs, saved probabilities, gradients),
-against the device's peak.
+On a machine with CUDA, the default run adds the GPU section: forward and forward+backward time of
+the fused Triton kernels (and the torch backend) at SPFormer-S shapes (batch 128) and the bandwidth
+they achieve, counting the bytes they must move at least (inputs, outputs, saved probabilities,
+gradients), against a large device copy's; then SPFormer-S with either backend against DeiT-S under
+bf16 autocast (inference and train-step img/s, train peak memory). `bash .ci/gpu` runs it after
+the GPU tests.
 """
 import argparse
 import json
