@@ -23,6 +23,7 @@ from .functional import (
     PIXEL_LAYOUTS,
     cells_to_image,
     image_to_cells,
+    native_pixel_layout,
     pixel_attention,
     superpixel_association,
     superpixel_attention,
@@ -35,7 +36,8 @@ from .neighborhood import (
 )
 
 __all__ = [
-    'BACKENDS', 'NEIGHBOR_OFFSETS', 'PIXEL_LAYOUTS', 'cells_to_image', 'image_to_cells', 'pixel_attention',
+    'BACKENDS', 'NEIGHBOR_OFFSETS', 'PIXEL_LAYOUTS', 'cells_to_image', 'image_to_cells', 'native_pixel_layout',
+    'pixel_attention',
     'superpixel_association', 'superpixel_attention',
     'hard_superpixel_attention', 'neighborhood_attention', 'soft_superpixel_attention', 'superpixel_labels',
 ]

@@ -47,6 +47,19 @@ def _impl(backend: str, device: torch.device):
     return backend_module(backend, device, 'triton_backend', torch_backend)
 
 
+def native_pixel_layout(backend: str, device: torch.device) -> str:
+    """The pixel layout, ``'image'`` or ``'cells'``, in which ``backend`` reads pixel tensors on
+    ``device`` without a layout copy: the fused C and Triton kernels index image-layout pixels
+    directly; the torch backend (also the C backend's fallback without a compiler) and the
+    reference work cell-major."""
+    if backend == 'reference':
+        return 'cells'
+    impl = _impl(backend, device)
+    if impl is torch_backend or (impl is cpu_backend and not cpu_backend.available()):
+        return 'cells'
+    return 'image'
+
+
 def _exact(device: torch.device):
     """The backends choose their own compute dtypes (fp32 accumulation, fp32 probabilities for
     half-precision inputs); autocast, still active inside a custom op, would turn their matmuls to

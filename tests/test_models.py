@@ -637,7 +637,8 @@ def test_model_triton_backend_matches_torch(triton_device):
 
 
 def test_rescale_to_cells_gradcheck():
-    """The pixel rescaling x (x^T G x + eps)^-1/2 fused with the cell-major layout copy: its
+    """The pixel rescaling x (x^T G x + eps)^-1/2 fused with the cell-major layout copy (or kept in
+    image layout): its
     hand-written backward against finite differences (symmetric G, as every SCA's Gram matrix is,
     and the variance read through G's QR factor as on CPU, or through G itself), and its no-grad
     form against the plain expression."""
@@ -652,7 +653,14 @@ def test_rescale_to_cells_gradcheck():
     factor = gram_factor(wc)
     assert torch.autograd.gradcheck(lambda x: _RescaleByProjectionStd.apply(x, gram, factor, 1e-6, 2), (x,))
     xd = x.detach()
-    expected = image_to_cells((xd / (((xd @ gram.detach()) * xd).sum(-1, keepdim=True) + 1e-6).sqrt()).unsqueeze(1), 2)
+    plain = (xd / (((xd @ gram.detach()) * xd).sum(-1, keepdim=True) + 1e-6).sqrt()).unsqueeze(1)
+    expected = image_to_cells(plain, 2)
     with torch.no_grad():
         torch.testing.assert_close(rescale_to_cells(xd, wc, gram, 1e-6, 2), expected)
+        torch.testing.assert_close(rescale_to_cells(xd, wc, gram, 1e-6, 2, cells=False), plain)
     torch.testing.assert_close(rescale_to_cells(x, wc, gram, 1e-6, 2), expected)
+    # image layout (what the fused kernels read): the same Function with cells of one pixel, and
+    # its gradient through the public function against finite differences
+    torch.testing.assert_close(rescale_to_cells(x, wc, gram, 1e-6, 2, cells=False), plain)
+    assert torch.autograd.gradcheck(lambda x, g: _RescaleByProjectionStd.apply(x, g, None, 1e-6, 1), (x, gram))
+    assert torch.autograd.gradcheck(lambda x: rescale_to_cells(x, wc, gram, 1e-6, 2, cells=False), (x,))

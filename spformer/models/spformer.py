@@ -43,8 +43,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
 from spformer.allocator import prime_glibc_heap
-from spformer.kernels import cells_to_image, image_to_cells, pixel_attention, superpixel_association, \
-    superpixel_attention
+from spformer.kernels import cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
+    superpixel_association, superpixel_attention
 
 __all__ = ['SPFormer']
 
@@ -56,11 +56,14 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def add_cell_update(pixels: torch.Tensor, update: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """``pixels + gamma * update`` for channels-last pixels (B, H, W, C) and a cell-major per-head
-    update (B, heads, h, w, cell*cell, C / heads) as :func:`pixel_attention` returns it with
-    ``pixel_layout='cells'``: one pass that also undoes the cell-major layout (the result follows
-    the layout of ``pixels``)."""
+    """``pixels + gamma * update`` for channels-last pixels (B, H, W, C) and a per-head update as
+    :func:`pixel_attention` returns it: (B, heads, H, W, C / heads) (image layout), or cell-major
+    (B, heads, h, w, cell*cell, C / heads) with ``pixel_layout='cells'``, where the one pass also
+    undoes the cell-major layout (the result follows the layout of ``pixels``). Both are views of a
+    heads-last tensor."""
     B, H, W, C = pixels.shape
+    if update.dim() == 5:
+        return torch.addcmul(pixels, update.movedim(1, -2).reshape(B, H, W, C), gamma)
     _, M, h, w, n, d = update.shape
     cell = H // h
     update = update.movedim(1, -2).reshape(B, h, w, cell, cell, C)  # a view of the heads-last result
@@ -191,19 +194,26 @@ class _RescaleByProjectionStd(torch.autograd.Function):
         return d_x, d_gram, None, None, None
 
 
-def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float, cell: int) -> torch.Tensor:
+def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float, cell: int,
+                     cells: bool = True) -> torch.Tensor:
     """``image_to_cells(x * r)`` with r of :func:`centred_projection`: channels-last pixels (B, H, W, C)
     divided by the std of their projection, returned cell-major (B, 1, h, w, cell * cell, C) as the
-    attention ops read them. Each fresh pixel-sized buffer costs on CPU (first-touch page faults
-    when the allocator has returned the memory to the OS), hence one pass and one output."""
+    attention ops read them, or with ``cells=False`` in image layout (B, 1, H, W, C), which the
+    fused kernels read as they are. Each fresh pixel-sized buffer costs on CPU (first-touch page
+    faults when the allocator has returned the memory to the OS), hence one pass and one output."""
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-        return image_to_cells((x * torch.rsqrt(var + eps)).unsqueeze(1), cell)
+        out = (x * torch.rsqrt(var + eps)).unsqueeze(1)
+        return image_to_cells(out, cell) if cells else out
     # R costs a small QR per call; on the CPU it saves a pass over the pixels (elsewhere x G is cheap)
     factor = gram_factor(wc) if x.device.type == 'cpu' else None
+    # image layout is the cell-major one of cells of one pixel
+    group = cell if cells else 1
     if torch.is_grad_enabled() and (x.requires_grad or gram.requires_grad):
-        return _RescaleByProjectionStd.apply(x, gram, factor, eps, cell)
-    return _scaled_cells(x, _projection_rstd(x, gram, factor, eps), cell)
+        out = _RescaleByProjectionStd.apply(x, gram, factor, eps, group)
+    else:
+        out = _scaled_cells(x, _projection_rstd(x, gram, factor, eps), group)
+    return out if cells else out.view(x.shape[0], 1, *x.shape[1:])
 
 
 class Association(NamedTuple):
@@ -212,9 +222,13 @@ class Association(NamedTuple):
     Head m's logit between pixel p and superpixel j is ``<pixels[p], queries[m, j]> + bias[m, j]``
     (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of DESIGN.md 1.3.
     """
-    pixels: torch.Tensor  # (B, 1, h, w, cell*cell, pixel_dim) cell-major, shared by all heads
+    pixels: torch.Tensor  # (B, 1, h, w, cell*cell, pixel_dim) cell-major or (B, 1, H, W, pixel_dim), shared by all heads
     queries: torch.Tensor  # (B, M, h, w, pixel_dim)
     bias: torch.Tensor  # (B, M, h, w)
+
+    @property
+    def pixel_layout(self) -> str:
+        return 'cells' if self.pixels.dim() == 6 else 'image'
 
 
 class SuperpixelCrossAttention(nn.Module):
@@ -287,9 +301,12 @@ class SuperpixelCrossAttention(nn.Module):
         scale = (C_p // M) ** -0.5
         (wq, wk, wv), (gq, gk, gv), (bq, bk, bv), wc, gram = self._pixel_projection()
 
-        # r x, cell-major (B, 1, h, w, n, C_p): both ops read the pixels that way, so the layout
-        # copy happens once here, in the same pass as the rescaling.
-        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell)
+        # r x, shared by both ops, in the layout the backend reads without a copy: image layout for
+        # the fused C and Triton kernels, else cell-major (B, 1, h, w, n, C_p), the layout copy made
+        # here, in the same pass as the rescaling.
+        layout = 'cells' if torch.compiler.is_compiling() else native_pixel_layout(self.attn_backend, pixels.device)
+        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell,
+                                 cells=layout == 'cells')
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
@@ -302,7 +319,7 @@ class SuperpixelCrossAttention(nn.Module):
         dt = x_hat.dtype
         queries = project_heads(q_s * gk * scale, wk).to(dt)
         gathered = superpixel_attention(
-            queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend, pixel_layout='cells')
+            queries, x_hat, x_hat, cell, scale=1.0, backend=self.attn_backend, pixel_layout=layout)
         superpixels = add_head_projections(superpixels, gathered, wv, gv, bv, self.sp_ls.gamma)
 
         if self.pixel_ls is not None:  # both updates read the old pixels and superpixels
@@ -310,7 +327,7 @@ class SuperpixelCrossAttention(nn.Module):
             key_bias = (project_heads_bias(k_s, bq) * scale).to(dt)
             values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4).to(dt)
             out = pixel_attention(
-                x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout='cells')
+                x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout=layout)
             pixels = add_cell_update(pixels, out, self.pixel_ls.gamma)
         association = Association(x_hat, queries, (project_heads_bias(q_s, bk) * scale).to(dt))
         return pixels, superpixels, association
@@ -364,7 +381,7 @@ class PixelUpdate(nn.Module):
         v = split_heads(self.norm(self.proj(superpixels)), self.num_heads).to(association.pixels.dtype)
         update = pixel_attention(
             association.pixels, association.queries, v, self.cell_size, scale=1.0, bias=association.bias,
-            backend=self.attn_backend, pixel_layout='cells')
+            backend=self.attn_backend, pixel_layout=association.pixel_layout)
         return add_cell_update(pixels, update, self.ls.gamma)
 
 
@@ -1214,8 +1231,9 @@ def association_probabilities(
     if merge_heads:  # the logits are linear in the queries and biases: one head with their sums
         norm = queries.shape[1] ** -0.5
         queries, bias = queries.sum(1, keepdim=True) * norm, bias.sum(1, keepdim=True) * norm
-    return cells_to_image(superpixel_association(
-        association.pixels, queries, cell_size, scale=1.0, bias=bias, pixel_layout='cells'), cell_size)
+    probs = superpixel_association(
+        association.pixels, queries, cell_size, scale=1.0, bias=bias, pixel_layout=association.pixel_layout)
+    return cells_to_image(probs, cell_size) if association.pixel_layout == 'cells' else probs
 
 
 def neighbour_ids(H: int, W: int, cell_size: int, grid: Tuple[int, int], device=None) -> torch.Tensor:
