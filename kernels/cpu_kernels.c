@@ -6,7 +6,11 @@
    -march=native), once per dtype: REAL is float or double.
 
    Speed comes from independent dependency chains: dot products and weighted sums run four
-   rows at a time (a single running sum would wait on the FMA latency at every step).
+   rows at a time (a single running sum would wait on the FMA latency at every step). The
+   pixel-direction forward instead takes a cell's pixels 16 at a time as the vector lanes (the
+   block transposed once, for all heads): its 9 logits per pixel are then 9 x d multiply-adds
+   across the lanes into 18 register accumulators, with no horizontal sums, and the softmax runs
+   across the lanes too (1.5x faster than four-row dot products at SPFormer-S shapes).
 
    Threads: OpenMP. Loaded after torch, the library binds to the libgomp torch has loaded (same
    soname), so it shares torch's thread pool and its torch.set_num_threads() setting. The forward
@@ -366,48 +370,105 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
 
 /* Pixel queries over the superpixels of their 3x3 neighbourhood (softmax over up to 9).
    out (B, h, w, n, G, dv); logits scale * <Q_p, K_j> + bias_j (bias may be NULL). */
+/* Pixels per block in the pixel-direction forward: the vector lanes of its logit accumulators. */
+#define PIXEL_BLOCK 16
+
 void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bias, real *out, real *P,
                    idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (idx b = 0; b < B; ++b)
-        for (idx y = 0; y < h; ++y) {
-            const real *Qb = Qp + b * cells * n * d, *Kb = K + b * cells * G * d, *Vb = V + b * cells * G * dv;
-            const real *bb = bias ? bias + b * cells * G : NULL;
-            real *ob = out + b * cells * n * G * dv, *Pb = P + b * cells * n * G * 9;
-            for (idx x = 0; x < w; ++x) {
-                const idx c = y * w + x;
-                idx nb[9], ks[9];
-                const idx count = neighbours(y, x, h, w, nb, ks);
-                for (idx g = 0; g < G; ++g) {
-                    const real *krows[9], *vrows[9];
-                    neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
-                    /* pixels two at a time: each neighbour row is loaded once for both */
-                    for (idx p = 0; p < n; p += 2) {
-                        const int pair = p + 1 < n;
-                        real l[2][9];
-                        const idx row[2] = {pix(c, p, w, n, cell, image), pix(c, pair ? p + 1 : p, w, n, cell, image)};
-                        if (pair)
-                            dots2(krows, count, Qb + row[0] * d, Qb + row[1] * d, d, l[0], l[1]);
-                        else
-                            dots(krows, count, Qb + row[0] * d, d, l[0]);
-                        for (idx e = 0; e <= pair; ++e) {
-                            for (idx r = 0; r < count; ++r) l[e][r] = l[e][r] * scale + (bb ? bb[nb[r] * G + g] : 0);
-                            softmax9(l[e], count);
-                            real *pr = Pb + ((c * n + p + e) * G + g) * 9;
-                            memset(pr, 0, 9 * sizeof(real));
-                            for (idx r = 0; r < count; ++r) pr[ks[r]] = l[e][r];
-                            memset(ob + (row[e] * G + g) * dv, 0, (size_t)dv * sizeof(real));
+#pragma omp parallel
+    {
+        /* a block of up to PIXEL_BLOCK pixels of a cell, transposed: qt[ch][i] = channel ch of pixel i
+           (zero for lanes past the cell's last pixel), so that the 9 logits of all of them come from
+           9 x d multiply-adds across the lanes, with no horizontal sums */
+        real *qt = malloc((size_t)(d * PIXEL_BLOCK) * sizeof(real));
+        real *zeros = calloc((size_t)d, sizeof(real));
+#pragma omp for collapse(2) schedule(static)
+        for (idx b = 0; b < B; ++b)
+            for (idx y = 0; y < h; ++y) {
+                const real *Qb = Qp + b * cells * n * d, *Kb = K + b * cells * G * d, *Vb = V + b * cells * G * dv;
+                const real *bb = bias ? bias + b * cells * G : NULL;
+                real *ob = out + b * cells * n * G * dv, *Pb = P + b * cells * n * G * 9;
+                for (idx x = 0; x < w; ++x) {
+                    const idx c = y * w + x;
+                    idx nb[9], ks[9];
+                    const idx count = neighbours(y, x, h, w, nb, ks);
+                    int valid[9] = {0};
+                    for (idx r = 0; r < count; ++r) valid[ks[r]] = 1;
+                    for (idx p0 = 0; p0 < n; p0 += PIXEL_BLOCK) {
+                        const idx np = n - p0 < PIXEL_BLOCK ? n - p0 : PIXEL_BLOCK;
+                        idx row[PIXEL_BLOCK];
+                        for (idx i = 0; i < np; ++i) row[i] = pix(c, p0 + i, w, n, cell, image);
+                        for (idx i = 0; i < PIXEL_BLOCK; ++i) {
+                            const real *q = i < np ? Qb + row[i] * d : zeros;
+                            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = q[ch];
                         }
-                        real *o = ob + (row[0] * G + g) * dv, *o1 = ob + (row[1] * G + g) * dv;
-                        if (pair)
-                            combine2(o, o1, vrows, l[0], l[1], count, dv);
-                        else
-                            combine(o, vrows, l[0], count, dv);
+                        for (idx g = 0; g < G; ++g) {
+                            const real *krows[9], *vrows[9], *k9[9];
+                            neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
+                            for (idx k = 0; k < 9; ++k) k9[k] = zeros;
+                            for (idx r = 0; r < count; ++r) k9[ks[r]] = krows[r];
+                            real L[9][PIXEL_BLOCK];
+                            for (idx k = 0; k < 9; ++k)
+                                for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] = 0;
+                            for (idx ch = 0; ch < d; ++ch) {
+                                const real *qc = qt + ch * PIXEL_BLOCK;
+                                for (idx k = 0; k < 9; ++k) {
+                                    const real kv = k9[k][ch];
+#pragma omp simd
+                                    for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] += kv * qc[i];
+                                }
+                            }
+                            /* softmax over the neighbours inside the grid, lane by lane */
+                            real m[PIXEL_BLOCK], s[PIXEL_BLOCK];
+                            for (idx i = 0; i < PIXEL_BLOCK; ++i) m[i] = -INFINITY, s[i] = 0;
+                            for (idx k = 0; k < 9; ++k) {
+                                if (!valid[k]) continue;
+                                const real bk = bb ? bb[((y + k / 3 - 1) * w + x + k % 3 - 1) * G + g] : 0;
+#pragma omp simd
+                                for (idx i = 0; i < PIXEL_BLOCK; ++i) {
+                                    L[k][i] = L[k][i] * scale + bk;
+                                    m[i] = L[k][i] > m[i] ? L[k][i] : m[i];
+                                }
+                            }
+                            for (idx k = 0; k < 9; ++k) {
+                                if (!valid[k]) {
+                                    for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] = 0;
+                                    continue;
+                                }
+#pragma omp simd
+                                for (idx i = 0; i < PIXEL_BLOCK; ++i) {
+                                    L[k][i] = exp_nonpositive(L[k][i] - m[i]);
+                                    s[i] += L[k][i];
+                                }
+                            }
+                            for (idx i = 0; i < PIXEL_BLOCK; ++i) s[i] = 1 / s[i];
+                            for (idx k = 0; k < 9; ++k)
+#pragma omp simd
+                                for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] *= s[i];
+                            /* probabilities, and the outputs two pixels at a time (each value row loaded once for both) */
+                            for (idx i = 0; i < np; i += 2) {
+                                const int pair = i + 1 < np;
+                                real coef[2][9];
+                                for (idx e = 0; e <= pair; ++e) {
+                                    real *pr = Pb + ((c * n + p0 + i + e) * G + g) * 9;
+                                    for (idx k = 0; k < 9; ++k) pr[k] = L[k][i + e];
+                                    for (idx r = 0; r < count; ++r) coef[e][r] = L[ks[r]][i + e];
+                                    memset(ob + (row[i + e] * G + g) * dv, 0, (size_t)dv * sizeof(real));
+                                }
+                                real *o = ob + (row[i] * G + g) * dv;
+                                if (pair)
+                                    combine2(o, ob + (row[i + 1] * G + g) * dv, vrows, coef[0], coef[1], count, dv);
+                                else
+                                    combine(o, vrows, coef[0], count, dv);
+                            }
+                        }
                     }
                 }
             }
-        }
+        free(qt);
+        free(zeros);
+    }
 }
 
 /* Backward of pixel_fwd. dQ (B, h, w, n, d), dK (B, h, w, G, d), dV (B, h, w, G, dv),
