@@ -232,6 +232,40 @@ static inline idx pix(idx c, idx p, idx w, idx n, idx cell, int image) {
     return ((c / w) * cell + p / cell) * (w * cell) + (c % w) * cell + p % cell;
 }
 
+/* Pixels per block in the forward kernels' lane-wise logits: the vector lanes of the accumulators. */
+#define PIXEL_BLOCK 16
+
+/* Pixels p0 .. p0 + np - 1 of cell c (np <= PIXEL_BLOCK) transposed into qt[ch][i] (d x PIXEL_BLOCK),
+   lanes past np zero; their rows in the pixel tensor go to row[]. */
+static void transpose_block(const real *X, idx c, idx p0, idx np, idx d, idx w, idx n, idx cell, int image,
+                            real *restrict qt, idx row[PIXEL_BLOCK]) {
+    for (idx i = 0; i < np; ++i) row[i] = pix(c, p0 + i, w, n, cell, image);
+    for (idx i = 0; i < PIXEL_BLOCK; ++i) {
+        if (i < np) {
+            const real *x = X + row[i] * d;
+            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = x[ch];
+        } else {
+            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = 0;
+        }
+    }
+}
+
+/* L[k][i] = <rows[k], pixel i of the transposed block qt> for the 9 neighbours k (rows of missing
+   neighbours point at zeros): 9 x d multiply-adds across the lanes into 18 register accumulators,
+   no horizontal sums. */
+static void lane_logits(const real *restrict qt, const real *const rows[9], idx d, real L[9][PIXEL_BLOCK]) {
+    for (idx k = 0; k < 9; ++k)
+        for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] = 0;
+    for (idx ch = 0; ch < d; ++ch) {
+        const real *qc = qt + ch * PIXEL_BLOCK;
+        for (idx k = 0; k < 9; ++k) {
+            const real kv = rows[k][ch];
+#pragma omp simd
+            for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] += kv * qc[i];
+        }
+    }
+}
+
 /* Superpixel queries over the pixels of their 3x3 cells (softmax over up to 9 * n pixels).
    out (B, h, w, G, dv); logits scale * <K_p, Q_j>. */
 void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, real *P,
@@ -370,17 +404,12 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
 
 /* Pixel queries over the superpixels of their 3x3 neighbourhood (softmax over up to 9).
    out (B, h, w, n, G, dv); logits scale * <Q_p, K_j> + bias_j (bias may be NULL). */
-/* Pixels per block in the pixel-direction forward: the vector lanes of its logit accumulators. */
-#define PIXEL_BLOCK 16
-
 void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bias, real *out, real *P,
                    idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
 #pragma omp parallel
     {
-        /* a block of up to PIXEL_BLOCK pixels of a cell, transposed: qt[ch][i] = channel ch of pixel i
-           (zero for lanes past the cell's last pixel), so that the 9 logits of all of them come from
-           9 x d multiply-adds across the lanes, with no horizontal sums */
+        /* a block of up to PIXEL_BLOCK pixels of a cell, transposed (transpose_block) */
         real *qt = malloc((size_t)(d * PIXEL_BLOCK) * sizeof(real));
         real *zeros = calloc((size_t)d, sizeof(real));
 #pragma omp for collapse(2) schedule(static)
@@ -398,27 +427,14 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
                     for (idx p0 = 0; p0 < n; p0 += PIXEL_BLOCK) {
                         const idx np = n - p0 < PIXEL_BLOCK ? n - p0 : PIXEL_BLOCK;
                         idx row[PIXEL_BLOCK];
-                        for (idx i = 0; i < np; ++i) row[i] = pix(c, p0 + i, w, n, cell, image);
-                        for (idx i = 0; i < PIXEL_BLOCK; ++i) {
-                            const real *q = i < np ? Qb + row[i] * d : zeros;
-                            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = q[ch];
-                        }
+                        transpose_block(Qb, c, p0, np, d, w, n, cell, image, qt, row);
                         for (idx g = 0; g < G; ++g) {
                             const real *krows[9], *vrows[9], *k9[9];
                             neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
                             for (idx k = 0; k < 9; ++k) k9[k] = zeros;
                             for (idx r = 0; r < count; ++r) k9[ks[r]] = krows[r];
                             real L[9][PIXEL_BLOCK];
-                            for (idx k = 0; k < 9; ++k)
-                                for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] = 0;
-                            for (idx ch = 0; ch < d; ++ch) {
-                                const real *qc = qt + ch * PIXEL_BLOCK;
-                                for (idx k = 0; k < 9; ++k) {
-                                    const real kv = k9[k][ch];
-#pragma omp simd
-                                    for (idx i = 0; i < PIXEL_BLOCK; ++i) L[k][i] += kv * qc[i];
-                                }
-                            }
+                            lane_logits(qt, k9, d, L);
                             /* softmax over the neighbours inside the grid, lane by lane */
                             real m[PIXEL_BLOCK], s[PIXEL_BLOCK];
                             for (idx i = 0; i < PIXEL_BLOCK; ++i) m[i] = -INFINITY, s[i] = 0;
