@@ -222,7 +222,9 @@ class Association(NamedTuple):
     Head m's logit between pixel p and superpixel j is ``<pixels[p], queries[m, j]> + bias[m, j]``
     (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of DESIGN.md 1.3.
     """
-    pixels: torch.Tensor  # (B, 1, h, w, cell*cell, pixel_dim) cell-major or (B, 1, H, W, pixel_dim), shared by all heads
+    # shared by all heads: cell-major (B, 1, h, w, cell*cell, pixel_dim), or (B, 1, H, W, pixel_dim)
+    # in image layout for the backends that read it directly (pixel_layout)
+    pixels: torch.Tensor
     queries: torch.Tensor  # (B, M, h, w, pixel_dim)
     bias: torch.Tensor  # (B, M, h, w)
 
