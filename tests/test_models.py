@@ -135,6 +135,28 @@ def test_model_bf16_autocast(model_name, kwargs):
     assert err < 0.05, f'bf16 logits differ from fp32 by {err:.3f} of their scale'
 
 
+def test_model_bf16_autocast_cuda(triton_device):
+    """The same on CUDA, where under autocast the attention ops run on bf16 pixel features (fused
+    Triton kernels, fp32 accumulation): needs a GPU and TRITON_INTERPRET=0 (.ci/gpu)."""
+    if triton_device.type != 'cuda':
+        pytest.skip('needs a CUDA device with TRITON_INTERPRET=0 (.ci/gpu); on CPU, test_model_bf16_autocast')
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', num_classes=10, img_size=64).cuda()
+    with torch.no_grad():  # LayerScales of 1e-5 would hide the SCA's contribution
+        for name, p in model.named_parameters():
+            if name.endswith('.gamma'):
+                p.fill_(0.5)
+    x = torch.randn(2, 3, 64, 64, device='cuda')
+    want = model(x)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        got = model(x)
+    got.float().square().mean().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f'missing or non-finite gradients: {bad[:5]}'
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 0.05, f'bf16 logits differ from fp32 by {err:.3f} of their scale'
+
+
 def test_grad_checkpointing_gradients_match():
     torch.manual_seed(0)
     model = timm.create_model('spformer_tiny_sp16_224', num_classes=10, img_size=64).train()
