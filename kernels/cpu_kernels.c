@@ -192,6 +192,7 @@ static inline void softmax9(real *restrict l, idx count) {
 /* Softmax of l[0..count) in place (a superpixel's up to 9 * n pixels). */
 static void softmax(real *restrict l, idx count) {
     real m = l[0], s = 0;
+#pragma omp simd reduction(max : m)
     for (idx r = 1; r < count; ++r) m = l[r] > m ? l[r] : m;
 #pragma omp simd
     for (idx r = 0; r < count; ++r) l[r] = exp_nonpositive(l[r] - m);
@@ -225,21 +226,28 @@ static void neighbour_rows(const real *K, const real *V, const idx *nb, idx coun
     }
 }
 
-/* Row of pixel p of cell c in a pixel-side tensor: cell-major, or (image) the image's raster order,
-   W = w * cell pixels per row. The probabilities are always cell-major, row c * n + p. */
-static inline idx pix(idx c, idx p, idx w, idx n, idx cell, int image) {
-    if (!image) return c * n + p;
-    return ((c / w) * cell + p / cell) * (w * cell) + (c % w) * cell + p % cell;
+/* Row of pixel p of cell c in a pixel-side tensor, cell-major or (image) in the image's raster order
+   (W = w * cell pixels per row): cell_origin(c) + poff[p], poff from pixel_offsets, so that a loop
+   over a cell's pixels divides by w and cell once, not per pixel (integer divisions cost tens of
+   cycles). The probabilities are always cell-major, row c * n + p. */
+static inline idx cell_origin(idx c, idx w, idx n, idx cell, int image) {
+    return image ? (c / w) * cell * (w * cell) + (c % w) * cell : c * n;
+}
+
+static idx *pixel_offsets(idx w, idx n, idx cell, int image) {
+    idx *poff = malloc((size_t)n * sizeof(idx));
+    for (idx p = 0; p < n; ++p) poff[p] = image ? (p / cell) * (w * cell) + p % cell : p;
+    return poff;
 }
 
 /* Pixels per block in the forward kernels' lane-wise logits: the vector lanes of the accumulators. */
 #define PIXEL_BLOCK 16
 
-/* Pixels p0 .. p0 + np - 1 of cell c (np <= PIXEL_BLOCK) transposed into qt[ch][i] (d x PIXEL_BLOCK),
+/* np <= PIXEL_BLOCK pixels of a cell (rows origin + poff[i]) transposed into qt[ch][i] (d x PIXEL_BLOCK),
    lanes past np zero; their rows in the pixel tensor go to row[]. */
-static void transpose_block(const real *X, idx c, idx p0, idx np, idx d, idx w, idx n, idx cell, int image,
-                            real *restrict qt, idx row[PIXEL_BLOCK]) {
-    for (idx i = 0; i < np; ++i) row[i] = pix(c, p0 + i, w, n, cell, image);
+static void transpose_block(const real *X, idx origin, const idx *poff, idx np, idx d, real *restrict qt,
+                            idx row[PIXEL_BLOCK]) {
+    for (idx i = 0; i < np; ++i) row[i] = origin + poff[i];
     for (idx i = 0; i < PIXEL_BLOCK; ++i) {
         if (i < np) {
             const real *x = X + row[i] * d;
@@ -271,6 +279,7 @@ static void lane_logits(const real *restrict qt, const real *const rows[9], idx 
 void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, real *P,
                         idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
+    idx *poff = pixel_offsets(w, n, cell, image);
 #pragma omp parallel
     {
         /* per superpixel: its pixels' key and value rows, where their probabilities go, the logits */
@@ -296,9 +305,9 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
                     for (idx k = 0; k < 9; ++k) {
                         const idx cy = y - (k / 3 - 1), cx = x - (k % 3 - 1);
                         if (!inside(cy, cx, h, w)) continue;
-                        const idx c = cy * w + cx;
+                        const idx c = cy * w + cx, origin = cell_origin(c, w, n, cell, image);
                         for (idx p = 0; p < n; ++p, ++count) {
-                            const idx row = pix(c, p, w, n, cell, image);
+                            const idx row = origin + poff[p];
                             krows[count] = Kb + row * d;
                             vrows[count] = Vb + row * dv;
                             dest[count] = (c * n + p) * G * 9 + k;
@@ -331,6 +340,7 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
         free(dest);
         free(l);
     }
+    free(poff);
 }
 
 /* Backward of superpixel_fwd. dK (B, h, w, n, d), dV (B, h, w, n, dv), dQ (B, h, w, G, d), all
@@ -338,6 +348,7 @@ void FN(superpixel_fwd)(const real *Q, const real *K, const real *V, real *out, 
 void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const real *K, const real *V, const real *P,
                         real *dQ, real *dK, real *dV, idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
+    idx *poff = pixel_offsets(w, n, cell, image);
 #pragma omp parallel
     {
         real *delta = malloc((size_t)(cells * G) * sizeof(real));
@@ -355,10 +366,10 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
             if (dVb != dKb) memset(dVb, 0, (size_t)(cells * n * dv) * sizeof(real));
             for (idx y = 0; y < h; ++y)
                 for (idx x = 0; x < w; ++x) {
-                    const idx c = y * w + x;
+                    const idx c = y * w + x, origin = cell_origin(c, w, n, cell, image);
                     for (idx p = 0; p < n; ++p) {
-                        krows[p] = Kb + pix(c, p, w, n, cell, image) * d;
-                        vrows[p] = Vb + pix(c, p, w, n, cell, image) * dv;
+                        krows[p] = Kb + (origin + poff[p]) * d;
+                        vrows[p] = Vb + (origin + poff[p]) * dv;
                     }
                     for (idx k = 0; k < 9; ++k) {
                         if (!inside(y + k / 3 - 1, x + k % 3 - 1, h, w)) continue;
@@ -376,7 +387,7 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
                                 dots(vrows, n, gj, dv, dl);
                             for (idx p = 0; p < n; ++p) {
                                 const real *pr = Pb + ((c * n + p) * G + g) * 9 + k;
-                                const idx row = pix(c, p, w, n, cell, image);
+                                const idx row = origin + poff[p];
                                 dl[p] = pr[0] * (dl[p] - delta[j * G + g]) * scale;
                                 if (pair) {
                                     dl1[p] = pr[9] * (dl1[p] - delta[j * G + g1]) * scale;
@@ -400,6 +411,7 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
         free(vrows);
         free(dl);
     }
+    free(poff);
 }
 
 /* Pixel queries over the superpixels of their 3x3 neighbourhood (softmax over up to 9).
@@ -407,6 +419,7 @@ void FN(superpixel_bwd)(const real *go, const real *out, const real *Q, const re
 void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bias, real *out, real *P,
                    idx B, idx h, idx w, idx n, idx G, idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
+    idx *poff = pixel_offsets(w, n, cell, image);
 #pragma omp parallel
     {
         /* a block of up to PIXEL_BLOCK pixels of a cell, transposed (transpose_block) */
@@ -419,7 +432,7 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
                 const real *bb = bias ? bias + b * cells * G : NULL;
                 real *ob = out + b * cells * n * G * dv, *Pb = P + b * cells * n * G * 9;
                 for (idx x = 0; x < w; ++x) {
-                    const idx c = y * w + x;
+                    const idx c = y * w + x, origin = cell_origin(c, w, n, cell, image);
                     idx nb[9], ks[9];
                     const idx count = neighbours(y, x, h, w, nb, ks);
                     int valid[9] = {0};
@@ -427,7 +440,7 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
                     for (idx p0 = 0; p0 < n; p0 += PIXEL_BLOCK) {
                         const idx np = n - p0 < PIXEL_BLOCK ? n - p0 : PIXEL_BLOCK;
                         idx row[PIXEL_BLOCK];
-                        transpose_block(Qb, c, p0, np, d, w, n, cell, image, qt, row);
+                        transpose_block(Qb, origin, poff + p0, np, d, qt, row);
                         for (idx g = 0; g < G; ++g) {
                             const real *krows[9], *vrows[9], *k9[9];
                             neighbour_rows(Kb, Vb, nb, count, G, g, d, dv, krows, vrows);
@@ -485,6 +498,7 @@ void FN(pixel_fwd)(const real *Qp, const real *K, const real *V, const real *bia
         free(qt);
         free(zeros);
     }
+    free(poff);
 }
 
 /* Backward of pixel_fwd. dQ (B, h, w, n, d), dK (B, h, w, G, d), dV (B, h, w, G, dv),
@@ -493,6 +507,7 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
                    real *dQ, real *dK, real *dV, real *dbias, idx B, idx h, idx w, idx n, idx G,
                    idx d, idx dv, real scale, idx cell, int image) {
     const idx cells = h * w;
+    idx *poff = pixel_offsets(w, n, cell, image);
 #pragma omp parallel for schedule(static)
     for (idx b = 0; b < B; ++b) {
         const real *gob = go + b * cells * n * G * dv, *Qb = Qp + b * cells * n * d;
@@ -505,7 +520,7 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
         if (dbb) memset(dbb, 0, (size_t)(cells * G) * sizeof(real));
         for (idx y = 0; y < h; ++y)
             for (idx x = 0; x < w; ++x) {
-                const idx c = y * w + x;
+                const idx c = y * w + x, origin = cell_origin(c, w, n, cell, image);
                 idx nb[9], ks[9];
                 const idx count = neighbours(y, x, h, w, nb, ks);
                 for (idx g = 0; g < G; ++g) {
@@ -514,7 +529,7 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
                     /* pixels two at a time: each neighbour row is loaded once for both */
                     for (idx p = 0; p < n; p += 2) {
                         const int pair = p + 1 < n;
-                        const idx row = pix(c, p, w, n, cell, image), row1 = pix(c, pair ? p + 1 : p, w, n, cell, image);
+                        const idx row = origin + poff[p], row1 = origin + poff[pair ? p + 1 : p];
                         const idx prow = c * n + p, prow1 = pair ? prow + 1 : prow;  /* probabilities: cell-major */
                         const real *gp[2] = {gob + (row * G + g) * dv, gob + (row1 * G + g) * dv};
                         const real *pr[2] = {Pb + (prow * G + g) * 9, Pb + (prow1 * G + g) * 9};
@@ -554,4 +569,5 @@ void FN(pixel_bwd)(const real *go, const real *Qp, const real *K, const real *V,
                 }
             }
     }
+    free(poff);
 }
