@@ -16,7 +16,7 @@ import torch
 __all__ = [
     'CheckpointFolder', 'read_checkpoint_folder', 'load_checkpoint_folder', 'load_safetensors_checkpoint',
     'spformer_variant', 'CONFIG_NAME', 'WEIGHTS_NAME', 'EMA_WEIGHTS_NAME', 'TRAIN_CONFIG_NAME', 'RESULTS_NAME',
-    'PICKLE_PATTERNS',
+    'PICKLE_PATTERNS', 'hub_http_client',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -28,6 +28,13 @@ RESULTS_NAME = 'results.json'
 PICKLE_PATTERNS = ('*.bin', '*.pth', '*.pt', '*.pth.tar', '*.ckpt', '*.pkl', '*.pickle')
 
 PathLike = Union[str, pathlib.Path]
+
+
+def hub_http_client():
+    """The HTTP client module huggingface_hub runs on (httpx2 from huggingface_hub 2 on, httpx before):
+    where its network errors (``TransportError``) and, for tests, its transports come from."""
+    from huggingface_hub.utils import _http
+    return getattr(_http, 'httpx2', None) or _http.httpx
 
 
 def spformer_variant(name: str, argument: str = 'model_name') -> str:

@@ -2,7 +2,8 @@
 
 Tests (ours, and anyone's who wants to push without a network) install it with
 :func:`huggingface_hub.set_client_factory`: every request the real client makes then goes to
-:meth:`FakeHub.handle` through an ``httpx2.MockTransport`` instead of the network, so the client's
+:meth:`FakeHub.handle` through an ``httpx2.MockTransport`` (``httpx`` under huggingface_hub 1)
+instead of the network, so the client's
 own code (repo creation, preupload, the ndjson commit, README metadata validation, downloads into
 the cache) runs unchanged. It implements the few endpoints that push, ``hf_hub_download`` and
 ``snapshot_download`` use, with the Hub's status codes and ``X-Error-Code`` headers::
@@ -28,13 +29,13 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
-try:  # huggingface_hub's HTTP client: httpx2 from huggingface_hub 2 on, httpx before
-    import httpx2
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as httpx2
 import yaml
 from huggingface_hub import constants
 from huggingface_hub.utils import _http as hf_http
+
+from .checkpoint import hub_http_client
+
+http_client = hub_http_client()  # httpx2 or httpx, whichever huggingface_hub runs on
 
 __all__ = ['FakeHub', 'Commit']
 
@@ -87,10 +88,10 @@ class FakeHub:
         return dict(repo.commits[self._resolve(repo, revision)].files)
 
     # ----------------------------------------------------------------- client side
-    def client(self) -> httpx2.Client:
+    def client(self) -> http_client.Client:
         """A client like ``huggingface_hub``'s default one, whose transport is this fake."""
-        return httpx2.Client(
-            transport=httpx2.MockTransport(self.handle),
+        return http_client.Client(
+            transport=http_client.MockTransport(self.handle),
             event_hooks={'request': [hf_http.hf_request_event_hook]},  # offline check, request ids
             follow_redirects=True,
             timeout=None,
@@ -138,7 +139,7 @@ class FakeHub:
         return hub
 
     # ----------------------------------------------------------------- server side
-    def handle(self, request: httpx2.Request) -> httpx2.Response:
+    def handle(self, request: http_client.Request) -> http_client.Response:
         url = urlsplit(str(request.url))
         path = unquote(url.path)
         self.requests.append((request.method, path))
@@ -164,11 +165,11 @@ class FakeHub:
         return self._error(404, f'the fake Hub does not implement {request.method} {path}')
 
     @staticmethod
-    def _error(status: int, message: str, code: Optional[str] = None) -> httpx2.Response:
+    def _error(status: int, message: str, code: Optional[str] = None) -> http_client.Response:
         headers = {'X-Error-Message': message}
         if code:
             headers['X-Error-Code'] = code
-        return httpx2.Response(status, json={'error': message}, headers=headers)
+        return http_client.Response(status, json={'error': message}, headers=headers)
 
     def _repo(self, repo_id: str, authorized: bool):
         """The repo, or the Hub's answer when it is missing or private to an anonymous caller."""
@@ -202,24 +203,24 @@ class FakeHub:
         repo_id = f"{body['organization']}/{body['name']}" if body.get('organization') else f"user/{body['name']}"
         url = f'{self.endpoint}/{repo_id}'
         if repo_id in self.repos:
-            return httpx2.Response(409, json={'error': 'You already created this model repo', 'url': url})
+            return http_client.Response(409, json={'error': 'You already created this model repo', 'url': url})
         repo = Repo(repo_id, private=body.get('visibility') == 'private')
         self.repos[repo_id] = repo
         self._new_commit(repo, 'main', 'initial commit', {'.gitattributes': _GITATTRIBUTES}, ['.gitattributes'], [])
-        return httpx2.Response(200, json={'url': url, 'name': repo_id})
+        return http_client.Response(200, json={'url': url, 'name': repo_id})
 
     def _validate_yaml(self, request, authorized):
         content = json.loads(request.content)['content']
         m = re.match(r'^---\n(.*?)\n---\n', content, re.S)
         if m is None:
-            return httpx2.Response(200, json={'warnings': [{'message': 'empty or missing yaml metadata'}]})
+            return http_client.Response(200, json={'warnings': [{'message': 'empty or missing yaml metadata'}]})
         try:
             meta = yaml.safe_load(m.group(1))
         except yaml.YAMLError as e:
-            return httpx2.Response(400, json={'errors': [{'message': f'invalid YAML: {e}'}]})
+            return http_client.Response(400, json={'errors': [{'message': f'invalid YAML: {e}'}]})
         if not isinstance(meta, dict):
-            return httpx2.Response(400, json={'errors': [{'message': 'metadata must be a YAML mapping'}]})
-        return httpx2.Response(200, json={'warnings': []})
+            return http_client.Response(400, json={'errors': [{'message': 'metadata must be a YAML mapping'}]})
+        return http_client.Response(200, json={'warnings': []})
 
     def _preupload(self, request, authorized, repo, rev):
         repo_obj, err = self._repo(repo, authorized)
@@ -232,7 +233,7 @@ class FakeHub:
         files = [dict(path=f['path'], uploadMode='regular', shouldIgnore=False,
                       oid=_git_blob_sha(tree[f['path']]) if f['path'] in tree else None)
                  for f in json.loads(request.content)['files']]
-        return httpx2.Response(200, json={'files': files, 'commitOid': oid})
+        return http_client.Response(200, json={'files': files, 'commitOid': oid})
 
     def _commit(self, request, authorized, repo, rev):
         if not authorized:
@@ -262,7 +263,7 @@ class FakeHub:
             elif item['key'] != 'header':
                 return self._error(400, f"the fake Hub does not implement commit operation {item['key']!r}")
         commit = self._new_commit(repo_obj, branch, header['summary'], files, added, deleted)
-        return httpx2.Response(200, json={'commitUrl': f'{self.endpoint}/{repo}/commit/{commit.oid}',
+        return http_client.Response(200, json={'commitUrl': f'{self.endpoint}/{repo}/commit/{commit.oid}',
                                           'commitOid': commit.oid, 'success': True})
 
     def _create_branch(self, request, authorized, repo, branch):
@@ -277,7 +278,7 @@ class FakeHub:
         body = json.loads(request.content or b'{}')
         start = self._resolve(repo_obj, body.get('startingPoint') or 'main')
         repo_obj.branches[branch] = start
-        return httpx2.Response(200, json={})
+        return http_client.Response(200, json={})
 
     def _tree(self, request, authorized, repo, rev, sub=''):
         repo_obj, err = self._repo(repo, authorized)
@@ -289,7 +290,7 @@ class FakeHub:
         prefix = sub.strip('/') + '/' if sub.strip('/') else ''
         entries = [dict(type='file', path=p, size=len(d), oid=_git_blob_sha(d))
                    for p, d in sorted(repo_obj.commits[oid].files.items()) if p.startswith(prefix)]
-        return httpx2.Response(200, json=entries)
+        return http_client.Response(200, json=entries)
 
     def _revision(self, request, authorized, repo, rev='main'):
         repo_obj, err = self._repo(repo, authorized)
@@ -299,7 +300,7 @@ class FakeHub:
         if oid is None:
             return self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
         files = repo_obj.commits[oid].files
-        return httpx2.Response(200, json=dict(
+        return http_client.Response(200, json=dict(
             id=repo, sha=oid, private=repo_obj.private,
             siblings=[dict(rfilename=p, size=len(d)) for p, d in sorted(files.items())]))
 
@@ -317,4 +318,4 @@ class FakeHub:
             return response
         headers = {'X-Repo-Commit': oid, 'ETag': f'"{hashlib.sha256(data).hexdigest()}"',
                    'Content-Length': str(len(data))}
-        return httpx2.Response(200, headers=headers, content=b'' if request.method == 'HEAD' else data)
+        return http_client.Response(200, headers=headers, content=b'' if request.method == 'HEAD' else data)

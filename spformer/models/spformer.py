@@ -1454,22 +1454,10 @@ def _unpublished_and_not_cached(variant: str, kwargs: Dict[str, Any]) -> bool:
     return not isinstance(try_to_load_from_cache(location, 'model.safetensors'), str)
 
 
-def _http_transport_errors() -> Tuple[type, ...]:
-    """The network-failure exceptions of huggingface_hub's HTTP client: httpx2 from huggingface_hub 2
-    on, httpx before (either may be the one installed)."""
-    import importlib
-    errors = []
-    for client in ('httpx2', 'httpx'):
-        try:
-            errors.append(importlib.import_module(client).TransportError)
-        except ImportError:
-            pass
-    return tuple(errors)
-
-
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
     out_indices = kwargs.pop('out_indices', 3)
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    from spformer.hub.checkpoint import hub_http_client
     if pretrained and _unpublished_and_not_cached(variant, kwargs):
         missing = FileNotFoundError('not published and not in the local Hub cache')
         raise _weights_unavailable(variant, kwargs, missing) from missing
@@ -1483,7 +1471,7 @@ def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPForm
             **kwargs,
         )
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, ConnectionError, FileNotFoundError,
-            *_http_transport_errors()) as e:
+            hub_http_client().TransportError) as e:
         if not pretrained:
             raise
         raise _weights_unavailable(variant, kwargs, e) from e
