@@ -19,17 +19,29 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 
+TRITON_NO_DEVICE = 'TRITON_INTERPRET is not 1 and there is no CUDA device to run the Triton kernels on'
+
+
+def triton_test_device():
+    """Where tests run the Triton kernels: CPU tensors through the interpreter (the default, and CI),
+    or CUDA tensors when TRITON_INTERPRET=0 on a machine with a GPU (``.ci/gpu``), where the same
+    checks run the compiled kernels; None if neither (skip with TRITON_NO_DEVICE). The Triton test
+    modules call it at import (``from conftest import ...``), other tests take :func:`triton_device`."""
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        return torch.device('cpu')
+    return torch.device('cuda') if torch.cuda.is_available() else None
+
+
 @pytest.fixture
 def triton_device():
-    """Where a test runs the Triton backend: CPU tensors through the interpreter (the default, and
-    CI), or CUDA tensors when TRITON_INTERPRET=0 on a machine with a GPU (``.ci/gpu``), where the
-    same checks run the compiled kernels. TF32 is switched off for the test so that the torch
+    """:func:`triton_test_device` as a fixture. TF32 is switched off for the test so that the torch
     backend it is compared with computes in true fp32 on the GPU too."""
-    if os.environ.get('TRITON_INTERPRET') == '1':
-        yield torch.device('cpu')
+    device = triton_test_device()
+    if device is None:
+        pytest.skip(TRITON_NO_DEVICE)
+    if device.type == 'cpu':
+        yield device
         return
-    if not torch.cuda.is_available():
-        pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device to run the Triton kernels on')
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

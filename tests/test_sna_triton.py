@@ -16,7 +16,6 @@ fails to write shows up. Tolerance (max abs error / max(1, max |expected|)): fp3
 for fp16 and bf16 the kernels' dots take tf32 operands, exact under the interpreter but rounded to
 2**-11 on a GPU, where fp16's dprobs measured 4.3e-3 on an H100).
 """
-import os
 
 import pytest
 import torch
@@ -26,12 +25,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the platform
     pytest.skip(f'triton is not importable ({e})', allow_module_level=True)
 
-if os.environ.get('TRITON_INTERPRET') == '1':
-    DEVICE = 'cpu'
-elif torch.cuda.is_available():
-    DEVICE = 'cuda'
-else:  # pragma: no cover
-    pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device', allow_module_level=True)
+from conftest import TRITON_NO_DEVICE, triton_test_device  # noqa: E402
+
+DEVICE = triton_test_device()
+if DEVICE is None:  # pragma: no cover
+    pytest.skip(TRITON_NO_DEVICE, allow_module_level=True)
 
 from spformer.kernels import (
     hard_superpixel_attention,

@@ -16,7 +16,6 @@ Tolerances (max abs error / max(1, max |expected|)): fp32 1e-5, fp64 1e-12, fp16
 bf16 3e-2 (outputs rounded to the input dtype; fp16/bf16 grads against a float64 oracle on the
 same rounded inputs).
 """
-import os
 
 import pytest
 import torch
@@ -28,12 +27,11 @@ except ImportError as e:  # pragma: no cover - depends on the platform
 
 # CPU tensors through the interpreter (the default here), or CUDA tensors when the interpreter is
 # switched off on a machine with a GPU: the same checks then run the compiled kernels.
-if os.environ.get('TRITON_INTERPRET') == '1':
-    DEVICE = 'cpu'
-elif torch.cuda.is_available():
-    DEVICE = 'cuda'
-else:  # pragma: no cover
-    pytest.skip('TRITON_INTERPRET is not 1 and there is no CUDA device to run the kernels on', allow_module_level=True)
+from conftest import TRITON_NO_DEVICE, triton_test_device  # noqa: E402
+
+DEVICE = triton_test_device()
+if DEVICE is None:  # pragma: no cover
+    pytest.skip(TRITON_NO_DEVICE, allow_module_level=True)
 
 from spformer.kernels import functional, pixel_attention, reference, superpixel_attention, torch_backend
 from spformer.kernels import triton_backend as tb
