@@ -151,12 +151,20 @@ def _ungroup(t: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
     return t.reshape(B, Mp, h, w, G, *rest).movedim(4, 2).reshape(B, Mp * G, h, w, *rest)
 
 
-def _cells_to_pixels(t: torch.Tensor, B: int, Mp: int, cell: int, cells: bool = False) -> torch.Tensor:
-    """(B * Mp, h, w, n, c) -> (B, Mp, H, W, c), or the view (B, Mp, h, w, n, c) if ``cells``."""
+def _cells_to_pixels(t: torch.Tensor, B: int, Mp: int, cell: int, cells: bool = False,
+                     dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B * Mp, h, w, n, c) -> (B, Mp, H, W, c), or (B, Mp, h, w, n, c) if ``cells`` (a view where no
+    conversion to ``dtype`` is asked for); written into ``out`` if given."""
     _, h, w, n, c = t.shape
-    if cells:
-        return t.view(B, Mp, h, w, n, c)
-    return t.reshape(B, Mp, h, w, cell, cell, c).transpose(3, 4).reshape(B, Mp, h * cell, w * cell, c)
+    cell_major = t.view(B, Mp, h, w, n, c)
+    if out is not None:
+        if cells:
+            return out.copy_(cell_major)
+        out.view(B, Mp, h, cell, w, cell, c).copy_(cell_major.view(B, Mp, h, w, cell, cell, c).transpose(3, 4))
+        return out
+    if not cells:
+        cell_major = cell_major.reshape(B, Mp, h, w, cell, cell, c).transpose(3, 4).reshape(B, Mp, h * cell, w * cell, c)
+    return cell_major if dtype is None else cell_major.to(dtype)
 
 
 def softmax_last(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +241,7 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
     if bias is not None:
         dbias = _ungroup(fold_neighbors(dlogits.sum(dim=3)), B, Mp).to(bias.dtype)  # (B, M, h, w)
     dlogits = dlogits.reshape(N, h, w, n, G * 9).mul_(scale)
-    dq = _cells_to_pixels(torch.matmul(dlogits, kn), B, Mp, cell, cells).to(q.dtype)
+    dq = _cells_to_pixels(torch.matmul(dlogits, kn), B, Mp, cell, cells, q.dtype)
     dkn = torch.matmul(dlogits.transpose(-1, -2), qc).view(N, h, w, G, 9, d)
     dk = _ungroup(fold_neighbors(dkn), B, Mp).to(k.dtype)
     dv_ = _ungroup(fold_neighbors(dvn), B, Mp).to(v.dtype)
@@ -272,6 +280,36 @@ def _superpixel_operands(q, k, v, cell: int, shared_kv: bool, cells: bool):
     return Mp, G, dt, kc, vc, qn
 
 
+def _is_copy(cells: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a cell-major tensor from :func:`as_cells` is a copy rather than a view of ``x``."""
+    return cells.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+# The superpixel direction copies keys and values to cell-major (unless given so) in both passes.
+# On CPU, above glibc's mmap threshold (at most 32 MB), every such copy is a fresh mapping that
+# costs a page fault per 4 KB, as much time as the copy itself (the per-head values of SPFormer-S at
+# batch 8 are 38 MB). Large batches are therefore processed in slices whose copies stay below
+# CHUNK_BYTES: the heap serves each slice from the memory the previous one freed. (CUDA's caching
+# allocator has no such cost, and there slices would only cut the parallelism.)
+CHUNK_BYTES = 16 << 20
+
+
+def batch_slices(B: int, bytes_per_item: int) -> list:
+    """Slices of the batch whose per-slice temporaries of ``bytes_per_item`` each stay under CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(1, bytes_per_item))
+    return [slice(b, min(b + step, B)) for b in range(0, B, step)] or [slice(0, 0)]
+
+
+def _superpixel_slices(k, v, shared_kv: bool, cells: bool) -> list:
+    """The batch slices the superpixel passes run in: one unless they copy pixel tensors on CPU."""
+    dt = accumulate_dtype(k.dtype)
+    copies = not cells or k.dtype != dt or (not shared_kv and v.dtype != dt)
+    if k.device.type != 'cpu' or not copies:
+        return [slice(0, k.shape[0])]
+    item_bytes = (math.prod(k.shape[1:]) + (0 if shared_kv else math.prod(v.shape[1:]))) * dt.itemsize
+    return batch_slices(k.shape[0], item_bytes)
+
+
 def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool = False, cells: bool = False):
     """q (B, M, h, w, d), k (B, Mp, H, W, d), v (B, Mp, H, W, dv); ``shared_kv``: v is k (one cell copy);
     ``cells``: k and v are cell-major (B, Mp, h, w, n, c).
@@ -279,6 +317,14 @@ def superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool =
     Returns the output heads-last (B, h, w, M, dv) and the probabilities, cell-major (N, h, w, n, G * 9):
     entry (c, p, g * 9 + k) is the weight of pixel p of cell c for superpixel c + offset k, head g.
     """
+    slices = _superpixel_slices(k, v, shared_kv, cells)
+    if len(slices) == 1:
+        return _superpixel_attention_fwd(q, k, v, cell, scale, shared_kv, cells)
+    outs, probs = zip(*(_superpixel_attention_fwd(q[b], k[b], v[b], cell, scale, shared_kv, cells) for b in slices))
+    return torch.cat(outs), torch.cat(probs)
+
+
+def _superpixel_attention_fwd(q, k, v, cell: int, scale: float, shared_kv: bool, cells: bool):
     B, M, h, w, d = q.shape
     Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv, cells)
     N, _, _, n, _ = kc.shape
@@ -301,6 +347,21 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
                              cells: bool = False):
     """grad_out and out heads-last (B, h, w, M, dv). Returns (dq, dk, dv); dv is None if ``shared_kv``
     (then dk holds the gradient of both uses)."""
+    slices = _superpixel_slices(k, v, shared_kv, cells)
+    if len(slices) == 1:
+        return _superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell, scale, shared_kv, cells)
+    Mp = k.shape[1]
+    dk = k.new_empty(k.shape)
+    dv = None if shared_kv else v.new_empty(v.shape)
+    dq = [_superpixel_attention_bwd(grad_out[b], out[b], q[b], k[b], v[b], probs[b.start * Mp:b.stop * Mp], cell,
+                                    scale, shared_kv, cells, dk_out=dk[b], dv_out=None if shared_kv else dv[b])[0]
+          for b in slices]
+    return torch.cat(dq), dk, dv
+
+
+def _superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: float, shared_kv: bool, cells: bool,
+                              dk_out=None, dv_out=None):
+    """One batch slice; with ``dk_out``/``dv_out``, dk and dv are written there."""
     B, M, h, w, d = q.shape
     Mp, G, dt, kc, vc, qn = _superpixel_operands(q, k, v, cell, shared_kv, cells)
     N, _, _, n, _ = kc.shape
@@ -310,14 +371,15 @@ def superpixel_attention_bwd(grad_out, out, q, k, v, probs, cell: int, scale: fl
     delta = (go * out.to(dt)).sum(-1)  # (B, h, w, M)
     gon = neighbors(go.permute(0, 3, 1, 2, 4), Mp).view(N, h, w, G * 9, dv)
     pair_delta = neighbors(delta.permute(0, 3, 1, 2), Mp).view(N, h, w, 1, G * 9)
-    dvc = torch.matmul(probs, gon)  # (N, h, w, n, dv): sums over neighbours and heads
     dp = torch.matmul(vc, gon.transpose(-1, -2))  # (N, h, w, n, G9)
+    # dv (sums over neighbours and heads) goes into the cell-major value copy made above, whose
+    # last use was dp: a fresh buffer would cost page faults when it is large (see CHUNK_BYTES).
+    dvc = torch.matmul(probs, gon, out=vc) if _is_copy(vc, v) and not shared_kv else torch.matmul(probs, gon)
     dlogits = dp.sub_(pair_delta).mul_(probs).mul_(scale)
     dkc = torch.matmul(dlogits, qn)  # (N, h, w, n, d)
     dqn = torch.matmul(dlogits.transpose(-1, -2), kc).view(N, h, w, G, 9, d)
     dq = _ungroup(fold_neighbors(dqn), B, Mp).to(q.dtype)
     if shared_kv:
-        dk = _cells_to_pixels(dkc.add_(dvc), B, Mp, cell, cells).to(k.dtype)
-        return dq, dk, None
-    return (dq, _cells_to_pixels(dkc, B, Mp, cell, cells).to(k.dtype),
-            _cells_to_pixels(dvc, B, Mp, cell, cells).to(v.dtype))
+        return dq, _cells_to_pixels(dkc.add_(dvc), B, Mp, cell, cells, k.dtype, dk_out), None
+    return (dq, _cells_to_pixels(dkc, B, Mp, cell, cells, k.dtype, dk_out),
+            _cells_to_pixels(dvc, B, Mp, cell, cells, v.dtype, dv_out))

@@ -26,6 +26,7 @@ from spformer.kernels import (
     pixel_attention,
     superpixel_association,
     superpixel_attention,
+    torch_backend,
 )
 
 BACKENDS = ('reference', 'torch')
@@ -853,6 +854,44 @@ def test_shared_heads_bias_gradcheck():
     q_s = torch.randn(1, 2, 3, 2, 3, dtype=dt, requires_grad=True)
     x_p = torch.randn(1, 1, 6, 4, 3, dtype=dt, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: superpixel_attention(a, b, b, 2, backend='torch'), (q_s, x_p))
+
+
+@pytest.mark.parametrize('chunk_items', [1, 2])
+@pytest.mark.parametrize('shared', [False, True], ids=['per-head', 'shared-kv'])
+@pytest.mark.parametrize('layout, dtype', [('image', torch.float64), ('cells', torch.bfloat16)])
+def test_superpixel_batch_slices_match_reference(monkeypatch, layout, dtype, shared, chunk_items):
+    """The torch backend runs the superpixel passes over a large batch in slices whenever it copies
+    the pixel tensors (image layout, or a conversion to fp32): with the budget (CHUNK_BYTES) shrunk
+    to 1 or 2 batch items, a batch of 3 (uneven slices) gives the reference's output and every
+    gradient, per head and with k = v shared by the heads."""
+    B, M, h, w, cell, d = 3, 2, 3, 2, 4, 5
+    dv = d if shared else 3
+    Mp = 1 if shared else M
+    H, W = h * cell, w * cell
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, M, h, w, d, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Mp, H, W, d, generator=g, dtype=torch.float64)
+    v = k if shared else torch.randn(B, Mp, H, W, dv, generator=g, dtype=torch.float64)
+    up = torch.randn(B, M, h, w, dv, generator=g, dtype=torch.float64)
+    if layout == 'cells':
+        k, v = _to_cells_loop(k, cell), _to_cells_loop(v, cell)
+    # bytes of one item's cell-major fp32/fp64 copies
+    item_bytes = (k[0].numel() + (0 if shared else v[0].numel())) * (4 if dtype == torch.bfloat16 else 8)
+
+    def run(backend):
+        ins = [t.detach().to(dtype).requires_grad_() for t in ((q, k) if shared else (q, k, v))]
+        out = superpixel_attention(ins[0], ins[1], ins[1] if shared else ins[2], cell, backend=backend,
+                                   pixel_layout=layout)
+        return out.detach(), torch.autograd.grad((out * up.to(dtype)).sum(), ins)
+
+    want = run('reference')
+    monkeypatch.setattr(torch_backend, 'CHUNK_BYTES', chunk_items * item_bytes)
+    assert len(torch_backend.batch_slices(B, item_bytes)) == -(-B // chunk_items)
+    got = run('torch')
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize('kwargs, match', [
