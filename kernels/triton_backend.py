@@ -442,9 +442,12 @@ def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int, cells: bool 
     """The one configuration: blocks from the shapes, warps from the largest tile."""
     BP, BD, BDV = _block(cell * cell), _block(d), _block(dv)
     acc, prec = arithmetic(dtype)
-    # 8 warps from 64 x 64 tiles (cell 7, 64 channels): with 4 the kernels spill registers on sm_90
-    # (ptxas resource usage, compiled for the target without a GPU)
-    return dict(CELL=cell, CELLS=cells, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=8 if BP * max(BD, BDV) >= 4096 else 4)
+    # One warp per 2048 tile elements: the tiles are small and each program walks 9 cells one after
+    # another, so many small resident programs hide the load latency best. Swept on an H100 at
+    # SPFormer-S shapes (batch 128, .gpu/sweep.py): 16 x 64 tiles (cell 4) ran 1.4-2.1x faster on 1
+    # warp than on 4, 64 x 64 tiles (cell 7) 1.6-3.4x faster on 2 than on 8; 1 warp spills there.
+    num_warps = max(1, min(8, BP * max(BD, BDV) // 2048))
+    return dict(CELL=cell, CELLS=cells, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=num_warps)
 
 
 def _split(scale: float):
