@@ -4,6 +4,7 @@ published sizes (DESIGN.md 1.1) and independent naive re-implementations of its 
 Every test is parametrized over ``timm.list_models('spformer*')``: registering a model is
 enough to have it tested.
 """
+import contextlib
 import math
 
 import pytest
@@ -649,6 +650,8 @@ def test_model_triton_backend_matches_torch(triton_device):
                 if name.endswith('.gamma'):
                     p.fill_(0.5)
     x = torch.randn(2, 3, 32, 32, device=triton_device)
+    with torch.no_grad():  # inference: the superpixel init runs fused too (kernels/cell_pool_triton.py)
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
     out, out_fused = model(x), fused(x)
     torch.testing.assert_close(out_fused, out, rtol=1e-4, atol=1e-5)
     out.square().sum().backward()
@@ -656,6 +659,32 @@ def test_model_triton_backend_matches_torch(triton_device):
     grads = dict(model.named_parameters())
     for name, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16-autocast'])
+@pytest.mark.parametrize('cell, grid', [(4, (3, 2)), (7, (1, 2))])
+def test_superpixel_init_fused_triton_matches_unfused(triton_device, cell, grid, autocast):
+    """Inference on the Triton backend runs the superpixel init as one fused kernel (projection,
+    LayerNorm, GELU, cell mean; kernels/cell_pool_triton.py): equal to the unfused torch ops, in fp32
+    and under bf16 autocast (where those round the projection to bf16), on a non-power-of-two width
+    (48 of 64 lanes) and cells of 4 and 7 (16 and 49 of 64 pixel lanes)."""
+    pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
+    import spformer.models.spformer as spf
+    torch.manual_seed(0)
+    init = spf.SuperpixelInit(12, 48, cell, attn_backend='triton').to(triton_device).eval()
+    with torch.no_grad():
+        init.norm.weight.normal_(1.0, 0.5)
+        init.norm.bias.normal_(0.0, 0.5)
+    x = torch.randn(2, grid[0] * cell, grid[1] * cell, 12, device=triton_device)
+    ctx = torch.autocast(triton_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        assert init._fused_forward(x) is not None
+        got = init(x)
+        want = init._pooled(x)
+    assert got.shape == (2, *grid, 48) and got.dtype == torch.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want.float(), **tol)
+    assert init._fused_forward(x) is None  # autograd records (the weights need gradients): the unfused path
 
 
 def test_rescale_to_cells_gradcheck():

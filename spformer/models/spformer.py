@@ -45,6 +45,7 @@ from timm.models.vision_transformer import Block
 from spformer.allocator import prime_glibc_heap
 from spformer.kernels import cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_association, superpixel_attention
+from spformer.kernels.functional import backend_module
 
 __all__ = ['SPFormer']
 
@@ -452,22 +453,47 @@ class SuperpixelInit(nn.Module):
     Its three embed_dim-wide pixel maps would be the largest tensors kept for backward (3 x 38 MB
     for SPFormer-S at batch 8): on CPU :class:`CellPooledProjection` computes it in cache-sized
     chunks and saves only its input; elsewhere (CUDA, torch.compile, autocast) it is plain autograd
-    with the wide maps recomputed in the backward (activation checkpointing).
+    with the wide maps recomputed in the backward (activation checkpointing). Inference on the
+    Triton backend (CUDA) runs one fused kernel that never builds the wide map
+    (kernels/cell_pool_triton.py).
     """
 
     _chunk_bytes = 1 << 20  # the wide map of one chunk: fits in a core's L2 cache with its temporaries
 
-    def __init__(self, pixel_dim: int, embed_dim: int, cell_size: int, norm_layer=partial(nn.LayerNorm, eps=1e-6)):
+    def __init__(self, pixel_dim: int, embed_dim: int, cell_size: int, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                 attn_backend: str = 'auto'):
         super().__init__()
         self.cell_size = cell_size
+        self.attn_backend = attn_backend
         self.proj = nn.Linear(pixel_dim, embed_dim, bias=False)
         self.norm = norm_layer(embed_dim)
         self.act = nn.GELU()
 
     def _chunked(self, pixels: torch.Tensor) -> bool:
         return not (pixels.is_cuda or torch.compiler.is_compiling() or torch.is_autocast_enabled(pixels.device.type)
-                    or type(self.norm) is not nn.LayerNorm or not self.norm.elementwise_affine
-                    or self.act.approximate != 'none')
+                    or not self._plain_norm_and_act())
+
+    def _fused_forward(self, pixels: torch.Tensor):
+        """The fused Triton forward (kernels/cell_pool_triton.py) where it applies: inference (no
+        autograd graph) on the Triton backend (CUDA under 'auto'), with the default LayerNorm and
+        GELU, on fp32 pixels or the autocast dtype's; else None."""
+        if pixels.device.type == 'cpu' and self.attn_backend != 'triton':
+            return None
+        if (torch.is_grad_enabled() and (pixels.requires_grad or self.proj.weight.requires_grad)) \
+                or torch.compiler.is_compiling() or not self._plain_norm_and_act():
+            return None
+        autocast = torch.is_autocast_enabled(pixels.device.type)
+        round_to = torch.get_autocast_dtype(pixels.device.type) if autocast else None
+        if pixels.dtype not in (torch.float32, round_to):
+            return None
+        module = backend_module(self.attn_backend, pixels.device, 'cell_pool_triton', None)
+        if module is None:
+            return None
+        return partial(module.cell_pooled_projection, pixels, self.proj.weight, self.norm.weight, self.norm.bias,
+                       self.norm.eps, self.cell_size, round_to)
+
+    def _plain_norm_and_act(self) -> bool:
+        return type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.act.approximate == 'none'
 
     def _pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm(self.proj(pixels)))
@@ -476,6 +502,9 @@ class SuperpixelInit(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = pixels.shape
         c = self.cell_size
+        fused = self._fused_forward(pixels)
+        if fused is not None:
+            return fused()
         if self._chunked(pixels):
             chunk = max(1, self._chunk_bytes // (c * W * self.proj.out_features * pixels.element_size()))
             pooled = CellPooledProjection.apply(
@@ -840,7 +869,7 @@ class SPFormer(nn.Module):
         self.stem.add_module('conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False))
         self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim))
         self.stem.add_module('act', nn.ReLU(inplace=True))
-        self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer)
+        self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer, attn_backend)
 
         # Stochastic depth rises over all ViT blocks in execution order, the group blocks included.
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths) + group_depth)]
