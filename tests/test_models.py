@@ -650,7 +650,7 @@ def test_model_triton_backend_matches_torch(triton_device):
                 if name.endswith('.gamma'):
                     p.fill_(0.5)
     x = torch.randn(2, 3, 32, 32, device=triton_device)
-    with torch.no_grad():  # inference: the superpixel init runs fused too (kernels/cell_pool_triton.py)
+    with torch.no_grad():  # inference: the init and the rescaling run fused too (kernels/pixel_maps_triton.py)
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
     out, out_fused = model(x), fused(x)
     torch.testing.assert_close(out_fused, out, rtol=1e-4, atol=1e-5)
@@ -665,7 +665,7 @@ def test_model_triton_backend_matches_torch(triton_device):
 @pytest.mark.parametrize('cell, grid', [(4, (3, 2)), (7, (1, 2))])
 def test_superpixel_init_fused_triton_matches_unfused(triton_device, cell, grid, autocast):
     """Inference on the Triton backend runs the superpixel init as one fused kernel (projection,
-    LayerNorm, GELU, cell mean; kernels/cell_pool_triton.py): equal to the unfused torch ops, in fp32
+    LayerNorm, GELU, cell mean; kernels/pixel_maps_triton.py): equal to the unfused torch ops, in fp32
     and under bf16 autocast (where those round the projection to bf16), on a non-power-of-two width
     (48 of 64 lanes) and cells of 4 and 7 (16 and 49 of 64 pixel lanes)."""
     pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
@@ -685,6 +685,25 @@ def test_superpixel_init_fused_triton_matches_unfused(triton_device, cell, grid,
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want.float(), **tol)
     assert init._fused_forward(x) is None  # autograd records (the weights need gradients): the unfused path
+
+
+@pytest.mark.parametrize('out_dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_fused_rescale_rows_matches_expression(triton_device, out_dtype):
+    """The SCA's pixel rescaling as one Triton pass (inference on the Triton backend) equals
+    x (x^T G x + eps)^-1/2 computed in fp64, for 150 rows (not a multiple of the 64-row block) of
+    48 channels (not a power of two), written in fp32 or in the autocast dtype the ops then read."""
+    pytest.importorskip('triton', reason='the triton package is not installed (Linux only)')
+    from spformer.kernels import pixel_maps_triton
+    from spformer.models.spformer import centred_projection
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 15, 48, device=triton_device)
+    wc, gram = centred_projection(torch.randn(100, 48, device=triton_device))
+    x64, g64 = x.double(), gram.double()
+    want = x64 * ((x64 @ g64) * x64).sum(-1, keepdim=True).add(1e-6).rsqrt()
+    got = pixel_maps_triton.rescale_rows(x, gram, 1e-6, out_dtype)
+    assert got.dtype == out_dtype and got.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if out_dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 def test_rescale_to_cells_gradcheck():

@@ -221,6 +221,17 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     return out if cells else out.view(x.shape[0], 1, *x.shape[1:])
 
 
+def fused_inference_kernels(backend: str, x: torch.Tensor, *params: torch.Tensor):
+    """kernels/pixel_maps_triton.py where its forward-only kernels apply: the Triton backend (CUDA
+    under 'auto'; CPU only when asked for, under the interpreter), outside torch.compile, and no
+    autograd graph recorded through ``x`` or ``params``. Else None."""
+    if (x.device.type == 'cpu' and backend != 'triton') or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return None
+    return backend_module(backend, x.device, 'pixel_maps_triton', None)
+
+
 class Association(NamedTuple):
     """The superpixel-update logits of an SCA iteration, in projection-free form.
 
@@ -312,8 +323,14 @@ class SuperpixelCrossAttention(nn.Module):
         # the fused C and Triton kernels, else cell-major (B, 1, h, w, n, C_p), the layout copy made
         # here, in the same pass as the rescaling.
         layout = 'cells' if torch.compiler.is_compiling() else native_pixel_layout(self.attn_backend, pixels.device)
-        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell,
-                                 cells=layout == 'cells')
+        x = conv_plus_identity(self.pixel_pos, pixels)
+        fused = fused_inference_kernels(self.attn_backend, x, gram) if layout == 'image' else None
+        if fused is not None:  # inference on the Triton backend: one pass, in the ops' dtype
+            autocast = x.is_cuda and torch.is_autocast_enabled('cuda')
+            x_hat = fused.rescale_rows(x, gram, self.pixel_norm.eps, torch.get_autocast_dtype('cuda') if autocast
+                                       else x.dtype).unsqueeze(1)
+        else:
+            x_hat = rescale_to_cells(x, wc, gram, self.pixel_norm.eps, cell, cells=layout == 'cells')
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
@@ -455,7 +472,7 @@ class SuperpixelInit(nn.Module):
     chunks and saves only its input; elsewhere (CUDA, torch.compile, autocast) it is plain autograd
     with the wide maps recomputed in the backward (activation checkpointing). Inference on the
     Triton backend (CUDA) runs one fused kernel that never builds the wide map
-    (kernels/cell_pool_triton.py).
+    (kernels/pixel_maps_triton.py).
     """
 
     _chunk_bytes = 1 << 20  # the wide map of one chunk: fits in a core's L2 cache with its temporaries
@@ -474,20 +491,12 @@ class SuperpixelInit(nn.Module):
                     or not self._plain_norm_and_act())
 
     def _fused_forward(self, pixels: torch.Tensor):
-        """The fused Triton forward (kernels/cell_pool_triton.py) where it applies: inference (no
-        autograd graph) on the Triton backend (CUDA under 'auto'), with the default LayerNorm and
-        GELU, on fp32 pixels or the autocast dtype's; else None."""
-        if pixels.device.type == 'cpu' and self.attn_backend != 'triton':
-            return None
-        if (torch.is_grad_enabled() and (pixels.requires_grad or self.proj.weight.requires_grad)) \
-                or torch.compiler.is_compiling() or not self._plain_norm_and_act():
-            return None
+        """The fused Triton forward where it applies (:func:`fused_inference_kernels`, the default
+        LayerNorm and GELU, fp32 pixels or the autocast dtype's), as a call; else None."""
+        module = fused_inference_kernels(self.attn_backend, pixels, self.proj.weight)
         autocast = torch.is_autocast_enabled(pixels.device.type)
         round_to = torch.get_autocast_dtype(pixels.device.type) if autocast else None
-        if pixels.dtype not in (torch.float32, round_to):
-            return None
-        module = backend_module(self.attn_backend, pixels.device, 'cell_pool_triton', None)
-        if module is None:
+        if module is None or not self._plain_norm_and_act() or pixels.dtype not in (torch.float32, round_to):
             return None
         return partial(module.cell_pooled_projection, pixels, self.proj.weight, self.norm.weight, self.norm.bias,
                        self.norm.eps, self.cell_size, round_to)

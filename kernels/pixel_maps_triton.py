@@ -1,16 +1,20 @@
-"""Fused Triton forward of SPFormer's superpixel initialization (DESIGN.md 1.2, step 2):
-``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixels, without the embed_dim-wide
-pixel map.
+"""Fused Triton forwards (inference) of SPFormer's two per-pixel maps around the local attention.
 
-Unfused on a GPU, that map (384 channels at every pixel: 616 MB in fp32 for SPFormer-S at batch
-128) is written and read back by the LayerNorm, the GELU and the pooling, ~2.2 ms of a 15 ms
-inference batch on an H100. Here each program takes one row of cells: per cell, the cell's pixels
-times W^T is one ``tl.dot``, the LayerNorm statistics and the GELU stay in registers, and only the
-cell's mean leaves the program. Forward only (inference): training keeps the autograd path.
+* :func:`cell_pooled_projection` -- the superpixel initialization (DESIGN.md 1.2, step 2),
+  ``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixels, without the embed_dim-wide
+  pixel map. Unfused on a GPU, that map (384 channels at every pixel: 616 MB in fp32 for SPFormer-S
+  at batch 128) is written and read back by the LayerNorm, the GELU and the pooling, ~2.2 ms of a
+  15 ms inference batch on an H100. Here each program takes one row of cells: per cell, the cell's
+  pixels times W^T is one ``tl.dot``, the LayerNorm statistics and the GELU stay in registers, and
+  only the cell's mean leaves the program. Numerics follow the unfused path: products with fp32
+  accumulation (inputs rounded to the autocast dtype first under autocast, and the projection's
+  output too, as a bf16/fp16 GEMM returns it), the LayerNorm, GELU (exact, erf) and mean in fp32.
+* :func:`rescale_rows` -- each SCA's pixel features divided by the std of their projection,
+  ``x (x^T G x + eps)^-1/2`` (spformer/models/spformer.py, ``rescale_to_cells``): one read of x
+  and one write in the attention ops' dtype, instead of a product, a multiply, a sum, a scaling and
+  a cast, each a pass over the pixels (~0.4 ms per SCA iteration on an H100 at batch 128).
 
-Numerics follow the unfused path: products in fp32 accumulation (inputs rounded to the autocast
-dtype first under autocast, and the projection's output too, as a bf16/fp16 GEMM returns it), the
-LayerNorm, GELU (exact, erf) and mean in fp32.
+Forward only: with autograd recording, the model takes its autograd paths.
 """
 from typing import Optional
 
@@ -81,5 +85,37 @@ def cell_pooled_projection(x: torch.Tensor, weight: torch.Tensor, gamma: torch.T
         _cell_pooled_projection_kernel[(B * h,)](
             x.contiguous(), weight.contiguous(), gamma.contiguous(), beta.contiguous(), out, h, w, CP, C, eps,
             CELL=cell, BP=_block(cell * cell), BCP=_block(CP), BC=_block(C), ROUND=round_to is not None,
-            ROUND_DTYPE=tl.bfloat16 if round_to == torch.bfloat16 else tl.float16, PREC=prec, num_warps=4)
+            ROUND_DTYPE=tl.bfloat16 if round_to == torch.bfloat16 else tl.float16, PREC=prec,
+            num_warps=8)  # its (BCP, BC) weight tile is held in registers: 0.78 ms on 8 warps, 1.07 on 4 (H100, .gpu/sweep_init.py)
+    return out
+
+
+@triton.jit
+def _rescale_rows_kernel(x_ptr, gram_ptr, out_ptr, R, C, eps, BR: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """One program per BR rows: out = x (x^T G x + eps)^-1/2, in fp32."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BC)
+    C = tl.cast(C, tl.int64)
+    cmask = c < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + r[:, None] * C + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    gram = tl.load(gram_ptr + c[:, None] * C + c[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
+    var = tl.sum(tl.dot(x, gram.to(tl.float32), input_precision=PREC, out_dtype=tl.float32) * x, axis=1)
+    out = x * (1.0 / tl.sqrt(var + eps))[:, None]
+    tl.store(out_ptr + r[:, None] * C + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rescale_rows(x: torch.Tensor, gram: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """x (..., C), gram (C, C) symmetric -> ``x * (x^T G x + eps)^-1/2`` per row, in ``out_dtype``
+    (fp32 arithmetic; fp32 or bf16/fp16 inputs)."""
+    C = x.shape[-1]
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    R = x.numel() // max(C, 1)
+    if out.numel() == 0:
+        return out
+    BR = 64
+    with _device(x):
+        _rescale_rows_kernel[(triton.cdiv(R, BR),)](
+            x.contiguous(), gram.contiguous(), out, R, C, eps, BR=BR, BC=_block(C),
+            PREC=arithmetic(torch.float32)[1], num_warps=4)
     return out
