@@ -444,8 +444,9 @@ def _config(dtype: torch.dtype, cell: int, d: int, dv: int, G: int, cells: bool 
     acc, prec = arithmetic(dtype)
     # One warp per 2048 tile elements: the tiles are small and each program walks 9 cells one after
     # another, so many small resident programs hide the load latency best. Swept on an H100 at
-    # SPFormer-S shapes (batch 128, .gpu/sweep.py): 16 x 64 tiles (cell 4) ran 1.4-2.1x faster on 1
-    # warp than on 4, 64 x 64 tiles (cell 7) 1.6-3.4x faster on 2 than on 8; 1 warp spills there.
+    # SPFormer-S shapes, batch 128 (bench/triton_launch_sweep.py): 16 x 64 tiles (cell 4) ran
+    # 1.4-2.1x faster on 1 warp than on 4, 64 x 64 tiles (cell 7) 1.6-3.4x faster on 2 than on 8
+    # (1 warp spills there).
     num_warps = max(1, min(8, BP * max(BD, BDV) // 2048))
     return dict(CELL=cell, CELLS=cells, BP=BP, BD=BD, BDV=BDV, ACC=acc, PREC=prec, num_warps=num_warps)
 
