@@ -490,16 +490,16 @@ class SuperpixelInit(nn.Module):
         return not (pixels.is_cuda or torch.compiler.is_compiling() or torch.is_autocast_enabled(pixels.device.type)
                     or not self._plain_norm_and_act())
 
-    def _fused_forward(self, pixels: torch.Tensor):
-        """The fused Triton forward where it applies (:func:`fused_inference_kernels`, the default
-        LayerNorm and GELU, fp32 pixels or the autocast dtype's), as a call; else None."""
+    def _fused_forward(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fused Triton forward's result where it applies (:func:`fused_inference_kernels`, the
+        default LayerNorm and GELU, fp32 pixels or the autocast dtype's); else None."""
         module = fused_inference_kernels(self.attn_backend, pixels, self.proj.weight)
         autocast = torch.is_autocast_enabled(pixels.device.type)
         round_to = torch.get_autocast_dtype(pixels.device.type) if autocast else None
         if module is None or not self._plain_norm_and_act() or pixels.dtype not in (torch.float32, round_to):
             return None
-        return partial(module.cell_pooled_projection, pixels, self.proj.weight, self.norm.weight, self.norm.bias,
-                       self.norm.eps, self.cell_size, round_to)
+        return module.cell_pooled_projection(pixels, self.proj.weight, self.norm.weight, self.norm.bias,
+                                             self.norm.eps, self.cell_size, round_to)
 
     def _plain_norm_and_act(self) -> bool:
         return type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.act.approximate == 'none'
@@ -513,7 +513,7 @@ class SuperpixelInit(nn.Module):
         c = self.cell_size
         fused = self._fused_forward(pixels)
         if fused is not None:
-            return fused()
+            return fused
         if self._chunked(pixels):
             chunk = max(1, self._chunk_bytes // (c * W * self.proj.out_features * pixels.element_size()))
             pooled = CellPooledProjection.apply(
