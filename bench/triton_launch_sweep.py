@@ -12,7 +12,6 @@ import itertools
 
 import torch
 import triton
-import triton.language as tl
 
 from spformer.kernels import pixel_maps_triton, triton_backend
 
@@ -66,18 +65,22 @@ def sweep_attention(B: int, grid: int, cell: int, dtype: torch.dtype):
 def sweep_init(B: int, grid: int, cell: int):
     """The fused superpixel-init kernel (64 -> 384 channels, bf16 autocast rounding)."""
     pm = pixel_maps_triton
-    H = W = grid * cell
-    x = torch.randn(B, H, W, 64, device='cuda')
+    x = torch.randn(B, grid * cell, grid * cell, 64, device='cuda')
     weight = torch.randn(384, 64, device='cuda')
     gamma, beta = torch.randn(384, device='cuda'), torch.randn(384, device='cuda')
-    out = torch.empty(B, grid, grid, 384, device='cuda')
+
+    def fn():
+        return pm.cell_pooled_projection(x, weight, gamma, beta, 1e-6, cell, torch.bfloat16)
+
+    picked = pm._pooled_projection_config
     results = {}
-    for warps, stages in itertools.product(WARPS, STAGES):
-        results[warps, stages] = _time(lambda: pm._cell_pooled_projection_kernel[(B * grid,)](
-            x, weight, gamma, beta, out, grid, grid, 64, 384, 1e-6, CELL=cell, BP=triton_backend._block(cell * cell),
-            BCP=64, BC=512, ROUND=True, ROUND_DTYPE=tl.bfloat16, PREC='tf32', num_warps=warps, num_stages=stages))
-    _report('superpixel init', _time(lambda: pm.cell_pooled_projection(x, weight, gamma, beta, 1e-6, cell,
-                                                                       torch.bfloat16)), results)
+    try:
+        for warps, stages in itertools.product(WARPS, STAGES):
+            pm._pooled_projection_config = lambda *a, **k: dict(picked(*a, **k), num_warps=warps, num_stages=stages)
+            results[warps, stages] = _time(fn)
+    finally:
+        pm._pooled_projection_config = picked
+    _report('superpixel init', _time(fn), results)
 
 
 def main():

@@ -69,6 +69,16 @@ def _cell_pooled_projection_kernel(
         tl.store(out_ptr + (pid * w + j) * C + cc, pooled.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+def _pooled_projection_config(cell: int, CP: int, C: int, round_to: Optional[torch.dtype]) -> dict:
+    """The launch configuration of :func:`cell_pooled_projection` (bench/triton_launch_sweep.py varies it)."""
+    return dict(CELL=cell, BP=_block(cell * cell), BCP=_block(CP), BC=_block(C), ROUND=round_to is not None,
+                ROUND_DTYPE=tl.bfloat16 if round_to == torch.bfloat16 else tl.float16,
+                PREC=arithmetic(round_to or torch.float32)[1],
+                # the (BCP, BC) weight tile stays in registers: 0.78 ms on 8 warps, 1.07 on 4 at
+                # SPFormer-S shapes, batch 128 (H100, bench/triton_launch_sweep.py)
+                num_warps=8)
+
+
 def cell_pooled_projection(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                            eps: float, cell: int, round_to: Optional[torch.dtype] = None) -> torch.Tensor:
     """x (B, H, W, C_p) channels-last pixels, weight (C, C_p), gamma and beta (C,) -> (B, H / cell,
@@ -80,15 +90,10 @@ def cell_pooled_projection(x: torch.Tensor, weight: torch.Tensor, gamma: torch.T
     out = torch.empty(B, h, w, C, dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out
-    _, prec = arithmetic(round_to or torch.float32)
     with _device(x):
         _cell_pooled_projection_kernel[(B * h,)](
             x.contiguous(), weight.contiguous(), gamma.contiguous(), beta.contiguous(), out, h, w, CP, C, eps,
-            CELL=cell, BP=_block(cell * cell), BCP=_block(CP), BC=_block(C), ROUND=round_to is not None,
-            ROUND_DTYPE=tl.bfloat16 if round_to == torch.bfloat16 else tl.float16, PREC=prec,
-            # the (BCP, BC) weight tile stays in registers: 0.78 ms on 8 warps, 1.07 on 4 at SPFormer-S
-            # shapes, batch 128 (H100, bench/triton_launch_sweep.py)
-            num_warps=8)
+            **_pooled_projection_config(cell, CP, C, round_to))
     return out
 
 

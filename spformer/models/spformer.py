@@ -196,19 +196,23 @@ class _RescaleByProjectionStd(torch.autograd.Function):
 
 
 def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float, cell: int,
-                     cells: bool = True) -> torch.Tensor:
+                     cells: bool = True, backend: str = 'auto') -> torch.Tensor:
     """``image_to_cells(x * r)`` with r of :func:`centred_projection`: channels-last pixels (B, H, W, C)
     divided by the std of their projection, returned cell-major (B, 1, h, w, cell * cell, C) as the
     attention ops read them, or with ``cells=False`` in image layout (B, 1, H, W, C), which the
     fused kernels read as they are. Each fresh pixel-sized buffer costs on CPU (first-touch page
-    faults when the allocator has returned the memory to the OS), hence one pass and one output."""
+    faults when the allocator has returned the memory to the OS), hence one pass and one output.
+    Inference on the Triton ``backend`` (image layout) runs it as one fused kernel."""
+    # Under CUDA autocast the ops run on the autocast dtype, as autocast runs attention; the GPU
+    # kernels read it natively (fp32 accumulation and probabilities), ~2x faster than fp32 on an H100.
+    cuda_autocast = x.is_cuda and torch.is_autocast_enabled('cuda')
+    out_dtype = torch.get_autocast_dtype('cuda') if cuda_autocast else x.dtype
+    fused = None if cells else fused_inference_kernels(backend, x, gram)
+    if fused is not None:
+        return fused.rescale_rows(x, gram, eps, out_dtype).unsqueeze(1)
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
-        out = (x * torch.rsqrt(var + eps)).unsqueeze(1)
-        if x.is_cuda and torch.is_autocast_enabled('cuda'):
-            # the ops then run on the autocast dtype, as autocast runs attention; the GPU kernels read
-            # it natively (fp32 accumulation and probabilities), ~2x faster than fp32 on an H100
-            out = out.to(torch.get_autocast_dtype('cuda'))
+        out = (x * torch.rsqrt(var + eps)).unsqueeze(1).to(out_dtype)
         return image_to_cells(out, cell) if cells else out
     # R costs a small QR per call; on the CPU it saves a pass over the pixels (elsewhere x G is cheap)
     factor = gram_factor(wc) if x.device.type == 'cpu' else None
@@ -323,14 +327,8 @@ class SuperpixelCrossAttention(nn.Module):
         # the fused C and Triton kernels, else cell-major (B, 1, h, w, n, C_p), the layout copy made
         # here, in the same pass as the rescaling.
         layout = 'cells' if torch.compiler.is_compiling() else native_pixel_layout(self.attn_backend, pixels.device)
-        x = conv_plus_identity(self.pixel_pos, pixels)
-        fused = fused_inference_kernels(self.attn_backend, x, gram) if layout == 'image' else None
-        if fused is not None:  # inference on the Triton backend: one pass, in the ops' dtype
-            autocast = x.is_cuda and torch.is_autocast_enabled('cuda')
-            x_hat = fused.rescale_rows(x, gram, self.pixel_norm.eps, torch.get_autocast_dtype('cuda') if autocast
-                                       else x.dtype).unsqueeze(1)
-        else:
-            x_hat = rescale_to_cells(x, wc, gram, self.pixel_norm.eps, cell, cells=layout == 'cells')
+        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell,
+                                 cells=layout == 'cells', backend=self.attn_backend)
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
