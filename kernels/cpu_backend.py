@@ -15,6 +15,7 @@ library binds to the libgomp torch has loaded), ``torch.set_num_threads()`` of t
 """
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from . import torch_backend
 from .torch_backend import _ungroup, accumulate_dtype, heads_grouped, heads_last, superpixels_grouped
@@ -234,3 +236,85 @@ def pixel_attention_bwd(grad_out, q, k, v, bias, probs, cell: int, scale: float,
                            _ptr(dbias)], sizes, scale, layout)
     return (dqc.view(q.shape).to(q.dtype), _ungroup(dk, B, Mp).to(k.dtype), _ungroup(dv_, B, Mp).to(v.dtype),
             None if dbias is None else _ungroup(dbias, B, Mp).to(bias.dtype))
+
+
+
+@torch.library.custom_op('spformer::conv_rescale', mutates_args=(), device_types='cpu')
+def _conv_rescale_op(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], factor: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    B, H, W, C = x.shape
+    dt = x.dtype
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    taps, factor_t = taps.to(dt).contiguous(), torch.triu(factor.to(dt)).t().contiguous()
+    bias = None if bias is None else bias.to(dt).contiguous()
+    suffix, c_real, _ = _DTYPES[dt]
+    getattr(_load(dt), f'conv_rescale_fwd_{suffix}')(
+        _ptr(x.contiguous()), _ptr(taps), _ptr(bias), _ptr(factor_t), c_real(eps), _ptr(out), *_c(B, H, W, C))
+    return out
+
+
+@_conv_rescale_op.register_fake
+def _(x, taps, bias, factor, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@register_flop_formula(torch.ops.spformer.conv_rescale)
+def _conv_rescale_flops(x, *args, out_shape=None, **kwargs) -> int:
+    """What the unfused computation counts: the depthwise 3x3 convolution and x^T G x as |R x|^2."""
+    pixels, C = math.prod(x[:-1]), x[-1]
+    return 2 * pixels * (9 * C + C * C)
+
+
+def conv_rescale(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], factor: torch.Tensor,
+                 eps: float) -> Optional[torch.Tensor]:
+    """Inference pixel features of an SCA iteration in one pass (cpu_kernels.c, ``conv_rescale_fwd``,
+    as the custom op ``torch.ops.spformer.conv_rescale``, which FLOP counting and fake tensors see):
+    z = 'same' depthwise 3x3 convolution of channels-last x (B, H, W, C) with ``taps`` (9, C) (the
+    identity in the centre tap) plus ``bias``, then ``z (|U z|^2 + eps)^-1/2`` with U = ``factor``
+    (C, C, upper triangular). Forward only. None where the kernels do not run (no C compiler, dtypes
+    other than float32/float64)."""
+    if x.dtype not in _DTYPES or not _supported(x):
+        return None
+    return torch.ops.spformer.conv_rescale(x, taps, bias, factor, eps)
+
+
+@torch.library.custom_op('spformer::cell_pooled_projection', mutates_args=(), device_types='cpu')
+def _cell_pooled_projection_op(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                               eps: float, cell: int) -> torch.Tensor:
+    B, H, W, Cp = x.shape
+    C, dt = weight.shape[0], x.dtype
+    out = x.new_empty(B, H // cell, W // cell, C)
+    if out.numel() == 0:
+        return out
+    wt, gamma, beta = (t.to(dt).contiguous() for t in (weight.t(), gamma, beta))
+    suffix, c_real, _ = _DTYPES[dt]
+    getattr(_load(dt), f'cell_pooled_projection_fwd_{suffix}')(
+        _ptr(x.contiguous()), _ptr(wt), _ptr(gamma), _ptr(beta), c_real(eps), _ptr(out), *_c(B, H, W, Cp, C, cell))
+    return out
+
+
+@_cell_pooled_projection_op.register_fake
+def _(x, weight, gamma, beta, eps, cell):
+    B, H, W, _ = x.shape
+    return x.new_empty(B, H // cell, W // cell, weight.shape[0])
+
+
+@register_flop_formula(torch.ops.spformer.cell_pooled_projection)
+def _cell_pooled_projection_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """What the unfused computation counts: the projection (LayerNorm, GELU and mean are not counted)."""
+    return 2 * math.prod(x[:-1]) * x[-1] * weight[0]
+
+
+def cell_pooled_projection(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                           eps: float, cell: int, round_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """The superpixel initialization for inference in one pass (cpu_kernels.c,
+    ``cell_pooled_projection_fwd``, as the custom op ``torch.ops.spformer.cell_pooled_projection``):
+    ``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last x (B, H, W, Cp), without the wide
+    map at every pixel, as :func:`pixel_maps_triton.cell_pooled_projection` does on a GPU. Forward
+    only; None where the kernels do not run (no C compiler, dtypes other than float32/float64,
+    ``round_to``: autocast)."""
+    if round_to is not None or x.dtype not in _DTYPES or not _supported(x):
+        return None
+    return torch.ops.spformer.cell_pooled_projection(x, weight, gamma, beta, eps, cell)

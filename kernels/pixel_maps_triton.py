@@ -80,10 +80,13 @@ def _pooled_projection_config(cell: int, CP: int, C: int, round_to: Optional[tor
 
 
 def cell_pooled_projection(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                           eps: float, cell: int, round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+                           eps: float, cell: int, round_to: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """x (B, H, W, C_p) channels-last pixels, weight (C, C_p), gamma and beta (C,) -> (B, H / cell,
     W / cell, C) in fp32: the cell means of GELU(LayerNorm(x W^T)). ``round_to``: the autocast dtype
-    (bf16/fp16) the unfused path would run the projection in, or None for fp32 throughout."""
+    (bf16/fp16) the unfused path would run the projection in, or None for fp32 throughout. None
+    for pixels in other dtypes (the unfused path takes them)."""
+    if x.dtype not in (torch.float32, round_to):
+        return None
     B, H, W, CP = x.shape
     C = weight.shape[0]
     h, w = H // cell, W // cell

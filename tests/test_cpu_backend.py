@@ -6,6 +6,7 @@ torch backend they fall back to, ran.
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spformer.kernels import cpu_backend, image_to_cells, pixel_attention, superpixel_attention, torch_backend
 from spformer.kernels.functional import cells_to_image
@@ -163,3 +164,55 @@ def test_compiled_library_is_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_backend, '_libraries', {})
     assert cpu_backend.available(torch.float32)
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@pytest.mark.parametrize('with_bias', [True, False], ids=['bias', 'no bias'])
+@pytest.mark.parametrize('B, H, W, C, dtype', [
+    (2, 5, 13, 64, torch.float32),  # the vector path for 64 channels: rows not a multiple of its 8-pixel tile
+    (1, 1, 1, 64, torch.float32),  # one pixel: all 8 neighbours outside
+    (1, 6, 1, 64, torch.float64),
+    (3, 4, 9, 33, torch.float32),  # any C: the portable path, a partial 16-column block of the factor
+    (2, 3, 7, 20, torch.float64),
+])
+def test_conv_rescale_matches_unfused(B, H, W, C, dtype, with_bias):
+    """The fused inference pixel features of an SCA iteration (depthwise 3x3 conv plus identity, then
+    z (z^T G z + eps)^-1/2 through G's triangular factor) against torch's conv2d and the explicit
+    quadratic form in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(B, H, W, C, dtype=dtype)
+    weight = torch.randn(C, 1, 3, 3, dtype=dtype) * 0.3
+    bias = torch.randn(C, dtype=dtype) if with_bias else None
+    proj = torch.randn(3 * C, C, dtype=torch.float64)
+    wc = proj - proj.mean(0)
+    gram = wc.t() @ wc / proj.shape[0]
+    taps = weight.reshape(C, 9).t().clone()
+    taps[4] += 1  # the identity in the centre tap
+    got = cpu_backend.conv_rescale(x, taps, bias, torch.linalg.cholesky(gram, upper=True).to(dtype), 1e-6)
+    x64 = x.double()
+    z = x64 + F.conv2d(x64.permute(0, 3, 1, 2), weight.double(), None if bias is None else bias.double(),
+                       padding=1, groups=C).permute(0, 2, 3, 1)
+    want = z * ((z @ gram) * z).sum(-1, keepdim=True).add(1e-6).rsqrt()
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize('B, h, w, cell, Cp, C, dtype', [
+    (2, 3, 2, 4, 12, 48, torch.float32),  # the vector path (C % 16 == 0); rows of 8 pixels, not a multiple of 8
+    (1, 1, 2, 7, 64, 384, torch.float32),  # SPFormer's widths, cells of 7
+    (3, 1, 1, 4, 5, 20, torch.float32),  # the portable path
+    (2, 2, 3, 3, 8, 12, torch.float64),
+])
+def test_cell_pooled_projection_matches_unfused(B, h, w, cell, Cp, C, dtype):
+    """The superpixel initialization for CPU inference in one pass (projection, LayerNorm, GELU and
+    cell mean without the wide map) against the unfused torch ops in float64."""
+    torch.manual_seed(0)
+    x = torch.randn(B, h * cell, w * cell, Cp, dtype=dtype)
+    weight = torch.randn(C, Cp, dtype=dtype) * 0.3
+    gamma, beta = 1 + 0.5 * torch.randn(C, dtype=dtype), 0.5 * torch.randn(C, dtype=dtype)
+    got = cpu_backend.cell_pooled_projection(x, weight, gamma, beta, 1e-6, cell)
+    y = F.gelu(F.layer_norm(x.double() @ weight.double().t(), (C,), gamma.double(), beta.double(), 1e-6))
+    want = F.avg_pool2d(y.permute(0, 3, 1, 2), cell).permute(0, 2, 3, 1)
+    assert got.dtype == dtype and got.shape == (B, h, w, C)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.double(), want, **tol)

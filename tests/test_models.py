@@ -586,6 +586,31 @@ def test_model_backends_agree(model_name, backend):
         torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
 
 
+def test_cpu_inference_runs_fused_kernels(monkeypatch):
+    """CPU inference (no autograd recorded) computes every SCA iteration's pixel features and the
+    superpixel init in the one-pass C kernels; with autograd recording it takes the differentiable
+    ops, and both agree."""
+    from spformer.kernels import cpu_backend
+    from spformer.models.spformer import SuperpixelCrossAttention
+    if not cpu_backend.available():
+        pytest.skip(f'no C compiler: {cpu_backend.unavailable_reason()}')
+    calls = []
+    for name in ('conv_rescale', 'cell_pooled_projection'):
+        kernel = getattr(cpu_backend, name)
+        monkeypatch.setattr(cpu_backend, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+    scas = sum(isinstance(m, SuperpixelCrossAttention) for m in model.modules())
+    assert sorted(calls) == ['cell_pooled_projection'] + ['conv_rescale'] * scas
+    calls.clear()
+    plain = model(x)
+    assert not calls
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
 # --- superpixels as an output ------------------------------------------------------------------
 
 def test_forward_superpixels_consistent():
@@ -721,7 +746,7 @@ def test_rescale_to_cells_gradcheck():
     gram.requires_grad_()
     assert torch.autograd.gradcheck(lambda x, g: _RescaleByProjectionStd.apply(x, g, None, 1e-6, 2), (x, gram))
     # through the factor the value no longer reads G (finite differences in G see nothing): x only
-    factor = gram_factor(wc)
+    factor = gram_factor(wc, gram)
     assert torch.autograd.gradcheck(lambda x: _RescaleByProjectionStd.apply(x, gram, factor, 1e-6, 2), (x,))
     xd = x.detach()
     plain = (xd / (((xd @ gram.detach()) * xd).sum(-1, keepdim=True) + 1e-6).sqrt()).unsqueeze(1)

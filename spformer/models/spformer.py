@@ -45,6 +45,7 @@ from timm.models.vision_transformer import Block
 from spformer.allocator import prime_glibc_heap
 from spformer.kernels import cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_association, superpixel_attention
+from spformer.kernels import cpu_backend
 from spformer.kernels.functional import backend_module
 
 __all__ = ['SPFormer']
@@ -72,13 +73,18 @@ def add_cell_update(pixels: torch.Tensor, update: torch.Tensor, gamma: torch.Ten
     return out.transpose(2, 3).reshape(B, H, W, C)
 
 
-def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x + conv(x)`` for a 'same' depthwise conv on channels-last (B, H, W, C) ``x``, as one conv:
-    the identity joins the centre tap of the kernel (saves a pass over the pixel map)."""
+def identity_folded_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight of a 'same' depthwise conv with the identity added to its centre tap: one conv
+    computes ``x + conv(x)`` (saves a pass over the pixel map)."""
     w = conv.weight
     ky, kx = w.shape[2] // 2, w.shape[3] // 2
-    identity = F.pad(w.new_ones(w.shape[0], 1, 1, 1), (kx, w.shape[3] - 1 - kx, ky, w.shape[2] - 1 - ky))
-    y = F.conv2d(x.permute(0, 3, 1, 2), w + identity, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return w + F.pad(w.new_ones(w.shape[0], 1, 1, 1), (kx, w.shape[3] - 1 - kx, ky, w.shape[2] - 1 - ky))
+
+
+def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x + conv(x)`` for a 'same' depthwise conv on channels-last (B, H, W, C) ``x``, as one conv."""
+    y = F.conv2d(x.permute(0, 3, 1, 2), identity_folded_weight(conv), conv.bias, conv.stride, conv.padding,
+                 conv.dilation, conv.groups)
     return y.permute(0, 2, 3, 1)
 
 
@@ -127,12 +133,17 @@ def centred_projection(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return wc, wc.t() @ wc / weight.shape[0]
 
 
-def gram_factor(wc: torch.Tensor) -> torch.Tensor:
-    """R with R^T R = G = Wc^T Wc / rows, from a QR of Wc (exists even when G is singular), not
-    differentiated: it only evaluates x^T G x = |R x|^2, the gradient flows through G."""
+def gram_factor(wc: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Upper-triangular R with R^T R = G = Wc^T Wc / rows, not differentiated: it only evaluates
+    x^T G x = |R x|^2, the gradient flows through G. The Cholesky factor of G (a 64 x 64 matrix for
+    SPFormer, ~10x cheaper than a QR of the 512 x 64 Wc); where G is numerically singular, from a QR
+    of Wc (which exists for any G)."""
     with torch.no_grad():
         dt = wc.dtype if wc.dtype in (torch.float32, torch.float64) else torch.float32
-        return (torch.linalg.qr(wc.to(dt), mode='r').R / math.sqrt(wc.shape[0])).to(wc.dtype)
+        factor, info = torch.linalg.cholesky_ex(gram.to(dt), upper=True)
+        if info.item() != 0:  # a host tensor: no device sync
+            factor = torch.linalg.qr(wc.to(dt), mode='r').R / math.sqrt(wc.shape[0])
+        return factor.to(wc.dtype)
 
 
 def _projection_rstd(x: torch.Tensor, gram: torch.Tensor, factor: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -207,15 +218,16 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     # kernels read it natively (fp32 accumulation and probabilities), ~2x faster than fp32 on an H100.
     cuda_autocast = x.is_cuda and torch.is_autocast_enabled('cuda')
     out_dtype = torch.get_autocast_dtype('cuda') if cuda_autocast else x.dtype
-    fused = None if cells else fused_inference_kernels(backend, x, gram)
-    if fused is not None:
-        return fused.rescale_rows(x, gram, eps, out_dtype).unsqueeze(1)
+    rescale_rows = None if cells else fused_inference_kernel(backend, 'rescale_rows', x, gram)
+    if rescale_rows is not None:
+        return rescale_rows(x, gram, eps, out_dtype).unsqueeze(1)
     if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
         out = (x * torch.rsqrt(var + eps)).unsqueeze(1).to(out_dtype)
         return image_to_cells(out, cell) if cells else out
-    # R costs a small QR per call; on the CPU it saves a pass over the pixels (elsewhere x G is cheap)
-    factor = gram_factor(wc) if x.device.type == 'cpu' else None
+    # R costs a small Cholesky factorization per call; on the CPU it saves a pass over the pixels
+    # (elsewhere x G is cheap)
+    factor = gram_factor(wc, gram) if x.device.type == 'cpu' else None
     # image layout is the cell-major one of cells of one pixel
     group = cell if cells else 1
     if torch.is_grad_enabled() and (x.requires_grad or gram.requires_grad):
@@ -225,15 +237,40 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     return out if cells else out.view(x.shape[0], 1, *x.shape[1:])
 
 
-def fused_inference_kernels(backend: str, x: torch.Tensor, *params: torch.Tensor):
-    """kernels/pixel_maps_triton.py where its forward-only kernels apply: the Triton backend (CUDA
-    under 'auto'; CPU only when asked for, under the interpreter), outside torch.compile, and no
-    autograd graph recorded through ``x`` or ``params``. Else None."""
-    if (x.device.type == 'cpu' and backend != 'triton') or torch.compiler.is_compiling():
+def _records_autograd(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+def fused_inference_kernel(backend: str, name: str, x: torch.Tensor, *params: Optional[torch.Tensor]):
+    """The forward-only fused kernel ``name`` where one applies, else None: for the Triton backend
+    (CUDA under 'auto'; CPU only when asked for, under the interpreter) from
+    kernels/pixel_maps_triton.py, for the C kernels (CPU under 'auto' or 'cpu', outside autocast)
+    from kernels/cpu_backend.py; never under torch.compile or with an autograd graph recorded
+    through ``x`` or ``params``. The kernels return None for inputs they do not take (dtypes)."""
+    if torch.compiler.is_compiling() or _records_autograd(x, *params):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return None
-    return backend_module(backend, x.device, 'pixel_maps_triton', None)
+    if x.device.type == 'cpu' and backend != 'triton':
+        if backend not in ('auto', 'cpu') or torch.is_autocast_enabled('cpu'):
+            return None
+        return getattr(cpu_backend, name, None)
+    return getattr(backend_module(backend, x.device, 'pixel_maps_triton', None), name, None)
+
+
+def pixel_features(conv: nn.Conv2d, pixels: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float,
+                   cell: int, cells: bool = True, backend: str = 'auto') -> torch.Tensor:
+    """An SCA iteration's rescaled pixel features, ``rescale_to_cells(conv_plus_identity(conv, pixels),
+    ...)``. Inference on the CPU's C kernels (image layout) computes both in one pass over the
+    pixels, ~2x faster than the convolution, product, norm and scaling passes
+    (``cpu_backend.conv_rescale``)."""
+    conv_rescale = None if cells else fused_inference_kernel(
+        backend, 'conv_rescale', pixels, conv.weight, conv.bias, wc)
+    if conv_rescale is not None:
+        C = pixels.shape[-1]
+        taps = identity_folded_weight(conv).reshape(C, 9).t()  # (9, C), raster order of the 3x3 window
+        out = conv_rescale(pixels, taps, conv.bias, gram_factor(wc, gram), eps)
+        if out is not None:
+            return out.unsqueeze(1)
+    return rescale_to_cells(conv_plus_identity(conv, pixels), wc, gram, eps, cell, cells=cells, backend=backend)
 
 
 class Association(NamedTuple):
@@ -327,8 +364,8 @@ class SuperpixelCrossAttention(nn.Module):
         # the fused C and Triton kernels, else cell-major (B, 1, h, w, n, C_p), the layout copy made
         # here, in the same pass as the rescaling.
         layout = 'cells' if torch.compiler.is_compiling() else native_pixel_layout(self.attn_backend, pixels.device)
-        x_hat = rescale_to_cells(conv_plus_identity(self.pixel_pos, pixels), wc, gram, self.pixel_norm.eps, cell,
-                                 cells=layout == 'cells', backend=self.attn_backend)
+        x_hat = pixel_features(self.pixel_pos, pixels, wc, gram, self.pixel_norm.eps, cell, cells=layout == 'cells',
+                               backend=self.attn_backend)
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
@@ -468,9 +505,9 @@ class SuperpixelInit(nn.Module):
     Its three embed_dim-wide pixel maps would be the largest tensors kept for backward (3 x 38 MB
     for SPFormer-S at batch 8): on CPU :class:`CellPooledProjection` computes it in cache-sized
     chunks and saves only its input; elsewhere (CUDA, torch.compile, autocast) it is plain autograd
-    with the wide maps recomputed in the backward (activation checkpointing). Inference on the
-    Triton backend (CUDA) runs one fused kernel that never builds the wide map
-    (kernels/pixel_maps_triton.py).
+    with the wide maps recomputed in the backward (activation checkpointing). Inference runs one
+    fused kernel that never builds the wide map: on the Triton backend (CUDA,
+    kernels/pixel_maps_triton.py) and on the CPU's C kernels (kernels/cpu_kernels.c).
     """
 
     _chunk_bytes = 1 << 20  # the wide map of one chunk: fits in a core's L2 cache with its temporaries
@@ -489,15 +526,15 @@ class SuperpixelInit(nn.Module):
                     or not self._plain_norm_and_act())
 
     def _fused_forward(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
-        """The fused Triton forward's result where it applies (:func:`fused_inference_kernels`, the
-        default LayerNorm and GELU, fp32 pixels or the autocast dtype's); else None."""
-        module = fused_inference_kernels(self.attn_backend, pixels, self.proj.weight)
+        """The fused forward's result where it applies (:func:`fused_inference_kernel`: the Triton
+        kernel, or the C kernel on CPU; the default LayerNorm and GELU); else None."""
+        params = self.proj.weight, self.norm.weight, self.norm.bias
+        kernel = fused_inference_kernel(self.attn_backend, 'cell_pooled_projection', pixels, *params)
+        if kernel is None or not self._plain_norm_and_act():
+            return None
         autocast = torch.is_autocast_enabled(pixels.device.type)
         round_to = torch.get_autocast_dtype(pixels.device.type) if autocast else None
-        if module is None or not self._plain_norm_and_act() or pixels.dtype not in (torch.float32, round_to):
-            return None
-        return module.cell_pooled_projection(pixels, self.proj.weight, self.norm.weight, self.norm.bias,
-                                             self.norm.eps, self.cell_size, round_to)
+        return kernel(pixels, *params, self.norm.eps, self.cell_size, round_to)
 
     def _plain_norm_and_act(self) -> bool:
         return type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.act.approximate == 'none'
