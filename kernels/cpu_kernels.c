@@ -247,15 +247,19 @@ static idx *pixel_offsets(idx w, idx n, idx cell, int image) {
    lanes past np zero; their rows in the pixel tensor go to row[]. */
 static void transpose_block(const real *X, idx origin, const idx *poff, idx np, idx d, real *restrict qt,
                             idx row[PIXEL_BLOCK]) {
-    for (idx i = 0; i < np; ++i) row[i] = origin + poff[i];
-    for (idx i = 0; i < PIXEL_BLOCK; ++i) {
-        if (i < np) {
-            const real *x = X + row[i] * d;
-            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = x[ch];
-        } else {
-            for (idx ch = 0; ch < d; ++ch) qt[ch * PIXEL_BLOCK + i] = 0;
-        }
+    const real *src[PIXEL_BLOCK];
+    for (idx i = 0; i < np; ++i) {
+        row[i] = origin + poff[i];
+        src[i] = X + row[i] * d;
     }
+    /* channel-major loops: contiguous stores, and for a full block no test per element */
+    if (np == PIXEL_BLOCK) {
+        for (idx ch = 0; ch < d; ++ch)
+            for (idx i = 0; i < PIXEL_BLOCK; ++i) qt[ch * PIXEL_BLOCK + i] = src[i][ch];
+        return;
+    }
+    for (idx ch = 0; ch < d; ++ch)
+        for (idx i = 0; i < PIXEL_BLOCK; ++i) qt[ch * PIXEL_BLOCK + i] = i < np ? src[i][ch] : 0;
 }
 
 /* L[k][i] = <rows[k], pixel i of the transposed block qt> for the 9 neighbours k (rows of missing
