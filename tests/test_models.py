@@ -609,6 +609,14 @@ def test_cpu_inference_runs_fused_kernels(monkeypatch):
     plain = model(x)
     assert not calls
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # neither for the torch backend (cell-major pixels) nor under CPU autocast (bf16 matmuls)
+    torch_backend_model = timm.create_model('spformer_tiny_sp16_224', img_size=64, attn_backend='torch').eval()
+    torch_backend_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(torch_backend_model(x), plain, rtol=1e-5, atol=1e-5)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x)
+    assert not calls
 
 
 # --- superpixels as an output ------------------------------------------------------------------
