@@ -247,11 +247,12 @@ def _conv_rescale_op(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.T
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    taps, factor_t = taps.to(dt).contiguous(), torch.triu(factor.to(dt)).t().contiguous()
+    # every tensor the kernel reads bound to a name: a temporary would be freed before the call
+    x, taps, factor_t = x.contiguous(), taps.to(dt).contiguous(), torch.triu(factor.to(dt)).t().contiguous()
     bias = None if bias is None else bias.to(dt).contiguous()
     suffix, c_real, _ = _DTYPES[dt]
     getattr(_load(dt), f'conv_rescale_fwd_{suffix}')(
-        _ptr(x.contiguous()), _ptr(taps), _ptr(bias), _ptr(factor_t), c_real(eps), _ptr(out), *_c(B, H, W, C))
+        _ptr(x), _ptr(taps), _ptr(bias), _ptr(factor_t), c_real(eps), _ptr(out), *_c(B, H, W, C))
     return out
 
 
@@ -288,10 +289,10 @@ def _cell_pooled_projection_op(x: torch.Tensor, weight: torch.Tensor, gamma: tor
     out = x.new_empty(B, H // cell, W // cell, C)
     if out.numel() == 0:
         return out
-    wt, gamma, beta = (t.to(dt).contiguous() for t in (weight.t(), gamma, beta))
+    x, wt, gamma, beta = (t.to(dt).contiguous() for t in (x, weight.t(), gamma, beta))  # named: see above
     suffix, c_real, _ = _DTYPES[dt]
     getattr(_load(dt), f'cell_pooled_projection_fwd_{suffix}')(
-        _ptr(x.contiguous()), _ptr(wt), _ptr(gamma), _ptr(beta), c_real(eps), _ptr(out), *_c(B, H, W, Cp, C, cell))
+        _ptr(x), _ptr(wt), _ptr(gamma), _ptr(beta), c_real(eps), _ptr(out), *_c(B, H, W, Cp, C, cell))
     return out
 
 

@@ -177,9 +177,9 @@ def test_compiled_library_is_cached(monkeypatch, tmp_path):
 def test_conv_rescale_matches_unfused(B, H, W, C, dtype, with_bias):
     """The fused inference pixel features of an SCA iteration (depthwise 3x3 conv plus identity, then
     z (z^T G z + eps)^-1/2 through G's triangular factor) against torch's conv2d and the explicit
-    quadratic form in float64."""
+    quadratic form in float64. The pixels are a non-contiguous view (the kernel reads a copy)."""
     torch.manual_seed(0)
-    x = torch.randn(B, H, W, C, dtype=dtype)
+    x = torch.randn(B, W, H, C, dtype=dtype).transpose(1, 2)
     weight = torch.randn(C, 1, 3, 3, dtype=dtype) * 0.3
     bias = torch.randn(C, dtype=dtype) if with_bias else None
     proj = torch.randn(3 * C, C, dtype=torch.float64)
@@ -205,9 +205,10 @@ def test_conv_rescale_matches_unfused(B, H, W, C, dtype, with_bias):
 ])
 def test_cell_pooled_projection_matches_unfused(B, h, w, cell, Cp, C, dtype):
     """The superpixel initialization for CPU inference in one pass (projection, LayerNorm, GELU and
-    cell mean without the wide map) against the unfused torch ops in float64."""
+    cell mean without the wide map) against the unfused torch ops in float64, from a non-contiguous
+    view of the pixels."""
     torch.manual_seed(0)
-    x = torch.randn(B, h * cell, w * cell, Cp, dtype=dtype)
+    x = torch.randn(B, w * cell, h * cell, Cp, dtype=dtype).transpose(1, 2)
     weight = torch.randn(C, Cp, dtype=dtype) * 0.3
     gamma, beta = 1 + 0.5 * torch.randn(C, dtype=dtype), 0.5 * torch.randn(C, dtype=dtype)
     got = cpu_backend.cell_pooled_projection(x, weight, gamma, beta, 1e-6, cell)
