@@ -540,12 +540,16 @@ def test_sca_layer_parameter_gradients_match_naive():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)
 
 
+@pytest.mark.parametrize('c_kernel', [True, False], ids=['C forward', 'chunked forward'])
 @pytest.mark.parametrize('grid,cell,chunk_bytes', [((2, 3), 4, 1 << 20), ((3, 1), 7, 1), ((1, 1), 4, 1)])
-def test_superpixel_init_chunked_matches_autograd(grid, cell, chunk_bytes, monkeypatch):
+def test_superpixel_init_chunked_matches_autograd(grid, cell, chunk_bytes, c_kernel, monkeypatch):
     """The chunked CPU superpixel init (forward and hand-written backward) equals the plain
     Linear -> LayerNorm -> GELU -> avg_pool computed by autograd, in float64, including a chunk size
-    (one cell row) that leaves a remainder."""
+    (one cell row) that leaves a remainder; its forward runs the C kernel where one is built, and
+    the chunked torch ops without it."""
     from spformer.models import spformer as spf
+    if not c_kernel:
+        monkeypatch.setattr(spf.cpu_backend, 'cell_pooled_projection', lambda *args: None)
     torch.manual_seed(0)
     init = spf.SuperpixelInit(8, 12, cell).double()
     for p in init.parameters():
@@ -588,8 +592,8 @@ def test_model_backends_agree(model_name, backend):
 
 def test_cpu_inference_runs_fused_kernels(monkeypatch):
     """CPU inference (no autograd recorded) computes every SCA iteration's pixel features and the
-    superpixel init in the one-pass C kernels; with autograd recording it takes the differentiable
-    ops, and both agree."""
+    superpixel init in the one-pass C kernels; with autograd recording the SCA takes the
+    differentiable ops, and both agree."""
     from spformer.kernels import cpu_backend
     from spformer.models.spformer import SuperpixelCrossAttention
     if not cpu_backend.available():
@@ -607,9 +611,11 @@ def test_cpu_inference_runs_fused_kernels(monkeypatch):
     assert sorted(calls) == ['cell_pooled_projection'] + ['conv_rescale'] * scas
     calls.clear()
     plain = model(x)
-    assert not calls
+    # the init's autograd Function runs the C kernel as its forward (its backward needs only the input)
+    assert calls == ['cell_pooled_projection']
+    calls.clear()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    # neither for the torch backend (cell-major pixels) nor under CPU autocast (bf16 matmuls)
+    # neither for the torch backend (pure PyTorch) nor under CPU autocast (bf16 matmuls)
     torch_backend_model = timm.create_model('spformer_tiny_sp16_224', img_size=64, attn_backend='torch').eval()
     torch_backend_model.load_state_dict(model.state_dict())
     with torch.no_grad():

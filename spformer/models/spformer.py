@@ -445,8 +445,9 @@ class PixelUpdate(nn.Module):
 
 
 class CellPooledProjection(torch.autograd.Function):
-    """``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixel rows, a few cell rows at a
-    time in the forward and in the backward (which recomputes the wide map chunk by chunk).
+    """``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixel rows: the forward is the
+    one-pass C kernel where it runs, else a few cell rows at a time, as the backward (which
+    recomputes the wide map chunk by chunk).
 
     On CPU the embed_dim-wide map is memory-bound: each pass over it costs about as much as the
     projection, so keeping the chunk in cache is ~3x faster than whole-tensor ops, and the backward
@@ -456,11 +457,15 @@ class CellPooledProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, gamma, beta, eps: float, cell: int, chunk: int):
+    def forward(ctx, rows, weight, gamma, beta, eps: float, cell: int, chunk: int, c_kernel: bool):
         ctx.save_for_backward(rows, weight, gamma, beta)
         ctx.eps, ctx.cell, ctx.chunk = eps, cell, chunk
         R, c, W, _ = rows.shape
         C = weight.shape[0]
+        # The backward recomputes from the input alone, so the forward may be the one-pass C kernel.
+        fused = cpu_backend.cell_pooled_projection(rows, weight, gamma, beta, eps, c) if c_kernel else None
+        if fused is not None:
+            return fused.view(R, W // c, C)  # from (R, 1, W / c, C)
         out = rows.new_empty(R, W // c, C)
         for start in range(0, R, chunk):
             part = rows[start:start + chunk]
@@ -495,7 +500,7 @@ class CellPooledProjection(torch.autograd.Function):
             torch.matmul(dz, weight, out=d_rows[start:start + chunk])
             d_gamma += dg
             d_beta += db
-        return d_rows, d_weight, d_gamma, d_beta, None, None, None
+        return d_rows, d_weight, d_gamma, d_beta, None, None, None, None
 
 
 class SuperpixelInit(nn.Module):
@@ -553,7 +558,7 @@ class SuperpixelInit(nn.Module):
             chunk = max(1, self._chunk_bytes // (c * W * self.proj.out_features * pixels.element_size()))
             pooled = CellPooledProjection.apply(
                 pixels.reshape(B * H // c, c, W, -1), self.proj.weight, self.norm.weight, self.norm.bias,
-                self.norm.eps, c, chunk)
+                self.norm.eps, c, chunk, self.attn_backend in ('auto', 'cpu'))
             return pooled.view(B, H // c, W // c, -1)
         if torch.is_grad_enabled() and pixels.requires_grad:
             return torch.utils.checkpoint.checkpoint(self._pooled, pixels, use_reentrant=False)
