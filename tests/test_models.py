@@ -601,7 +601,8 @@ def test_cpu_inference_runs_fused_kernels(monkeypatch):
     calls = []
     for name in ('conv_rescale', 'cell_pooled_projection'):
         kernel = getattr(cpu_backend, name)
-        monkeypatch.setattr(cpu_backend, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
+        monkeypatch.setattr(cpu_backend, name,
+                            lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     torch.manual_seed(0)
     model = timm.create_model('spformer_tiny_sp16_224', img_size=64).eval()
     x = torch.randn(2, 3, 64, 64)

@@ -262,10 +262,12 @@ def pixel_features(conv: nn.Conv2d, pixels: torch.Tensor, wc: torch.Tensor, gram
     ...)``. Inference on the CPU's C kernels (image layout) computes both in one pass over the
     pixels, ~2x faster than the convolution, product, norm and scaling passes
     (``cpu_backend.conv_rescale``)."""
-    conv_rescale = None if cells else fused_inference_kernel(
+    C = pixels.shape[-1]
+    same_3x3 = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) == (
+        (3, 3), (1, 1), (1, 1), (1, 1), C)  # what the C kernel computes
+    conv_rescale = None if cells or not same_3x3 else fused_inference_kernel(
         backend, 'conv_rescale', pixels, conv.weight, conv.bias, wc)
     if conv_rescale is not None:
-        C = pixels.shape[-1]
         taps = identity_folded_weight(conv).reshape(C, 9).t()  # (9, C), raster order of the 3x3 window
         out = conv_rescale(pixels, taps, conv.bias, gram_factor(wc, gram), eps)
         if out is not None:
