@@ -201,7 +201,6 @@ class SlicSuperpixelProbs(nn.Module):
         cell = self.cell
         f = self.features(x)  # (B, Hp, Wp, c)
         Hp, Wp, c = f.shape[1:]
-        h, w = Hp // cell, Wp // cell
         temperature = self.params()[1]
         fc = pixels_to_cells(f[:, None], cell)  # (B, h, w, n, c)
         cents = fc.mean(dim=3)  # (B, h, w, c)

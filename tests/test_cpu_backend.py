@@ -4,7 +4,10 @@ Nx1, non-square, borders), cells 1-7, 1-3 heads, d != dv, batch > 1, both pixel 
 gradcheck; and what happens without a C compiler. Each test checks that the kernels, not the
 torch backend they fall back to, ran.
 """
+import warnings
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -151,6 +154,28 @@ def test_without_a_compiler(monkeypatch, tmp_path):
     torch.testing.assert_close(out, superpixel_attention(q_s, x_p, x_p, 4, backend='torch'))
     with pytest.raises(ValueError, match="backend='cpu': the fused C kernels are unavailable"):
         superpixel_attention(q_s, x_p, x_p, 4, backend='cpu')
+
+
+def test_kernels_switched_off(monkeypatch):
+    """SPFORMER_CPU_KERNELS=0: no library is loaded and no warning given (the user asked); the model
+    then reads its pixels cell-major on the torch backend, without the inference kernels, and gives
+    the same output as with them."""
+    torch.manual_seed(0)
+    model = timm.create_model('spformer_tiny_sp16_224', img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with_kernels = model(x)
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    monkeypatch.setattr(cpu_backend, '_unavailable', None)
+    monkeypatch.setenv('SPFORMER_CPU_KERNELS', '0')
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter('always')
+        without = model(x)
+    assert not [w for w in caught if 'spformer' in str(w.message)]
+    assert not cpu_backend.available() and cpu_backend.unavailable_reason() == 'SPFORMER_CPU_KERNELS=0'
+    assert not any(cpu_backend._libraries.values())  # nothing compiled or loaded
+    assert cpu_backend.conv_rescale(torch.randn(1, 2, 2, 4), torch.randn(9, 4), None, torch.eye(4), 1e-6) is None
+    torch.testing.assert_close(without, with_kernels, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_library_is_cached(monkeypatch, tmp_path):
