@@ -12,6 +12,11 @@ warning says why). The compiled library is cached under ``$SPFORMER_CACHE_DIR`` 
 ``~/.cache/spformer``), keyed by the source, the compiler, its flags and the CPU; set
 ``SPFORMER_CPU_KERNELS=0`` to turn the kernels off. They run on torch's OpenMP threads (the
 library binds to the libgomp torch has loaded), ``torch.set_num_threads()`` of them.
+
+Besides the attention, two forward-only kernels for SPFormer's per-pixel maps, registered as custom
+ops (FLOP counting and fake tensors see them): :func:`conv_rescale` (an SCA iteration's pixel
+features) and :func:`cell_pooled_projection` (the superpixel init); the model calls them where no
+autograd graph is recorded (spformer/models/spformer.py, ``fused_inference_kernel``).
 """
 import ctypes
 import hashlib
@@ -139,9 +144,15 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _run(fn_name: str, dtype: torch.dtype, pointers, sizes, scale: float, layout):
+def _kernel(fn_name: str, dtype: torch.dtype):
+    """The compiled C function ``fn_name`` for ``dtype``, and its scalar type."""
     suffix, c_real, _ = _DTYPES[dtype]
-    getattr(_load(dtype), f'{fn_name}_{suffix}')(*pointers, *sizes, c_real(scale), *layout)
+    return getattr(_load(dtype), f'{fn_name}_{suffix}'), c_real
+
+
+def _run(fn_name: str, dtype: torch.dtype, pointers, sizes, scale: float, layout):
+    fn, c_real = _kernel(fn_name, dtype)
+    fn(*pointers, *sizes, c_real(scale), *layout)
 
 
 def _c(*ints):
@@ -250,9 +261,8 @@ def _conv_rescale_op(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.T
     # every tensor the kernel reads bound to a name: a temporary would be freed before the call
     x, taps, factor_t = x.contiguous(), taps.to(dt).contiguous(), torch.triu(factor.to(dt)).t().contiguous()
     bias = None if bias is None else bias.to(dt).contiguous()
-    suffix, c_real, _ = _DTYPES[dt]
-    getattr(_load(dt), f'conv_rescale_fwd_{suffix}')(
-        _ptr(x), _ptr(taps), _ptr(bias), _ptr(factor_t), c_real(eps), _ptr(out), *_c(B, H, W, C))
+    fn, c_real = _kernel('conv_rescale_fwd', dt)
+    fn(_ptr(x), _ptr(taps), _ptr(bias), _ptr(factor_t), c_real(eps), _ptr(out), *_c(B, H, W, C))
     return out
 
 
@@ -290,9 +300,8 @@ def _cell_pooled_projection_op(x: torch.Tensor, weight: torch.Tensor, gamma: tor
     if out.numel() == 0:
         return out
     x, wt, gamma, beta = (t.to(dt).contiguous() for t in (x, weight.t(), gamma, beta))  # named: see above
-    suffix, c_real, _ = _DTYPES[dt]
-    getattr(_load(dt), f'cell_pooled_projection_fwd_{suffix}')(
-        _ptr(x), _ptr(wt), _ptr(gamma), _ptr(beta), c_real(eps), _ptr(out), *_c(B, H, W, Cp, C, cell))
+    fn, c_real = _kernel('cell_pooled_projection_fwd', dt)
+    fn(_ptr(x), _ptr(wt), _ptr(gamma), _ptr(beta), c_real(eps), _ptr(out), *_c(B, H, W, Cp, C, cell))
     return out
 
 

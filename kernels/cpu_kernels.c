@@ -24,7 +24,11 @@
      bias                      (B, h, w, G)
      probabilities   P         (B, h, w, n, G, 9) entry [c][p][g][k]: pixel p of cell c and the
                                                   superpixel at offset k of c, head g (0 outside)
-   Neighbour k in 0..8 is the cell at offset (k / 3 - 1, k % 3 - 1). */
+   Neighbour k in 0..8 is the cell at offset (k / 3 - 1, k % 3 - 1).
+
+   At the end, two forward-only kernels of SPFormer's per-pixel maps around the attention (an SCA
+   iteration's rescaled pixel features, conv_rescale_fwd; the superpixel init,
+   cell_pooled_projection_fwd), each one pass over channels-last pixels (B, H, W, C). */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>

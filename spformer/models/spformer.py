@@ -230,7 +230,7 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     factor = gram_factor(wc, gram) if x.device.type == 'cpu' else None
     # image layout is the cell-major one of cells of one pixel
     group = cell if cells else 1
-    if torch.is_grad_enabled() and (x.requires_grad or gram.requires_grad):
+    if _records_autograd(x, gram):
         out = _RescaleByProjectionStd.apply(x, gram, factor, eps, group)
     else:
         out = _scaled_cells(x, _projection_rstd(x, gram, factor, eps), group)
