@@ -19,7 +19,8 @@ Everything goes under ``--output`` (default ``out/<model>``):
     checkpoints/step_N/   Accelerate state after N optimizer updates (model, optimizer, scaler, RNG) plus
                           the lr scheduler, EMA and the position in the data; the last --keep-checkpoints
     final/                config.json + model.safetensors (timm save_for_hf layout), model_ema.safetensors,
-                          train_config.yaml, results.json (final validation top-1/top-5)
+                          train_config.yaml, results.json (final validation of both weights, top-5 only
+                          with more than 5 classes, and which of the two validated better: selected_weights)
     training_curves.png   loss, lr and validation accuracy (needs matplotlib)
 
 Exact resumption: the order of the samples depends only on (--seed, epoch) and the augmentation of a
@@ -58,12 +59,15 @@ from tqdm.auto import tqdm
 import timm
 from timm.data import Mixup, create_transform, resolve_model_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import save_for_hf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import spformer  # noqa: F401  (registers the spformer_* models with timm)
+from spformer.hub.card import resolve_datasets
+from spformer.hub.checkpoint import ModelReferenceError, choose_weights, load_model, weights_source
+from spformer.hub.publish import clean_state_dict, save_config
+from spformer.kernels.functional import BACKENDS
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -76,6 +80,12 @@ class ConfigError(ValueError):
 # Arguments: flags, optionally a YAML file of defaults (--config), then checks of the combination.
 # ----------------------------------------------------------------------------------------------------------
 
+def default_workers() -> int:
+    """min(8, the CPUs this process may run on): more loader processes than CPUs only compete for them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return min(8, cpus or 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description='Train or fine-tune SPFormer (any timm model) with Accelerate and the DeiT recipe.',
@@ -86,27 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data-dir', default=None, help='ImageFolder root with <train-split>/ and <val-split>/ class folders')
     g.add_argument('--hf-dataset', default=None, help='Hugging Face dataset name or local path (load_dataset)')
     g.add_argument('--hf-config', default=None, help='dataset configuration name of --hf-dataset')
-    g.add_argument('--train-split', default='train')
-    g.add_argument('--val-split', default=None, help="default: 'val' for --data-dir, 'validation' for --hf-dataset")
-    g.add_argument('--image-column', default='image')
-    g.add_argument('--label-column', default='label')
+    g.add_argument('--train-split', default='train', help='training split: folder of --data-dir, split of --hf-dataset')
+    g.add_argument('--val-split', default=None,
+                   help="validation split; None: 'val' for --data-dir, 'validation' for --hf-dataset")
+    g.add_argument('--image-column', default='image', help='image column of --hf-dataset')
+    g.add_argument('--label-column', default='label', help='integer (ClassLabel) label column of --hf-dataset')
     g.add_argument('--streaming', action='store_true', help='stream the training split of --hf-dataset')
     g.add_argument('--train-samples', type=int, default=None,
                    help='training split size, needed with --streaming when the dataset does not record it')
     g.add_argument('--shuffle-buffer', type=int, default=10000, help='shuffle buffer of --streaming')
-    g.add_argument('--workers', type=int, default=8, help='data loader processes per training process')
+    g.add_argument('--workers', type=int, default=default_workers(),
+                   help='data loader processes per training process: min(8, CPUs available) unless set')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='spformer_small_sp16_224', help="timm model name or 'hf-hub:ORG/NAME'")
-    g.add_argument('--pretrained', action='store_true', help='start from the registered (or hf-hub:) weights')
-    g.add_argument('--initial-checkpoint', default=None, help='start from a local .safetensors file')
-    g.add_argument('--num-classes', type=int, default=None, help='default: number of classes in the data')
-    g.add_argument('--img-size', type=int, default=None, help="default: the model's input size")
+    g.add_argument('--model', default='spformer_small_sp16_224',
+                   help="timm model name, 'hf-hub:ORG/NAME' or 'local-dir:FOLDER' (a training output folder)")
+    g.add_argument('--pretrained', action='store_true',
+                   help="start from --model's weights: published ones, an hf-hub: repo's, or a training folder's "
+                        "(its better-validating weights)")
+    g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
+                   help="start from your own weights: a .safetensors file of --model, or a training output folder "
+                        "(e.g. out/run/final: its better-validating weights); the head is kept when it has "
+                        "--num-classes rows, else re-initialised")
+    g.add_argument('--num-classes', type=int, default=None, help='classifier outputs; None: the classes in the data')
+    g.add_argument('--img-size', type=int, default=None, help="input size; None: the model's")
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
-    g.add_argument('--attn-backend', default=None, choices=['auto', 'torch', 'triton', 'reference'],
-                   help='local attention backend of spformer models (default: the model default, auto)')
-    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--attn-backend', default=None, choices=BACKENDS,
+                   help="local attention backend of spformer models; None: the model's, auto (Triton on CUDA, "
+                        'the fused C kernels on CPU)')
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute activations in the backward pass (less memory, more time)')
 
     g = p.add_argument_group('augmentation (timm create_transform, Mixup)')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="auto-augment policy, 'none' to disable")
@@ -116,48 +136,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--recount', type=int, default=1, help='random erasing count')
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random resized crop scale')
     g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random resized crop ratio')
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--interpolation', default='bicubic')
-    g.add_argument('--crop-pct', type=float, default=None, help="validation center crop, default: the model's")
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--interpolation', default='bicubic', help='resize interpolation of training and validation')
+    g.add_argument('--crop-pct', type=float, default=None, help="validation center crop fraction; None: the model's")
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 disables')
     g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 disables')
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of CutMix instead of Mixup')
+    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'],
+                   help='mix parameters drawn per batch, per pair or per element')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
 
     g = p.add_argument_group('optimizer and schedule (timm create_optimizer_v2, create_scheduler_v2)')
-    g.add_argument('--opt', default='adamw')
-    g.add_argument('--lr', type=float, default=None, help='absolute lr; default: lr-base x global batch / lr-base-size')
-    g.add_argument('--lr-base', type=float, default=5e-4)
-    g.add_argument('--lr-base-size', type=int, default=512)
-    g.add_argument('--weight-decay', type=float, default=0.05)
-    g.add_argument('--opt-eps', type=float, default=1e-8)
-    g.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999])
+    g.add_argument('--opt', default='adamw', help='timm optimizer name')
+    g.add_argument('--lr', type=float, default=None, help='absolute lr; None: lr-base x global batch / lr-base-size')
+    g.add_argument('--lr-base', type=float, default=5e-4, help='lr of a global batch of --lr-base-size')
+    g.add_argument('--lr-base-size', type=int, default=512, help='global batch size that --lr-base is given for')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='(timm exempts biases and norm weights)')
+    g.add_argument('--opt-eps', type=float, default=1e-8, help='optimizer epsilon')
+    g.add_argument('--opt-betas', type=float, nargs=2, default=[0.9, 0.999], help='(Adam-like optimizers)')
     g.add_argument('--momentum', type=float, default=0.9, help='(SGD-like optimizers)')
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay, e.g. 0.65 to fine-tune')
     g.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--sched', default='cosine')
-    g.add_argument('--warmup-epochs', type=float, default=5)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--epochs', type=int, default=300, help='length of training (and of the lr schedule)')
+    g.add_argument('--sched', default='cosine', help='timm lr schedule, stepped per optimizer update')
+    g.add_argument('--warmup-epochs', type=float, default=5, help='linear lr warm-up (fractions allowed)')
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='lr at the start of the warm-up')
+    g.add_argument('--min-lr', type=float, default=1e-5, help='lr at the end of the schedule')
     g.add_argument('--batch-size', type=int, default=128, help='per process (and per accumulation step)')
-    g.add_argument('--eval-batch-size', type=int, default=None, help='per process, default: --batch-size')
-    g.add_argument('--grad-accum-steps', type=int, default=1)
-    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument('--model-ema-decay', type=float, default=0.99996)
-    g.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up (ModelEmaV3 use_warmup)')
-    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--eval-batch-size', type=int, default=None, help='per process; None: --batch-size')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='batches per optimizer update')
+    g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
+                   help='keep an EMA of the weights (ModelEmaV3), validated and saved next to them')
+    g.add_argument('--model-ema-decay', type=float, default=0.99996, help='EMA decay per optimizer update')
+    # Without the warm-up the EMA of a short run (a fine-tune of a few thousand updates) barely leaves the
+    # weights of its first update. With it the decay after t updates is min(decay, 1 - (1 + t) ** (-2/3)):
+    # 0.999 after 31.6k updates, 0.9999 after 1M; a 300-epoch ImageNet run at global batch 1024 ends near 0.9998.
+    g.add_argument('--model-ema-warmup', action=argparse.BooleanOptionalAction, default=True,
+                   help='ramp the EMA decay up: min(decay, 1 - (1 + updates)^(-2/3)) (ModelEmaV3 use_warmup)')
+    g.add_argument('--seed', type=int, default=42, help='data order, augmentation and initial weights')
 
     g = p.add_argument_group('accelerate')
     g.add_argument('--mixed-precision', default=None, choices=['no', 'fp16', 'bf16'],
-                   help='default: what `accelerate launch`/`accelerate config` says, else no')
+                   help='None: what `accelerate launch`/`accelerate config` says, else no')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (TorchDynamoPlugin)')
     g.add_argument('--compile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
 
     g = p.add_argument_group('outputs')
-    g.add_argument('--output', default=None, help='output folder, default: out/<model>')
+    g.add_argument('--output', default=None, help='output folder; None: out/<model>')
     g.add_argument('--checkpoint-every', type=int, default=1000, help='also checkpoint every N updates (0: epochs only)')
     g.add_argument('--keep-checkpoints', type=int, default=3, help='keep the last K checkpoints (0: all)')
     g.add_argument('--resume', default=None, help="checkpoint folder, or 'latest' in <output>/checkpoints")
@@ -167,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-with', default=None, help="Accelerate tracker, e.g. 'tensorboard'")
     g.add_argument('--no-plot', action='store_true', help='skip training_curves.png')
     g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
-    g.add_argument('--hub-private', action='store_true')
+    g.add_argument('--hub-private', action='store_true', help='create the --push-to-hub repo private')
     return p
 
 
@@ -219,9 +245,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f'--model-ema-decay: got {args.model_ema_decay}; expected a value in [0, 1)')
     if args.pretrained and args.initial_checkpoint:
         raise ConfigError('--pretrained / --initial-checkpoint: got both; expected one source of initial weights')
-    if args.initial_checkpoint is not None and not Path(args.initial_checkpoint).is_file():
-        raise ConfigError(f'--initial-checkpoint: {args.initial_checkpoint!r} is not a file; '
-                          'expected a .safetensors file of model weights')
+    if args.initial_checkpoint is not None and not Path(args.initial_checkpoint).exists():
+        raise ConfigError(f'--initial-checkpoint: {args.initial_checkpoint!r} does not exist; '
+                          'expected a .safetensors file of model weights or a training output folder')
     if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f'--batch-size: got {args.batch_size} per process; Mixup/CutMix (--mixup {args.mixup}, '
                           f'--cutmix {args.cutmix}) pair up the samples of a batch and need an even per-process '
@@ -236,6 +262,26 @@ def check_args(args: argparse.Namespace) -> None:
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0
+
+
+def initial_weights(args) -> Optional[Tuple[str, str]]:
+    """(model reference, the flag it comes from) of the weights to start from, or None for a random init.
+    Checked before any data is read: --pretrained on a model without published weights names the flags to
+    pass instead (the model's own error gives Python calls, which a user of this script cannot type)."""
+    if args.initial_checkpoint:
+        path = args.initial_checkpoint
+        if Path(path).is_file() and timm.is_model(args.model):
+            return f'{args.model}={path}', '--initial-checkpoint'
+        return path, '--initial-checkpoint'
+    if not args.pretrained:
+        return None
+    if not args.model.startswith(('hf-hub:', 'local-dir:')) and \
+            weights_source(timm.models.get_pretrained_cfg(args.model)) is None:
+        raise ConfigError(
+            f'--pretrained: no weights are published for --model {args.model}; expected --initial-checkpoint '
+            'FILE.safetensors (or a training output folder) to start from weights of your own, --model '
+            'hf-hub:ORG/NAME --pretrained for weights pushed to the Hub, or no --pretrained for a random init')
+    return args.model, '--model'
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,7 +570,8 @@ def resolve_resume(resume: str, output: Path) -> Optional[Path]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> Dict[str, float]:
-    """Top-1/top-5 (percent) and loss over the whole validation set, gathered across processes."""
+    """Top-1 (percent), loss and, with more than 5 classes, top-5 over the whole validation set, gathered
+    across processes. With 5 classes or fewer top-5 would count every prediction as a hit: it is left out."""
     model.eval()
     k = min(5, num_classes)
     correct1 = correct5 = loss_sum = count = 0.
@@ -539,7 +586,10 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> Dict[st
         correct5 += hits.any(dim=1).sum().item()
         loss_sum += losses.sum().item()
         count += labels.numel()
-    return dict(top1=100. * correct1 / count, top5=100. * correct5 / count, loss=loss_sum / count, samples=int(count))
+    results = dict(top1=100. * correct1 / count)
+    if num_classes > 5:
+        results['top5'] = 100. * correct5 / count
+    return dict(results, loss=loss_sum / count, samples=int(count))
 
 
 class MetricsLog:
@@ -562,6 +612,11 @@ class MetricsLog:
     @staticmethod
     def read(path: Path) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accuracy_text(results: Dict[str, Any], suffix: str = '') -> str:
+    """'top-1 T1  top-5 T5' of validation results (top-5 only where evaluate reports it)."""
+    return '  '.join(f'top-{k} {results[f"top{k}{suffix}"]:.2f}' for k in (1, 5) if f'top{k}{suffix}' in results)
 
 
 def plot_curves(metrics: Path, out: Path) -> None:
@@ -590,22 +645,24 @@ def plot_curves(metrics: Path, out: Path) -> None:
 def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3], folder: Path,
                  class_names: List[str], data_config: Dict[str, Any], config_text: str,
                  results: Dict[str, Any]) -> None:
-    """final/: config.json + model.safetensors (timm save_for_hf), model_ema.safetensors, config, results."""
+    """final/: config.json + model.safetensors (timm's save_for_hf layout), model_ema.safetensors, config, results.
+    The config is spformer.hub's (save_config): no run-time arguments, and no pretrained tag that the data does
+    not earn (``in1k`` only for 1000 classes of ImageNet-1k)."""
     import safetensors.torch
     if not accelerator.is_main_process:
         return
     tmp = folder.with_name(folder.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    # attn_backend picks a kernel at run time; it is not part of the architecture a loader must rebuild.
-    getattr(unwrapped, '_model_args', {}).pop('attn_backend', None)
     label_names = list(class_names) if len(class_names) == unwrapped.num_classes else None
-    model_config = dict(label_names=label_names) if label_names else None
     export_data_config = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
-    save_for_hf(unwrapped, tmp, model_config=model_config, safe_serialization=True, data_config=export_data_config)
-    if model_ema is not None:
-        state = {k: v.detach().contiguous() for k, v in model_ema.module.state_dict().items()}
-        safetensors.torch.save_file(state, str(tmp / 'model_ema.safetensors'))
+    datasets = resolve_datasets(None, yaml.safe_load(config_text), unwrapped.num_classes)
+    for name, module in (('model.safetensors', unwrapped), ('model_ema.safetensors', model_ema and model_ema.module)):
+        if module is not None:
+            safetensors.torch.save_file(clean_state_dict(module.state_dict()), str(tmp / name), metadata={'format': 'pt'})
+    save_config(unwrapped, tmp / 'config.json', label_names=label_names, datasets=datasets,
+                data_config=export_data_config)
     (tmp / 'train_config.yaml').write_text(config_text)
     (tmp / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
     fsync_tree(tmp)
@@ -644,8 +701,9 @@ def train(args: argparse.Namespace) -> int:
         try:
             from spformer.hub import push_to_hub
         except ImportError as e:
-            raise ConfigError(f'--push-to-hub: got {args.push_to_hub!r} but spformer.hub.push_to_hub is not '
-                              f'available in this install ({e}); expected the Hub tools of issue 5') from e
+            raise ConfigError(f'--push-to-hub: got {args.push_to_hub!r} but spformer.hub.push_to_hub cannot be '
+                              f'imported ({e}); expected a complete install of spformer (pip install spformer)') from e
+    start = initial_weights(args)  # before reading any data: a bad --pretrained fails at once
     resume_from = resolve_resume(args.resume, output) if args.resume else None
     if resume_from is None and list_checkpoints(output / 'checkpoints'):
         raise ConfigError(f'--output: {str(output)!r} already holds checkpoints of an earlier run; expected '
@@ -689,15 +747,20 @@ def train(args: argparse.Namespace) -> int:
         model_kwargs['img_size'] = args.img_size
     if args.attn_backend is not None:
         model_kwargs['attn_backend'] = args.attn_backend
-    pretrained, overlay = args.pretrained, None
-    if args.initial_checkpoint:
-        from safetensors import safe_open
-        with safe_open(args.initial_checkpoint, 'pt') as f:  # keep its classifier if it has num_classes rows
-            heads = [k for k in f.keys() if re.sub(r'^(module\.|_orig_mod\.)+', '', k) == 'head.weight']
-            head = f.get_slice(heads[0]).get_shape()[0] if heads else num_classes
-        pretrained, overlay = True, dict(file=str(Path(args.initial_checkpoint).resolve()), num_classes=head)
+    # Initial weights through the loader every spformer tool uses (spformer.hub.load_model): a file keeps its
+    # head when it has num_classes rows (else the head is re-initialised), and its position embeddings are
+    # resampled to --img-size.
     try:
-        model = timm.create_model(args.model, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
+        if start is None:
+            model = timm.create_model(args.model, **model_kwargs)
+        else:
+            loaded = load_model(start[0], argument=start[1], require_weights=True, seed=None,
+                                model_name=None if args.model.startswith(('hf-hub:', 'local-dir:')) else args.model,
+                                **model_kwargs)
+            model = loaded.model
+            accelerator.print(f'initial weights: {loaded.weights}')
+    except ModelReferenceError as e:
+        raise ConfigError(str(e)) from e
     except ValueError as e:
         if 'img_size' in str(e):
             raise ConfigError(f'--img-size: got {args.img_size}; {e}') from e
@@ -895,10 +958,8 @@ def train(args: argparse.Namespace) -> int:
             ema_results = evaluate(model_ema.module, val_loader, accelerator, num_classes)
             val_results.update({f'{k}_ema': v for k, v in ema_results.items() if k != 'samples'})
         metrics.log(dict(kind='val', epoch=epoch + 1, update=state.update, **val_results))
-        accelerator.print(f'epoch {epoch + 1}/{num_epochs}: val top-1 {val_results["top1"]:.2f}  '
-                          f'top-5 {val_results["top5"]:.2f}' + (
-                              f'  (EMA top-1 {val_results["top1_ema"]:.2f}  top-5 {val_results["top5_ema"]:.2f})'
-                              if model_ema is not None else ''))
+        accelerator.print(f'epoch {epoch + 1}/{num_epochs}: val {accuracy_text(val_results)}' + (
+            f'  (EMA {accuracy_text(val_results, "_ema")})' if model_ema is not None else ''))
         save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text)
         if args.stop_after_steps is not None and state.update >= args.stop_after_steps and epoch + 1 < num_epochs:
             stopped = True
@@ -922,6 +983,10 @@ def train(args: argparse.Namespace) -> int:
             ema_results = evaluate(model_ema.module, val_loader, accelerator, num_classes)
             val_results.update({f'{k}_ema': v for k, v in ema_results.items() if k != 'samples'})
     results = {k: v for k, v in val_results.items() if not k.startswith('samples')}
+    # final/ keeps both weight files; results.json says which validated better, for whoever loads them.
+    choice = choose_weights(val_results)
+    if choice is not None:
+        results.update(selected_weights='ema' if choice.ema else 'model', selection_reason=choice.reason)
     final = output / 'final'
     export_final(accelerator, model, model_ema, final, class_names, data_config, config_text, results)
     if test_dump and accelerator.is_main_process:
@@ -936,6 +1001,8 @@ def train(args: argparse.Namespace) -> int:
             plot_curves(metrics.path, output / 'training_curves.png')
         accelerator.print(f'final weights and results in {final}: ' + json.dumps(
             {k: round(v, 3) for k, v in results.items() if isinstance(v, float)}))
+        if choice is not None:
+            accelerator.print(f'final weights to use: {final / choice.file_name} ({choice.label}): {choice.reason}')
         if push_to_hub is not None:
             push_to_hub(str(final), args.push_to_hub, private=args.hub_private)
             accelerator.print(f'pushed {final} to https://huggingface.co/{args.push_to_hub}')

@@ -5,13 +5,12 @@
     python bench/model_table.py --models spformer_tiny_sp16_224 --runs 3
 
 Per model: token grid, parameters, GMACs (batch 1, default input size; FLOPs / 2 from
-``torch.utils.flop_counter`` with the math SDPA backend so attention is counted, as in
-DESIGN.md 1.1) and CPU inference throughput (``--batch-size`` images, eval,
+``torch.utils.flop_counter`` with the math SDPA backend so attention is counted) and CPU inference throughput (``--batch-size`` images, eval,
 ``torch.inference_mode``, ``--warmup`` untimed runs per model, then up to ``--runs`` timed
 runs taken in rounds over all models, fewer once ``--budget-s`` is spent; the fastest run and
 the median run are reported: on a shared machine the fastest is the one that estimates idle speed).
-The paper's GFLOPs and top-1 are copied from DESIGN.md 1.1 for reference, not measured (the
-hierarchical variants, DESIGN.md 2, have no published numbers).
+The paper's GFLOPs and top-1 are copied from the SPFormer and DeiT papers for reference, not measured
+(the hierarchical variants, docs/design.md §2, have no published numbers).
 """
 import argparse
 import datetime
@@ -27,7 +26,8 @@ from typing import Dict, List, Optional
 import torch
 import timm
 
-from spformer.demo import count_macs, published_weights
+from spformer.demo import count_macs
+from spformer.hub.checkpoint import weights_source
 
 START = '<!-- model-table:start -->'
 END = '<!-- model-table:end -->'
@@ -35,7 +35,7 @@ END = '<!-- model-table:end -->'
 BASELINES = ['deit_tiny_patch16_224', 'deit_small_patch16_224']
 REFERENCE = 'deit_small_patch16_224'  # the speed column is relative to this model
 
-# (GFLOPs, ImageNet-1k top-1) as published: SPFormer paper (DESIGN.md 1.1), DeiT paper.
+# (GFLOPs, ImageNet-1k top-1) as published: SPFormer paper (arXiv 2401.02931), DeiT paper.
 PAPER = {
     'spformer_tiny_sp16_224': ('1.3', '73.6'),
     'spformer_small_sp16_224': ('4.9', '81.0'),
@@ -98,7 +98,7 @@ def describe(name: str) -> Dict:
         input_size=input_size,
         params=sum(p.numel() for p in model.parameters()),
         macs=macs,
-        weights=published_weights(model.pretrained_cfg),
+        weights=weights_source(model.pretrained_cfg),
         times=[],
     )
 
@@ -204,7 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         '- GMACs: batch 1 at the default input size, `torch.utils.flop_counter` FLOPs / 2 with the math '
         'SDPA backend so attention is counted; the local pixel/superpixel attention ops '
         '(`torch.ops.spformer.*`) register their own formula. These are the MACs this implementation '
-        'executes: its SCA never builds the pixel q|k|v (DESIGN.md 1.5), which the paper\'s structure '
+        'executes: its SCA never builds the pixel q|k|v ([design §1.5](docs/design.md#15-the-projection-free-sca)), '
+        'which the paper\'s structure '
         'computes for the same result.',
         f'- CPU img/s: batch {args.batch_size}, eval, `torch.inference_mode`, random weights (speed does not '
         f'depend on them); {args.warmup} warm-up, then {len(rows[0]["times"])} timed runs taken in rounds '

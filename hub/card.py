@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import yaml
 
-__all__ = ['model_card', 'save_superpixel_picture', 'resolve_datasets', 'split_metrics', 'PICTURE_NAME']
+__all__ = ['model_card', 'save_superpixel_picture', 'resolve_datasets', 'split_metrics', 'public_train_config',
+           'PICTURE_NAME']
 
 PICTURE_NAME = 'superpixels.png'
 TAGS = ('image-classification', 'timm', 'spformer')
@@ -34,10 +35,37 @@ _DATASET_IDS = {
     'imagenet-21k': 'imagenet-21k', 'in21k': 'imagenet-21k', 'imagenet-22k': 'imagenet-21k',
 }
 _METRIC_NAMES = {'top1': ('accuracy', 'Top-1 accuracy'), 'top5': ('top_5_accuracy', 'Top-5 accuracy')}
+# Class counts of the Hub datasets a local folder's name may stand for: a folder named `imagenet` is
+# ImageNet-1k only if the model has its 1000 classes (a 3-class subset in /data/imagenet is not).
+_DATASET_CLASSES = {'imagenet-1k': 1000, 'imagenet-21k': None}
+# Training-config keys that hold local paths: never published (they name the publisher's disks).
+_LOCAL_PATH_KEYS = ('data_dir', 'output', 'config', 'initial_checkpoint', 'resume')
 
 
-def resolve_datasets(datasets: Union[str, Sequence[str], None], train_config: Optional[Mapping[str, Any]]) -> List[str]:
-    """Hub dataset ids: ``datasets`` if given, else the training configuration's dataset, else none."""
+def _is_local_path(value: str) -> bool:
+    return value.startswith(('/', './', '../', '~')) or (len(value) > 2 and value[1:3] in (':\\', ':/'))
+
+
+def public_train_config(train_config: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The training configuration without what names the publisher's disks (data folder, output folder,
+    config file, initial checkpoint, resume folder, a local ``hf_dataset`` path)."""
+    if train_config is None:
+        return None
+    out = {}
+    for key, value in train_config.items():
+        if key in _LOCAL_PATH_KEYS or (isinstance(value, str) and _is_local_path(value)):
+            continue
+        out[key] = value
+    return out
+
+
+def resolve_datasets(datasets: Union[str, Sequence[str], None], train_config: Optional[Mapping[str, Any]],
+                     num_classes: Optional[int] = None) -> List[str]:
+    """Hub dataset ids: ``datasets`` if given, else the training configuration's Hub dataset, else none.
+
+    A local folder counts only when its name is a known dataset's and the class count agrees
+    (``/data/imagenet`` with 1000 classes is ImageNet-1k; with 3 it is a folder of the publisher's).
+    """
     if datasets is not None:
         datasets = [datasets] if isinstance(datasets, str) else list(datasets)
         if not all(isinstance(d, str) and d for d in datasets):
@@ -50,20 +78,28 @@ def resolve_datasets(datasets: Union[str, Sequence[str], None], train_config: Op
             for prefix in ('hfds/', 'hfids/', 'hf-hub:', 'torch/', 'tfds/', 'wds/'):
                 if name.lower().startswith(prefix):
                     name = name[len(prefix):]
-            if name.lower() in _DATASET_IDS:
-                return [_DATASET_IDS[name.lower()]]
-            if key == 'data_dir' or name.startswith(('/', '.', '~')):  # a local folder, e.g. /data/imagenet
-                base = pathlib.PurePath(name).name.lower()
-                return [_DATASET_IDS[base]] if base in _DATASET_IDS else []
-            return [name]  # a Hub dataset id
+            local = key == 'data_dir' or _is_local_path(name)
+            known = _DATASET_IDS.get((pathlib.PurePath(name).name if local else name).lower())
+            if known is not None:
+                expected = _DATASET_CLASSES.get(known) if local else None
+                return [known] if expected is None or num_classes in (None, expected) else []
+            return [] if local else [name]  # a Hub dataset id
     return []
 
 
-def split_metrics(metrics: Optional[Mapping[str, Any]], ema: bool) -> Dict[str, float]:
-    """The numeric results of the published weights: ``top1_ema`` -> ``top1`` for EMA weights, else the plain keys."""
+def _meaningful(key: str, num_classes: Optional[int]) -> bool:
+    """Top-5 says nothing with 5 classes or fewer (it is 100% by construction)."""
+    return not (key.startswith('top5') and num_classes is not None and num_classes <= 5)
+
+
+def split_metrics(metrics: Optional[Mapping[str, Any]], ema: bool, num_classes: Optional[int] = None) -> Dict[str, float]:
+    """The numeric results of the published weights: ``top1_ema`` -> ``top1`` for EMA weights, else the plain keys
+    (top-5 left out for 5 classes or fewer)."""
     out = {}
     for key, value in (metrics or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        if not _meaningful(key, num_classes):
             continue
         if ema and key.endswith('_ema'):
             out[key[:-len('_ema')]] = value
@@ -106,6 +142,7 @@ def model_card(
         train_config: Optional[Mapping[str, Any]] = None,
         metrics: Optional[Mapping[str, Any]] = None,
         ema: bool = False,
+        weights_note: Optional[str] = None,
         revision: Optional[str] = None,
         picture: Optional[str] = PICTURE_NAME,
         picture_image: str = "scikit-image's astronaut",
@@ -120,6 +157,7 @@ def model_card(
         train_config: The effective training configuration, shown as YAML.
         metrics: Evaluation results (e.g. ``results.json``); ``*_ema`` keys belong to the EMA weights.
         ema: The published weights are the EMA weights.
+        weights_note: Why these weights were published rather than the others of their run.
         revision: Branch the weights are pushed to (the usage block pins it).
         picture: File name of the superpixel picture in the repo, or None.
         picture_image: What the picture shows.
@@ -127,6 +165,10 @@ def model_card(
     arch = config['architecture']
     pcfg = config.get('pretrained_cfg', {})
     size = pcfg.get('input_size', (3, 224, 224))
+    num_classes = config.get('num_classes')
+    metrics = {k: v for k, v in (metrics or {}).items() if _meaningful(k, num_classes)} if metrics else metrics
+    local_data = bool((train_config or {}).get('data_dir'))
+    train_config = public_train_config(train_config)
     results = split_metrics(metrics, ema)
     repo_name = repo_id.split('/')[-1]
     hub_id = f'hf-hub:{repo_id}' + (f'@{revision}' if revision and revision != 'main' else '')
@@ -138,7 +180,10 @@ def model_card(
         f'that follow object boundaries ([paper]({PAPER})), implemented in the `spformer` library for timm.',
         '',
     ]
-    if ema:
+    if weights_note:
+        lines += [f'These are the {"exponential-moving-average (EMA)" if ema else "model (not the EMA)"} weights of '
+                  f'the training run: {weights_note[0].lower() + weights_note[1:]}.', '']
+    elif ema:
         lines += ['These are the exponential-moving-average (EMA) weights of the training run.', '']
     if not train_config and not metrics:
         lines += ['No training configuration or evaluation results came with these weights.', '']
@@ -152,7 +197,8 @@ def model_card(
         ('Parameters (M)', f'{num_params / 1e6:.2f}'),
         ('Image size', f'{size[1]} x {size[2]}'),
         ('Classes', str(config.get('num_classes'))),
-        ('Dataset', ', '.join(datasets) if datasets else 'not recorded'),
+        ('Dataset', ', '.join(datasets) if datasets else 'a local image folder, not on the Hub' if local_data
+         else 'not recorded'),
         ('Weights', 'EMA' if ema else 'model'),
         ('Paper', f'[SPFormer: Enhancing Vision Transformer with Superpixel Representation]({PAPER})'),
     ]
@@ -167,15 +213,21 @@ def model_card(
         'from PIL import Image',
         '',
         f"model = timm.create_model('{hub_id}', pretrained=True).eval()",
-        'config = timm.data.resolve_model_data_config(model)',
+        f'config = timm.data.resolve_model_data_config(model)   # {size[1]}x{size[2]} input, as trained',
         'transform = timm.data.create_transform(**config, is_training=False)',
         "x = transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0)",
         'with torch.inference_mode():',
-        '    probs = model(x).softmax(-1)                 # class probabilities',
+        f'    probs = model(x).softmax(-1)[0]              # {num_classes} class probabilities',
         '    superpixels = model.forward_superpixels(x)   # per stage: labels, association, grid',
-        '```',
-        '',
     ]
+    if num_classes:
+        named = bool(pcfg.get('label_names') or config.get('label_names'))
+        lines += (["labels = model.pretrained_cfg['label_names']"] if named else []) + [
+            f'top = probs.topk({min(5, num_classes)})',
+            'for p, i in zip(top.values.tolist(), top.indices.tolist()):',
+            "    print(f'{labels[i]}: {p:.1%}')" if named else "    print(f'class {i}: {p:.1%}')",
+        ]
+    lines += ['```', '']
     if metrics:
         lines += ['## Evaluation results', '']
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -211,7 +263,8 @@ def _plain(value):
     return str(value)
 
 
-def _load_image(image) -> 'PIL.Image.Image':
+def _load_image(image):
+    """The sample image as an RGB PIL image."""
     from PIL import Image
     if image is None:
         from skimage.data import astronaut

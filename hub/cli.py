@@ -1,15 +1,17 @@
 """spformer-hub: publish SPFormer weights to the Hugging Face Hub, and fetch them.
 
-    spformer-hub push OUTPUT_FOLDER --repo-id ORG/NAME [--private] [--revision R] [--no-ema]
+    spformer-hub push OUTPUT_FOLDER --repo-id ORG/NAME [--private] [--revision R] [--weights {best,model,ema}]
     spformer-hub push model.safetensors --model spformer_tiny_sp16_224 --repo-id ORG/NAME
     spformer-hub export OUTPUT_FOLDER OUT_DIR           # the folder push would commit, without pushing
     spformer-hub download ORG/NAME [--revision R]       # into the Hub cache; prints the snapshot path
     python -m spformer.hub.cli --help
 
 A training output folder holds ``config.json`` + ``model.safetensors`` (timm ``save_for_hf``), and
-optionally ``model_ema.safetensors`` (pushed instead, unless ``--no-ema``), ``train_config.yaml`` and
-``results.json`` (both go into the model card). The token is ``--token``, else ``HF_TOKEN`` or the
-one saved by ``hf auth login``.
+optionally ``model_ema.safetensors``, ``train_config.yaml`` and ``results.json`` (both go into the
+model card, without local paths). Of the weights and their EMA, the one that validated better
+(``results.json``) is published, and the command and the card say which and why; ``--weights model``
+or ``--weights ema`` choose. The token is ``--token``, else ``HF_TOKEN`` or the one saved by
+``hf auth login``.
 """
 import argparse
 import json
@@ -43,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument('checkpoint', help='training output folder, or one .safetensors file (with --model)')
         q.add_argument('--model', default=None, help='SPFormer variant of a .safetensors file (for a folder: '
                                                      'the variant its config.json must name)')
-        q.add_argument('--no-ema', action='store_true', help='publish model.safetensors even if the folder has '
-                                                             'model_ema.safetensors')
+        q.add_argument('--weights', choices=['best', 'model', 'ema'], default='best',
+                       help="for a training folder: 'best' publishes the better-validating of model.safetensors and "
+                            "model_ema.safetensors (results.json), 'model' or 'ema' that file (default: best)")
+        q.add_argument('--no-ema', dest='weights', action='store_const', const='model',
+                       help='the same as --weights model')
         q.add_argument('--label-names', default=None, metavar='FILE',
                        help='class names: a JSON list or one name per line')
         q.add_argument('--dataset', action='append', default=None, metavar='ID',
@@ -74,23 +79,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint_folder
     from .publish import PUBLISHED_FILES, _load_source, push_to_hub, save_pretrained
 
     if args.command == 'push':
+        ema = None if args.weights == 'best' else args.weights == 'ema'
+        if pathlib.Path(args.checkpoint).is_dir():  # say which weights go out before the upload starts
+            choice = read_checkpoint_folder(args.checkpoint).choose(ema)
+            print(f'weights : {pathlib.Path(args.checkpoint) / choice.file_name}: {choice.reason}')
         url = push_to_hub(
             args.checkpoint, args.repo_id, private=args.private, revision=args.revision, token=args.token,
             commit_message=args.commit_message, label_names=_label_names(args.label_names),
-            use_ema=not args.no_ema, model_name=args.model, datasets=args.dataset, sample_image=args.sample_image)
+            ema=ema, model_name=args.model, datasets=args.dataset, sample_image=args.sample_image)
         print(url)
         return 0
     if args.command == 'export':
-        model, found = _load_source(args.checkpoint, use_ema=not args.no_ema, model_name=args.model)
+        ema = None if args.weights == 'best' else args.weights == 'ema'
+        model, found = _load_source(args.checkpoint, ema=ema, model_name=args.model)
+        print(f'weights : {found["weights_file"]}' + (f': {found["weights_note"]}' if found.get('weights_note') else ''))
         label_names = _label_names(args.label_names)
         out = save_pretrained(
             model, args.out, label_names=label_names if label_names is not None else found.get('label_names'),
             train_config=found.get('train_config'), metrics=found.get('metrics'), sample_image=args.sample_image,
-            datasets=args.dataset, ema=found.get('ema', False), repo_id=args.repo_id)
+            datasets=args.dataset, ema=found.get('ema', False), weights_note=found.get('weights_note'),
+            repo_id=args.repo_id)
         print(out)
         return 0
     # download
@@ -111,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:
+    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:  # incl. ModelReferenceError
         # Bad input and Hub refusals: one line, not a traceback (set SPFORMER_HUB_DEBUG=1 for one).
         import os
         if os.environ.get('SPFORMER_HUB_DEBUG'):

@@ -15,11 +15,9 @@ import torch
 import torch.nn as nn
 
 from .card import PICTURE_NAME, model_card, resolve_datasets, save_superpixel_picture
-from .checkpoint import (
-    CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_checkpoint_folder, load_safetensors_checkpoint,
-    read_checkpoint_folder)
+from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder, spformer_variant
 
-__all__ = ['save_pretrained', 'push_to_hub', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES']
+__all__ = ['save_pretrained', 'push_to_hub', 'save_config', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES']
 
 README_NAME = 'README.md'
 # Exactly what save_pretrained writes and push_to_hub commits.
@@ -89,6 +87,34 @@ def _check_mapping(value, argument: str):
     return dict(value) if value is not None else None
 
 
+def save_config(
+        model: nn.Module,
+        path: Union[str, pathlib.Path],
+        *,
+        label_names: Optional[Sequence[str]] = None,
+        datasets: Sequence[str] = (),
+        data_config: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Write timm's ``config.json`` for ``model`` (``timm.models._hub.save_config_for_hf``), true for weights
+    that are not the registered ones: no run-time arguments (``attn_backend``), and the pretrained tag
+    ``in1k`` only for a 1000-class model trained on ImageNet-1k (a fine-tune on other data has no tag).
+    Returns the config."""
+    from timm.models._hub import save_config_for_hf
+    path = pathlib.Path(path)
+    save_config_for_hf(model, str(path), model_config=dict(label_names=list(label_names)) if label_names else None,
+                       data_config=data_config)
+    config = json.loads(path.read_text())
+    for key in _RUNTIME_ARGS:
+        config.get('model_args', {}).pop(key, None)
+    pretrained_cfg = config.get('pretrained_cfg', {})
+    if config.get('num_classes') == 1000 and list(datasets)[:1] == ['imagenet-1k']:
+        pretrained_cfg['tag'] = 'in1k'
+    else:
+        pretrained_cfg.pop('tag', None)
+    path.write_text(json.dumps(config, indent=2))
+    return config
+
+
 def save_pretrained(
         model: nn.Module,
         save_directory: Union[str, pathlib.Path],
@@ -99,6 +125,7 @@ def save_pretrained(
         sample_image=None,
         datasets: Union[str, Sequence[str], None] = None,
         ema: bool = False,
+        weights_note: Optional[str] = None,
         repo_id: Optional[str] = None,
         revision: Optional[str] = None,
 ) -> pathlib.Path:
@@ -116,19 +143,19 @@ def save_pretrained(
             default scikit-image's astronaut.
         datasets: Hub dataset ids for the card; default from ``train_config`` (``dataset`` key).
         ema: The weights are EMA weights (the card says so and reports the ``*_ema`` metrics).
+        weights_note: Why these weights were chosen over the others of their run (shown in the card).
         repo_id / revision: Where the folder will be pushed (for the card's usage block).
 
     Returns:
         The folder.
     """
-    from timm.models._hub import save_config_for_hf
     import safetensors.torch
 
     inner = _check_spformer(model)
     train_config = _check_mapping(train_config, 'train_config')
     metrics = _check_mapping(metrics, 'metrics')
     label_names = _check_label_names(label_names, inner.num_classes)
-    datasets = resolve_datasets(datasets, train_config)
+    datasets = resolve_datasets(datasets, train_config, inner.num_classes)
     if label_names is None:
         label_names = inner.pretrained_cfg.get('label_names')
         if label_names is not None and len(label_names) != inner.num_classes:
@@ -141,19 +168,15 @@ def save_pretrained(
 
     safetensors.torch.save_file(clean_state_dict(inner.state_dict()), str(save_directory / WEIGHTS_NAME),
                                 metadata={'format': 'pt'})
-    config_path = save_directory / CONFIG_NAME
-    save_config_for_hf(inner, str(config_path), model_config=dict(label_names=label_names) if label_names else None)
-    config = json.loads(config_path.read_text())
-    for key in _RUNTIME_ARGS:
-        config.get('model_args', {}).pop(key, None)
-    config_path.write_text(json.dumps(config, indent=2))
+    config = save_config(inner, save_directory / CONFIG_NAME, label_names=label_names, datasets=datasets)
 
     arch = config['architecture']
     save_superpixel_picture(inner, save_directory / PICTURE_NAME, sample_image,
                             title=f'{repo_id or arch}: superpixels per stage')
     card = model_card(
         repo_id or 'ORG/NAME', config, num_params=sum(p.numel() for p in inner.parameters()),
-        datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, revision=revision,
+        datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, weights_note=weights_note,
+        revision=revision,
         picture_image=("scikit-image's astronaut" if sample_image is None else
                        f'`{pathlib.Path(sample_image).name}`' if isinstance(sample_image, (str, pathlib.Path))
                        else 'a sample image'))
@@ -161,27 +184,39 @@ def save_pretrained(
     return save_directory
 
 
-def _load_source(model_or_folder, *, use_ema: bool, model_name: Optional[str]) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to publish, and what its source knows (label names, training config, results, EMA)."""
+def _load_source(model_or_folder, *, ema: Optional[bool], model_name: Optional[str]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model to publish, and what its source knows (label names, training config, results, which weights
+    and why). A folder or file goes through :func:`spformer.hub.load_model`; a training folder's weights are
+    the better-validating of the weights and their EMA unless ``ema`` says which."""
     if isinstance(model_or_folder, nn.Module):
-        if model_name is not None:
-            raise ValueError('model_name is only for a .safetensors file or a folder, not for a model')
+        if model_name is not None or ema is not None:
+            raise ValueError('model_name and ema are only for a .safetensors file or a folder, not for a model')
         return model_or_folder, {}
     if not isinstance(model_or_folder, (str, pathlib.Path)):
         raise TypeError(f'model_or_folder must be an SPFormer, a training output folder or a .safetensors file, '
                         f'got {type(model_or_folder).__name__}')
+    if model_name is not None:
+        spformer_variant(model_name)  # publishing is for SPFormers: refuse others before loading anything
     path = pathlib.Path(model_or_folder)
+    if not path.exists():
+        raise FileNotFoundError(f'model_or_folder {str(model_or_folder)!r} is neither a folder nor a file')
     if path.is_dir():
         ckpt = read_checkpoint_folder(path)
-        ema = use_ema and ckpt.ema_weights is not None
-        model = load_checkpoint_folder(path, model_name=model_name, ema=ema)
-        return model, dict(label_names=ckpt.config.get('label_names'), train_config=ckpt.train_config,
-                           metrics=ckpt.results, ema=ema)
-    if path.suffix == '.safetensors' or path.is_file():
-        if model_name is None:
-            raise ValueError(f'a single weights file ({path}) needs model_name (the SPFormer variant it is for)')
-        return load_safetensors_checkpoint(path, model_name), {}
-    raise FileNotFoundError(f'model_or_folder {str(model_or_folder)!r} is neither a folder nor a file')
+        loaded = load_model(str(path), argument='checkpoint', model_name=model_name, ema=ema)
+        return loaded.model, dict(label_names=ckpt.config.get('label_names'), train_config=ckpt.train_config,
+                                  metrics=ckpt.results, ema=loaded.choice.ema, weights_note=loaded.choice.reason,
+                                  weights_file=str(path / loaded.choice.file_name))
+    if ema is not None:
+        raise ValueError(f'ema={ema} chooses between the weights of a training folder; {path} is a single file')
+    if model_name is not None:
+        reference = f'{model_name}={path}'
+    elif path.suffix == '.safetensors' and not (path.parent / CONFIG_NAME).is_file():
+        raise ValueError(f'a single weights file ({path}) needs model_name (the SPFormer variant it is for): '
+                         f'no {CONFIG_NAME} beside it names one')
+    else:
+        reference = str(path)
+    loaded = load_model(reference, argument='checkpoint')
+    return loaded.model, dict(weights_file=str(path))
 
 
 def push_to_hub(
@@ -195,7 +230,7 @@ def push_to_hub(
         label_names: Optional[Sequence[str]] = None,
         train_config: Optional[Dict[str, Any]] = None,
         metrics: Optional[Dict[str, Any]] = None,
-        use_ema: bool = True,
+        ema: Optional[bool] = None,
         model_name: Optional[str] = None,
         datasets: Union[str, Sequence[str], None] = None,
         sample_image=None,
@@ -211,7 +246,9 @@ def push_to_hub(
         token: Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, ``hf auth login``).
         commit_message: Default ``'Add <architecture> weights'``.
         label_names / train_config / metrics: Override what a folder carries (see :func:`save_pretrained`).
-        use_ema: Publish ``model_ema.safetensors`` (as ``model.safetensors``) when a folder has it.
+        ema: For a training folder: None (default) publishes the better-validating of ``model.safetensors`` and
+            ``model_ema.safetensors`` (``results.json``; the card says which and why), True the EMA weights,
+            False the model weights. Whichever is published is named ``model.safetensors`` in the repo.
         model_name: The variant of a single ``.safetensors`` file; for a folder, the variant it must be.
         datasets: Hub dataset ids for the card (default from the training configuration).
         sample_image: Image for the superpixel picture (default scikit-image's astronaut).
@@ -226,7 +263,7 @@ def push_to_hub(
         raise ValueError(f"repo_id must be 'ORG/NAME' (namespace and name), got {repo_id!r}")
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise ValueError(f'revision must be a branch name, got {revision!r}')
-    model, found = _load_source(model_or_folder, use_ema=use_ema, model_name=model_name)
+    model, found = _load_source(model_or_folder, ema=ema, model_name=model_name)
     _check_spformer(model)
     api = HfApi(token=token, library_name='spformer', library_version=spformer.__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -239,7 +276,7 @@ def push_to_hub(
             train_config=train_config if train_config is not None else found.get('train_config'),
             metrics=metrics if metrics is not None else found.get('metrics'),
             sample_image=sample_image, datasets=datasets, ema=found.get('ema', False),
-            repo_id=repo_id, revision=revision)
+            weights_note=found.get('weights_note'), repo_id=repo_id, revision=revision)
         arch = json.loads((pathlib.Path(tmp) / CONFIG_NAME).read_text())['architecture']
         info = api.upload_folder(
             repo_id=repo_id, folder_path=tmp, revision=revision,

@@ -11,7 +11,7 @@ PyTorch, the CPU default) and ``'triton'`` (fused kernels, the CUDA default, onc
 Neighbour ``k`` in 0..8 of a cell is the cell at offset ``NEIGHBOR_OFFSETS[k] = (k // 3 - 1,
 k % 3 - 1)`` (raster order, 4 = own cell); neighbours outside the image get probability 0.
 
-Neighbourhood attention re-weighted by superpixels (kernels/neighborhood.py, DESIGN.md section 4):
+Neighbourhood attention re-weighted by superpixels (kernels/neighborhood.py, docs/design.md §4):
 
 * :func:`neighborhood_attention` -- NA over a k x k window (shifted inward at borders, as NATTEN);
 * :func:`soft_superpixel_attention` -- SNA, weights times the soft superpixel agreement;

@@ -3,7 +3,7 @@
 The PyTorch backend (torch_backend.py) spends its time between kernels: each logit, softmax and
 weighted sum is a separate pass over per-cell tensors, and the per-cell products are thousands of
 tiny matrix products. Here each direction is one pass that keeps its rows in the L1 cache
-(DESIGN.md 1.5: beyond ~0.9x DeiT-S throughput needs a fused kernel for the pixel side).
+(on CPU, SPFormer-S needs fused kernels on the pixel side to come near DeiT-S's throughput).
 
 The C kernels take N = B * M_p images of G = M / M_p heads each (pixel tensors shared by all heads,
 what SPFormer runs, or one per head), float32 and float64 (fp16/bf16 inputs are computed in fp32, as
@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -46,6 +47,7 @@ _DTYPES = {torch.float32: ('f32', ctypes.c_float, ()), torch.float64: ('f64', ct
 _lock = threading.Lock()
 _libraries = {}
 _unavailable: Optional[str] = None  # why the kernels cannot be used, once known
+_compile_announced = False
 
 
 def _cache_dir() -> Path:
@@ -76,6 +78,16 @@ def _compile(compiler: str, flags, out: Path):
             os.unlink(tmp)
 
 
+def _announce_compile(folder: Path) -> None:
+    """One line on stderr, once per process, before the first compilation: a first call that takes seconds
+    should say why. Information, not a warning: nothing is wrong and nothing needs doing."""
+    global _compile_announced
+    if not _compile_announced:
+        _compile_announced = True
+        print('spformer: compiling the fused CPU kernels (once per machine and version, a few seconds; '
+              f'cached in {folder})', file=sys.stderr, flush=True)
+
+
 def _load(dtype: torch.dtype):
     """The compiled library for ``dtype``, or None (and the reason in ``_unavailable``)."""
     global _unavailable
@@ -98,6 +110,7 @@ def _load(dtype: torch.dtype):
                 path = _cache_dir() / f'spformer_cpu_{suffix}_{key.hexdigest()[:16]}.so'
                 try:
                     if not path.exists():
+                        _announce_compile(path.parent)
                         _compile(compiler, flags, path)
                     lib = ctypes.CDLL(str(path))
                     break

@@ -1,4 +1,4 @@
-"""Neighbourhood attention re-weighted by superpixels (DESIGN.md section 4): NA, SNA and H-SNA.
+"""Neighbourhood attention re-weighted by superpixels (docs/design.md §4): NA, SNA and H-SNA.
 
 Public entry points (argument checks in one place, then dispatch to a backend):
 

@@ -1,6 +1,6 @@
 """Fused Triton forwards (inference) of SPFormer's two per-pixel maps around the local attention.
 
-* :func:`cell_pooled_projection` -- the superpixel initialization (DESIGN.md 1.2, step 2),
+* :func:`cell_pooled_projection` -- the superpixel initialization (docs/design.md §1.2, step 2),
   ``avg_pool(GELU(LayerNorm(x W^T)), cell)`` for channels-last pixels, without the embed_dim-wide
   pixel map. Unfused on a GPU, that map (384 channels at every pixel: 616 MB in fp32 for SPFormer-S
   at batch 128) is written and read back by the LayerNorm, the GELU and the pooling, ~2.2 ms of a

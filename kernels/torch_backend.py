@@ -1,4 +1,4 @@
-"""Cell-major PyTorch backend (DESIGN.md section 1.4), with hand-written backward passes.
+"""Cell-major PyTorch backend (docs/design.md §1.4), with hand-written backward passes.
 
 Pixels are viewed cell by cell, (N, h, w, cell*cell, d). Only the small superpixel grid is
 gathered 3x3 (:func:`neighbors`, 9x of a tensor 1/cell**2 the size of the pixels); every

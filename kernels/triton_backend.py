@@ -1,4 +1,4 @@
-"""Fused Triton backend (DESIGN.md section 1.4): the four functions of kernels/torch_backend.py.
+"""Fused Triton backend (docs/design.md §1.4): the four functions of kernels/torch_backend.py.
 
 Same arguments, layouts and contracts as the torch backend (N = B * Mp, G = M // Mp heads share
 one pixel tensor, n = cell * cell pixels per cell):

@@ -2,18 +2,19 @@
 
     spformer-demo                                  # spformer_small_sp16_224 on scikit-image's astronaut
     spformer-demo --model spformer_tiny_sp16_224 --image cat.jpg --out cat.png
-    spformer-demo --checkpoint model.safetensors   # your own trained weights
+    spformer-demo --checkpoint out/run/final       # your own weights: a training folder or a .safetensors file
+    spformer-demo --model hf-hub:ORG/NAME          # any model reference (spformer.hub.load_model)
     python -m spformer.demo --help
 
-Prints the model, whether its weights are trained, parameters, GMACs, the output shape, the
-top-5 ImageNet classes (trained weights only) and the number of superpixels per stage, and
-writes a PNG with the superpixel boundaries of every stage and association head.
+Prints the model, where its weights come from, parameters, GMACs, the output shape, the top
+classes (trained weights only) and the number of superpixels per stage, and writes a PNG with the
+superpixel boundaries of every stage and association head.
 """
 import argparse
 import os
 import sys
 import time
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import timm
@@ -22,31 +23,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm.data import create_transform, resolve_data_config
 
 import spformer  # noqa: F401  (registers the spformer_* models with timm)
+from spformer.hub.checkpoint import ModelReferenceError, load_model
 from spformer.visualize import save_superpixel_figure, tensor_to_image
 
-__all__ = ['main', 'published_weights', 'count_macs']
+__all__ = ['main', 'count_macs']
 
-_WEIGHT_KEYS = ('hf_hub_id', 'url', 'file')
-
-
-def published_weights(cfg: Union[Mapping[str, Any], Any, None]) -> Optional[str]:
-    """Where a pretrained cfg's weights come from ('hf_hub_id', 'url' or 'file'), or None if it has none.
-
-    The registered SPFormer tags name their future Hub repos (``hf_hub_id``) before any weights are
-    published there: those count as none until listed in ``PUBLISHED_WEIGHTS``.
-    """
-    from spformer.models.spformer import HF_HUB_ORG, PUBLISHED_WEIGHTS
-    if cfg is None:
-        return None
-    if not isinstance(cfg, Mapping):
-        cfg = cfg.to_dict()  # timm PretrainedCfg
-    name = f"{cfg.get('architecture')}.{cfg.get('tag')}"
-    for key in _WEIGHT_KEYS:
-        if cfg.get(key):
-            if key == 'hf_hub_id' and cfg[key] == f'{HF_HUB_ORG}/{name}' and name not in PUBLISHED_WEIGHTS:
-                continue
-            return f'{key}={cfg[key]}'
-    return None
+DEFAULT_MODEL = 'spformer_small_sp16_224'
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tensor]:
@@ -72,46 +54,46 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='spformer-demo',
         description='Run an SPFormer on one image: print its size and cost, draw its superpixels.')
-    p.add_argument('--model', default='spformer_small_sp16_224',
-                   help="model name, one of timm.list_models('spformer*') (default: %(default)s)")
+    p.add_argument('--model', default=None, metavar='REF',
+                   help=f"registered name (timm.list_models('spformer*')), 'hf-hub:ORG/NAME', a training folder or "
+                        f"'NAME=FILE.safetensors' (default: {DEFAULT_MODEL}, or the model --checkpoint names)")
     p.add_argument('--image', default=None, help="image file (default: scikit-image's astronaut)")
     p.add_argument('--out', default='spformer_demo.png', help='output PNG (default: %(default)s)')
     p.add_argument('--checkpoint', default=None, metavar='PATH',
-                   help='load trained weights from this .safetensors file')
+                   help="your weights: a training output folder (e.g. out/run/final: its better-validating "
+                        "weights) or a .safetensors file (its model from --model, else from the config.json beside it)")
     p.add_argument('--device', default='cpu', help='torch device (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the random init when weights are untrained')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random init when weights are untrained '
+                                                       '(default: %(default)s)')
     return p
+
+
+def _reference(args) -> Tuple[str, Optional[str]]:
+    """The model reference the flags make, and the architecture --model asks for (checked against it)."""
+    if args.checkpoint is None:
+        return args.model or DEFAULT_MODEL, None
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f'spformer-demo: --checkpoint {args.checkpoint!r} does not exist; expected a training '
+                         f'output folder or a .safetensors file')
+    if args.model is not None and os.path.isfile(args.checkpoint) and timm.is_model(args.model):
+        return f'{args.model}={args.checkpoint}', None
+    return args.checkpoint, args.model
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    names = timm.list_models('spformer*')
-    if args.model not in names:
-        raise SystemExit(f'spformer-demo: unknown model {args.model!r}; choose one of: {", ".join(names)}')
-
-    # Trained weights: a --checkpoint file, else whatever the model's pretrained cfg publishes.
-    source = published_weights(timm.models.get_pretrained_cfg(args.model))
-    if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            raise SystemExit(f'spformer-demo: --checkpoint {args.checkpoint!r} is not a file')
-        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-        weights = f'loaded from --checkpoint {args.checkpoint}'
-        trained = True
-    elif source is not None:
-        try:
-            model = timm.create_model(args.model, pretrained=True)
-        except Exception as e:  # offline, missing file, ...
-            raise SystemExit(f'spformer-demo: could not load the published weights of {args.model} ({source}): '
-                             f'{e}\nPass --checkpoint PATH to use a local file.')
-        weights = f'trained, published ({source})'
-        trained = True
-    else:
-        torch.manual_seed(args.seed)
-        model = timm.create_model(args.model)
-        weights = (f'UNTRAINED: random init (seed {args.seed}); no weights are published for {args.model} yet '
-                   f'and no --checkpoint was given')
-        trained = False
+    reference, model_name = _reference(args)
+    try:
+        loaded = load_model(reference, argument='--checkpoint' if args.checkpoint else '--model',
+                            model_name=model_name, seed=args.seed)
+    except ModelReferenceError as e:
+        raise SystemExit(f'spformer-demo: {e}')
+    model, trained = loaded.model, loaded.trained
+    name = model.pretrained_cfg.get('architecture') or reference
+    if not callable(getattr(model, 'forward_superpixels', None)):
+        raise SystemExit(f'spformer-demo: --model {reference!r} is a {type(model).__name__}, which makes no '
+                         f"superpixels; expected an SPFormer (timm.list_models('spformer*'))")
     model = model.to(args.device).eval()
 
     data_config = resolve_data_config(model=model)
@@ -124,36 +106,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     with torch.inference_mode():
         superpixels = model.forward_superpixels(x)
 
-    print(f'model       : {args.model}')
-    print(f'weights     : {weights}')
+    print(f'model       : {name}' + (f' ({reference})' if reference != name else ''))
+    print(f'weights     : {loaded.weights}')
     if not trained:
         print('!' * 78)
         print('!!  WEIGHTS ARE UNTRAINED: the class scores are meaningless, and the superpixels')
         print('!!  below come from a random init (they follow colour/texture only).')
-        print('!!  Use --checkpoint PATH (a .safetensors file) for trained weights.')
+        print('!!  Use --checkpoint PATH (a training folder or a .safetensors file) for trained weights.')
         print('!' * 78)
     print(f'image       : {image_name} -> {tuple(x.shape)} '
           f'(crop_pct {data_config["crop_pct"]}, {data_config["interpolation"]})')
     print(f'parameters  : {params / 1e6:.2f} M')
     print(f'GMACs       : {macs / 1e9:.3f} (batch 1, torch.utils.flop_counter, FLOPs / 2)')
     print(f'output      : {tuple(logits.shape)}')
-    if trained and logits.shape[-1] == 1000:
+    num_classes = logits.shape[-1]
+    label_names = model.pretrained_cfg.get('label_names')
+    if label_names is None and num_classes == 1000:
         info = timm.data.ImageNetInfo()
-        probs = logits.softmax(-1)[0]
-        top = probs.topk(5)
-        print('top-5       :')
+        label_names = [info.index_to_description(i) for i in range(1000)]
+    if trained and num_classes > 0:
+        top = logits.softmax(-1)[0].topk(min(5, num_classes))
+        print(f'top-{len(top.indices)}       :' + ('' if label_names else ' (class indices: the weights carry no label names)'))
         for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            print(f'  {p:6.1%}  {info.index_to_description(i)}')
+            print(f'  {p:6.1%}  {label_names[i] if label_names else i}')
     else:
-        print('top-5       : not shown (untrained weights)' if not trained else
-              f'top-5       : not shown ({logits.shape[-1]} classes, not ImageNet-1k)')
+        print('top classes : not shown (untrained weights)' if num_classes else 'top classes : none (no classifier)')
     for i, stage in enumerate(superpixels):
         h, w = (int(v) for v in stage['grid'])
         n = int(stage['labels'][0].unique().numel())
         print(f'stage {i + 1}     : {n} superpixel segments used of {h}x{w} = {h * w} tokens')
 
     img = tensor_to_image(x[0], data_config['mean'], data_config['std'])
-    title = f'{args.model} ({"trained weights" if trained else "UNTRAINED weights"})'
+    title = f'{name} ({loaded.title})'
     save_superpixel_figure(img, superpixels, args.out, title=title)
     print(f'wrote       : {args.out}')
     print(f'time        : {time.perf_counter() - start:.1f} s')

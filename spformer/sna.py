@@ -3,7 +3,7 @@
 Paper: Soft Superpixel Neighborhood Attention, K. Gauen and S. Chan, NeurIPS 2024
 (https://openreview.net/forum?id=bxH6T1w1FW). Neighbourhood attention over a k x k window whose
 weights are re-weighted by how likely query and key pixels belong to the same superpixel
-(DESIGN.md section 4); the op family lives in ``spformer.kernels`` (kernels/neighborhood.py).
+(docs/design.md §4); the op family lives in ``spformer.kernels`` (kernels/neighborhood.py).
 
 * :class:`SoftSuperpixelNeighborhoodAttention2d` -- projections + one op call, channels-last
   (B, H, W, C) like timm's window attention and NATTEN's modules; ``mode`` picks SNA, H-SNA or NA.

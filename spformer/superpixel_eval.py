@@ -1,5 +1,5 @@
 """Zero-shot superpixel quality: score a model's superpixels against segmentation ground truth,
-beside a regular patch grid and SLIC with the same number of segments (DESIGN.md §3).
+beside a regular patch grid and SLIC with the same number of segments (docs/design.md §3).
 
     spformer-eval-superpixels VOCdevkit/VOC2012 --model spformer_small_sp16_224=weights.safetensors
     spformer-eval-superpixels BSR/BSDS500/data --model hf-hub:org/repo --model spformer_tiny_sp16_224
@@ -55,12 +55,13 @@ import numpy as np
 import torch
 
 from spformer.datasets import DatasetError, SegmentationDataset, open_dataset
+from spformer.hub.checkpoint import ModelReferenceError, load_model
 
 __all__ = [
     'achievable_segmentation_accuracy', 'boundary_recall', 'undersegmentation_error', 'compactness',
     'num_segments', 'oracle_confusion', 'mean_iou_and_accuracy', 'score_segmentation', 'boundary_map',
     'resize_nearest', 'resize_image',
-    'Segmenter', 'Segmentation', 'PatchGrid', 'Slic', 'ModelSuperpixels', 'Level', 'LEVELS', 'load_model',
+    'Segmenter', 'Segmentation', 'PatchGrid', 'Slic', 'ModelSuperpixels', 'Level', 'LEVELS',
     'evaluate', 'EvalResult', 'format_table', 'main', 'InputError',
 ]
 
@@ -195,7 +196,7 @@ def oracle_confusion(segments: np.ndarray, gt: np.ndarray, ignore_index: Optiona
     majority ground-truth label of its non-ignored pixels (ties to the smallest label value).
 
     The "oracle" of the SPFormer paper's zero-shot evaluation (Mei et al., "SPFormer: Enhancing Vision
-    Transformer with Superpixel Representation", arXiv 2401.02931; DESIGN.md §3): the best semantic
+    Transformer with Superpixel Representation", arXiv 2401.02931; docs/design.md §3): the best semantic
     segmentation the superpixels allow. Sum these counters over a dataset and pass the total to
     :func:`mean_iou_and_accuracy`.
     """
@@ -399,7 +400,7 @@ class Level:
 
 
 # Levels of a model that can be scored: superpixels (every SPFormer), and the pixel -> group labels of
-# the hierarchical models (every pixel takes the group of its superpixel; DESIGN.md 2).
+# the hierarchical models (every pixel takes the group of its superpixel; docs/design.md §2).
 LEVELS: Dict[str, Level] = {
     'superpixel': Level('forward_superpixels', _superpixel_stages, 'superpixels'),
     'group': Level('forward_groups', _group_stages, 'groups', _has_groups,
@@ -408,69 +409,23 @@ LEVELS: Dict[str, Level] = {
 }
 
 
-def load_model(spec: str, device: Union[str, torch.device] = 'cpu', seed: int = 0) -> Tuple[torch.nn.Module, str, bool]:
-    """Build a model from a spec; returns (model in eval mode, where its weights come from, trained).
-
-    Args:
-        spec: a registered model name (its published weights if it has any, else a random init seeded
-            with ``seed``: the result says UNTRAINED), ``hf-hub:ORG/REPO`` or ``local-dir:FOLDER``
-            (timm loads config and weights), or ``NAME=CHECKPOINT`` (a local ``.safetensors`` /
-            ``.pth`` file of the registered model NAME).
-    """
-    import timm
-    import spformer  # noqa: F401  (registers the models)
-    from spformer.demo import published_weights
-
-    known = ', '.join(timm.list_models('spformer*'))
-    expected = (f"a registered name ({known}), 'hf-hub:ORG/REPO', 'local-dir:FOLDER' or "
-                f"'NAME=CHECKPOINT.safetensors'")
-    if spec.startswith(('hf-hub:', 'local-dir:')):
-        try:
-            model = timm.create_model(spec, pretrained=True)
-        except Exception as e:
-            raise InputError(f'--model {spec!r}: timm could not load it: {type(e).__name__}: {e}') from e
-        return model.to(device).eval(), spec, True
-    if '=' in spec:
-        name, path = spec.split('=', 1)
-        if name not in timm.list_models():
-            raise InputError(f'--model {spec!r}: {name!r} is not a registered model; expected {expected}')
-        if not os.path.isfile(path):
-            raise InputError(f'--model {spec!r}: checkpoint {path!r} is not a file')
-        try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
-        except Exception as e:
-            raise InputError(f'--model {spec!r}: could not load checkpoint {path!r} into {name}: {e}') from e
-        return model.to(device).eval(), f'checkpoint {path}', True
-    if spec not in timm.list_models():
-        raise InputError(f'--model {spec!r}: unknown model; expected {expected}')
-    source = published_weights(timm.models.get_pretrained_cfg(spec))
-    if source is not None:
-        try:
-            model = timm.create_model(spec, pretrained=True)
-        except Exception as e:
-            raise InputError(f'--model {spec!r}: could not load its published weights ({source}): {e}; '
-                             f"pass '{spec}=CHECKPOINT' for a local file") from e
-        return model.to(device).eval(), f'published ({source})', True
-    torch.manual_seed(seed)
-    model = timm.create_model(spec)
-    return model.to(device).eval(), f'UNTRAINED (random init, seed {seed}; no weights published)', False
-
-
 class ModelSuperpixels(Segmenter):
     """A model's hard segments at one level and stage: the merged heads, or one association head.
 
     Args:
         model: The model (eval mode); it must have the level's method (``forward_superpixels``).
         name: Name in tables and pictures (the model spec).
-        stage: 1-based stage, or -1 for the last (default, DESIGN.md §3).
+        stage: 1-based stage, or -1 for the last (default, docs/design.md §3).
         head: 'merged' (default: argmax of the head-merged association) or a 1-based head number.
         level: A key of :data:`LEVELS`.
         weights: Where the weights come from (shown in the table header).
         device: Where the model runs.
+        trained: False for a random init: its picture panels are marked UNTRAINED.
     """
 
     def __init__(self, model: torch.nn.Module, name: str, stage: int = -1, head: Union[str, int] = 'merged',
-                 level: str = 'superpixel', weights: str = '', device: Union[str, torch.device] = 'cpu'):
+                 level: str = 'superpixel', weights: str = '', device: Union[str, torch.device] = 'cpu',
+                 trained: bool = True):
         from timm.data import resolve_data_config
         if level not in LEVELS:
             raise InputError(f'level must be one of {", ".join(LEVELS)}; got {level!r}')
@@ -482,7 +437,7 @@ class ModelSuperpixels(Segmenter):
                 f'the patch / slic methods')
         if not self.level.available(model):
             raise InputError(f'--model {name!r}: it makes no {self.level.noun} to score: {self.level.missing}')
-        self.model, self.weights, self.device = model, weights, device
+        self.model, self.weights, self.device, self.trained = model, weights, device, trained
         cfg = resolve_data_config({}, model=model)
         self.input_size = tuple(cfg['input_size'][1:])
         self.mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
@@ -686,7 +641,8 @@ def evaluate(
                 per_image.append(dict(image=sample.name, method=m.name,
                                       **{k: v for k, v in row.items() if k != 'image'}))
                 if index < pictures:
-                    scored.append((f'{m.name}\n{row["segments"]} segments, ASA {row["asa"]:.1%}, '
+                    scored.append((f'{m.name}{_UNTRAINED_MARK if not getattr(m, "trained", True) else ""}\n'
+                                   f'{row["segments"]} segments, ASA {row["asa"]:.1%}, '
                                    f'BR {row["boundary_recall"]:.1%}', labels))
                     panels += [(title, resize_nearest(p[b], size)) for title, p in out.panels]
             if index < pictures:
@@ -710,6 +666,10 @@ def evaluate(
         methods=[m.name for m in methods],
     )
     return EvalResult(summary, per_image, config, written)
+
+
+# Picture panels of a model with random weights say so (its table row's weights column does too).
+_UNTRAINED_MARK = ' (UNTRAINED)'
 
 
 def _safe(name: str) -> str:
@@ -790,8 +750,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='dataset layout (default: detect)')
     p.add_argument('--split', default=None, help="split: VOC 'val' (default), 'train'; BSDS500 'test' (default), 'val'")
     p.add_argument('--model', action='append', default=[], metavar='SPEC',
-                   help="a model to score (repeatable): registered name, 'hf-hub:ORG/REPO', 'local-dir:FOLDER' "
-                        "or 'NAME=CHECKPOINT.safetensors'")
+                   help="a model to score (repeatable): registered name, 'hf-hub:ORG/REPO', a training folder "
+                        "('local-dir:FOLDER' or FOLDER), 'NAME=FILE.safetensors', or FILE.safetensors beside its "
+                        "config.json")
     p.add_argument('--methods', nargs='*', default=['patch', 'slic'], choices=['patch', 'slic'],
                    help='baselines (default: patch slic; give the flag alone for none)')
     p.add_argument('--stage', type=int, default=-1, help='model stage, 1-based (default: -1, the last)')
@@ -827,7 +788,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (InputError, DatasetError) as e:
+    except (InputError, DatasetError, ModelReferenceError) as e:
         raise SystemExit(f'spformer-eval-superpixels: {e}')
 
 
@@ -850,8 +811,9 @@ def _run(args: argparse.Namespace) -> int:
 
     models: List[ModelSuperpixels] = []
     for spec in args.model:
-        model, weights, _ = load_model(spec, args.device, args.seed)
-        models.append(ModelSuperpixels(model, spec, args.stage, args.head, args.level, weights, args.device))
+        loaded = load_model(spec, argument='--model', seed=args.seed, device=args.device)
+        models.append(ModelSuperpixels(loaded.model.eval(), spec, args.stage, args.head, args.level, loaded.weights,
+                                       args.device, trained=loaded.trained))
     if models:
         sizes = {m.input_size for m in models}
         if len(sizes) > 1:
@@ -887,7 +849,7 @@ def _run(args: argparse.Namespace) -> int:
     for m in models:
         print(f'model     : {m.name}: {m.weights}; {m.level.noun} of stage {m.stage_number}, '
               f'{"merged heads" if m.head == "merged" else f"head {m.head}"}, {m.tokens} tokens')
-        untrained |= m.weights.startswith('UNTRAINED')
+        untrained |= not m.trained
     if untrained:
         print('!!  UNTRAINED weights: their superpixels come from a random init and say nothing about the method.')
 

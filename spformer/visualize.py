@@ -241,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Draw a model's superpixels (or groups) of every stage and association head on one image.")
     p.add_argument('image', help='image file')
     p.add_argument('--model', required=True, metavar='SPEC',
-                   help="registered name, 'hf-hub:ORG/REPO', 'local-dir:FOLDER' or 'NAME=CHECKPOINT.safetensors'")
+                   help="registered name, 'hf-hub:ORG/REPO', a training folder ('local-dir:FOLDER' or FOLDER), "
+                        "'NAME=FILE.safetensors', or FILE.safetensors beside its config.json")
     p.add_argument('--out', default=None, help='output PNG (default: <image name>_superpixels.png, _groups.png)')
     p.add_argument('--level', default='superpixel', choices=list(LEVELS), help='what to draw (default: %(default)s)')
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
@@ -253,7 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """spformer-visualize IMAGE --model SPEC: the image resized to the model's input size (as
     spformer-eval-superpixels does, no crop), then a PNG of every stage's and head's segments."""
     from spformer.datasets import DatasetError, read_image
-    from spformer.superpixel_eval import LEVELS, InputError, ModelSuperpixels, load_model, resize_image
+    from spformer.hub.checkpoint import ModelReferenceError, load_model
+    from spformer.superpixel_eval import LEVELS, InputError, ModelSuperpixels, resize_image
 
     args = _parser().parse_args(argv)
     out = args.out or os.path.splitext(os.path.basename(args.image))[0] + f'_{LEVELS[args.level].noun}.png'
@@ -264,15 +266,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             image = read_image(args.image)
         except Exception as e:
             raise InputError(f'IMAGE {args.image!r} could not be read as an image: {e}') from e
-        model, weights, trained = load_model(args.model, args.device, args.seed)
-        segmenter = ModelSuperpixels(model, args.model, level=args.level, weights=weights, device=args.device)
-    except (InputError, DatasetError) as e:
+        loaded = load_model(args.model, argument='--model', seed=args.seed, device=args.device)
+        segmenter = ModelSuperpixels(loaded.model.eval(), args.model, level=args.level, weights=loaded.weights,
+                                     device=args.device, trained=loaded.trained)
+    except (InputError, DatasetError, ModelReferenceError) as e:
         raise SystemExit(f'spformer-visualize: {e}')
     resized = resize_image(image, segmenter.input_size)
     stages = segmenter.stages(resized[None])
     level = LEVELS[args.level]
-    print(f'model   : {args.model}: {weights}')
-    if not trained:
+    print(f'model   : {args.model}: {loaded.weights}')
+    if not loaded.trained:
         print(f'!!  UNTRAINED weights: these {level.noun} come from a random init (colour/texture only).')
     print(f'image   : {args.image} ({image.shape[1]}x{image.shape[0]}) resized to '
           f'{resized.shape[1]}x{resized.shape[0]}')
@@ -281,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         used = [int(stage['merged'][0].unique().numel())] + [int(x[0].unique().numel()) for x in stage['heads']]
         print(f'stage {stage.get("stage", i + 1)} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
               f'{", ".join(str(u) for u in used[1:])}')
-    title = f'{args.model} ({"trained" if trained else "UNTRAINED"} weights)'
+    title = f'{args.model} ({loaded.title})'
     save_stages_figure(resized, stages, out, title=title, noun=level.noun)
     print(f'wrote   : {out}')
     return 0

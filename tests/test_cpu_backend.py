@@ -4,6 +4,9 @@ Nx1, non-square, borders), cells 1-7, 1-3 heads, d != dv, batch > 1, both pixel 
 gradcheck; and what happens without a C compiler. Each test checks that the kernels, not the
 torch backend they fall back to, ran.
 """
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -242,3 +245,18 @@ def test_cell_pooled_projection_matches_unfused(B, h, w, cell, Cp, C, dtype):
     assert got.dtype == dtype and got.shape == (B, h, w, C)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_first_compilation_says_so_once(tmp_path):
+    """A process that compiles (here both libraries, float32 and float64) prints one line on stderr
+    saying why its first call is slow; a later process that finds them cached prints nothing."""
+    code = ('import torch\nfrom spformer.kernels import cpu_backend\n'
+            'assert cpu_backend.available(torch.float32) and cpu_backend.available(torch.float64)\n')
+    env = dict(os.environ, SPFORMER_CACHE_DIR=str(tmp_path / 'cache'), PYTHONWARNINGS='always')
+    runs = [subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=240, check=True) for _ in range(2)]
+    line = f'spformer: compiling the fused CPU kernels (once per machine and version, a few seconds; cached in ' \
+           f'{tmp_path / "cache" / "cpu_kernels"})'
+    assert runs[0].stderr.splitlines() == [line], runs[0].stderr
+    assert len(list((tmp_path / 'cache' / 'cpu_kernels').glob('*.so'))) == 2
+    assert runs[1].stderr == '', runs[1].stderr

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from spformer.demo import main, published_weights
+from spformer.demo import main
+from spformer.hub.checkpoint import weights_source
 from spformer.visualize import stage_labels, superpixel_boundaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_demo_writes_figure_and_says_untrained(tmp_path, capsys):
     assert main(['--model', 'spformer_tiny_sp16_224', '--out', str(out)]) == 0
     text = capsys.readouterr().out
     assert 'UNTRAINED' in text
-    assert 'top-5       :' in text and 'not shown' in text  # no class names from random weights
+    assert 'top classes : not shown (untrained weights)' in text  # no class names from random weights
     assert 'GMACs' in text and '(1, 1000)' in text
     assert text.count('superpixel segments used of 14x14 = 196 tokens') == 2  # one line per stage
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -35,15 +36,21 @@ def test_demo_writes_figure_and_says_untrained(tmp_path, capsys):
     assert w > 400 and h > 400
 
 
-def test_demo_rejects_unknown_model(tmp_path):
-    with pytest.raises(SystemExit, match='unknown model'):
-        main(['--model', 'resnet50', '--out', str(tmp_path / 'x.png')])
+def test_demo_rejects_unknown_model_and_models_without_superpixels(tmp_path):
+    with pytest.raises(SystemExit, match=r"--model 'spformer_tiny': no such file or folder, and not a registered "
+                                         r"model \(did you mean spformer_tiny_sp16_224"):
+        main(['--model', 'spformer_tiny', '--out', str(tmp_path / 'x.png')])
+    import timm
+    from safetensors.torch import save_file
+    save_file(timm.create_model('test_vit').state_dict(), str(tmp_path / 'vit.safetensors'))  # no download
+    with pytest.raises(SystemExit, match="is a VisionTransformer, which makes no superpixels; expected an SPFormer"):
+        main(['--model', f'test_vit={tmp_path / "vit.safetensors"}', '--out', str(tmp_path / 'x.png')])
 
 
-def test_published_weights():
-    assert published_weights(dict(url='', hf_hub_id=None)) is None
-    assert published_weights(dict(url='', file='w.safetensors')) == 'file=w.safetensors'
-    assert published_weights(dict(hf_hub_id='timm/x')) == 'hf_hub_id=timm/x'
+def test_weights_source():
+    assert weights_source(dict(url='', hf_hub_id=None)) is None
+    assert weights_source(dict(url='', file='w.safetensors')) == 'file=w.safetensors'
+    assert weights_source(dict(hf_hub_id='timm/x')) == 'hf_hub_id=timm/x'
 
 
 def test_superpixel_boundaries_marks_label_edges():

@@ -1,4 +1,4 @@
-"""Hierarchical SPFormer (pixel -> superpixel -> group, DESIGN.md 2) beyond what tests/test_models.py
+"""Hierarchical SPFormer (pixel -> superpixel -> group, docs/design.md §2) beyond what tests/test_models.py
 checks for every registered model: the group level as an output (hard and soft composition), the
 grouping and ungroup layers against naive re-implementations, the group block's MACs from a formula,
 FLOPs against SPFormer-S, pruning, layer decay, checkpoints, torch.compile and bad input.
@@ -16,7 +16,7 @@ import timm
 import spformer  # noqa: F401  (registers the models)
 from spformer.demo import count_macs
 from spformer.models.spformer import checkpoint_filter_fn
-from test_models import _naive_sca  # the SCA of DESIGN.md 1.3 written out densely
+from test_models import _naive_sca  # the SCA of docs/design.md §1.3 written out densely
 
 TINY = 'spformer_hier_tiny_sp16_224'
 GROUPINGS = ['global', 'local']
@@ -158,7 +158,7 @@ def _naive_global_grouping(layer, superpixels, groups):
 
 
 def _naive_local_grouping(layer, superpixels, groups):
-    """The SCA of DESIGN.md 1.3 with tokens as pixels; per-head logits <k_p, q_s> / sqrt(d), masked to
+    """The SCA of docs/design.md §1.3 with tokens as pixels; per-head logits <k_p, q_s> / sqrt(d), masked to
     the 3x3 cells of 2x2 tokens around each group, as a dense (B, M, h*w, G) matrix (-inf elsewhere)."""
     B, h, w, C = superpixels.shape
     gh, gw = groups.shape[1:3]
@@ -279,7 +279,10 @@ def test_feature_pyramid_and_pruning():
 
     # stage-2 block 4 (feature 7) runs before the group block (after stage-2 block 5): not needed
     assert pruned([7]) == ([2, 5], False)
-    assert pruned([n - 1]) == ([2, 5], True)  # the groups: 5 blocks, then the group block
+    # the groups are the last index, which keeps the whole trunk (timm's contract: pruned to the last
+    # index, forward keeps its output), although they need only 5 blocks and the group block
+    assert pruned([n - 1]) == ([2, 9], True)
+    assert pruned([n - 2]) == ([2, 9], True)  # the last block runs after the group block
     assert pruned([8]) == ([2, 6], True)  # a block after the group block needs it
     assert pruned([0]) == ([2], False)  # the pixel stream is final after stage 1
 

@@ -1,10 +1,11 @@
 """The SPFormer family against timm's own model checks (tests/test_models.py in timm), the
-published sizes (DESIGN.md 1.1) and independent naive re-implementations of its layers.
+published sizes (docs/design.md §1.1) and independent naive re-implementations of its layers.
 
 Every test is parametrized over ``timm.list_models('spformer*')``: registering a model is
 enough to have it tested.
 """
 import contextlib
+import copy
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from spformer.models.spformer import SuperpixelCrossAttention
 
 MODELS = timm.list_models('spformer*')
 
-# DESIGN.md 1.1: parameters measured on the author's code, the paper's GFLOPs (ranges where the
+# docs/design.md §1.1: parameters measured on the author's code, the paper's GFLOPs (ranges where the
 # paper gives several) and what the counter gives on the author's code (S/56).
 EXPECTED_PARAMS = {
     'spformer_tiny_sp16_224': 5.740e6,
@@ -31,7 +32,7 @@ EXPECTED_PARAMS = {
 
 def spformer_params(Cp, C, depths, stem_stride=4, cell=4, img=224, sca_iters=2, num_classes=1000,
                     grouping=None, group_depth=1):
-    """Parameters of an SPFormer counted from DESIGN.md 1.2-1.3 and 2, layer by layer (independent of
+    """Parameters of an SPFormer counted from docs/design.md §1.2-1.3 and 2, layer by layer (independent of
     the code: it gives the author's 22.334M for SPFormer-S, see test_param_formula_matches_the_authors)."""
     block = 12 * C * C + 13 * C  # 2 LayerNorms, qkv (bias), proj, fc1, fc2 (biases)
 
@@ -286,7 +287,7 @@ def test_param_formula_matches_the_authors():
     assert spformer_params(32, 192, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_tiny_sp16_224'], rel=1e-3)
     assert spformer_params(64, 384, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_small_sp16_224'], rel=1e-4)
     assert spformer_params(96, 768, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_base_sp16_224'], rel=1e-4)
-    # S/56: 0.05% (11.6K) below the author's count, which DESIGN.md does not break down.
+    # S/56: 0.05% (11.6K) below the author's count, which docs/design.md does not break down.
     assert spformer_params(64, 384, (2, 10), stem_stride=8, cell=7) == pytest.approx(
         EXPECTED_PARAMS['spformer_small_sp56_224'], rel=1e-3)
 
@@ -300,8 +301,8 @@ def test_hier_param_counts_match_formula(model_name):
 @pytest.mark.parametrize('model_name', sorted(PAPER_GFLOPS))
 def test_flops_match_paper(model_name):
     """GMACs (= flops / 2 from torch.utils.flop_counter, math attention so it is counted) against the
-    paper's GFLOPs, the way DESIGN.md reports them: within 10% for the 196-token models. The SCA here
-    never materializes the pixel q|k|v (DESIGN.md 1.5), so it executes fewer MACs than the paper's
+    paper's GFLOPs, the way docs/design.md reports them: within 10% for the 196-token models. The SCA here
+    never materializes the pixel q|k|v (docs/design.md §1.5), so it executes fewer MACs than the paper's
     structure for the same function; on the coarse grids that projection is a larger share (20% of
     S/56), hence the looser lower bound there."""
     from spformer.demo import count_macs  # the counting the README table and the demo use
@@ -412,6 +413,125 @@ def test_bad_constructor_args():
         timm.create_model('spformer_tiny_sp16_224', sca_heads=5)
 
 
+
+# --- timm's factory kwargs: device, dtype, meta builds ------------------------------------------
+
+def _narrow(model_name, gamma=None, **kwargs):
+    """The registered variant's layout (depths, strides, cells, grouping) at a small width and image
+    (64 px, 112 for the 56-px token stride), to build many times fast; LayerScales set to ``gamma``
+    (their 1e-5 init would hide whether the SCA and pixel updates are there)."""
+    img = 112 if '_sp56_' in model_name else 64
+    model = timm.create_model(model_name, img_size=img, pixel_dim=16, embed_dim=32, num_heads=2, sca_heads=2,
+                              num_classes=5, **kwargs)
+    if gamma is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith('.gamma'):
+                    p.fill_(gamma)
+    return model.eval()
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_meta_device_builds(model_name):
+    """create_model(device='meta') and `with torch.device('meta')` build the full model without
+    storage: every parameter and buffer on meta, the parameter count of the formula of docs/design.md, a CPU
+    build's tensor names/shapes/dtypes, and shape-only forwards; reset_classifier follows the model."""
+    full = timm.create_model(model_name, device='meta')
+    assert all(t.is_meta for t in full.state_dict().values())
+    n = sum(p.numel() for p in full.parameters())
+    assert n == spformer_params(full.pixel_dim, full.embed_dim, full.depths, full.stem_stride, full.cell_size,
+                                full.img_size[0], grouping=full.grouping, group_depth=full.group_depth or 1)
+
+    cpu = _narrow(model_name)
+    want = {k: (v.shape, v.dtype) for k, v in cpu.state_dict().items()}
+    x = torch.randn(2, 3, *cpu.img_size)
+    with torch.no_grad():
+        want_out = [t.shape for t in (cpu.forward_features(x), cpu(x))]
+    with torch.device('meta'):
+        in_context = _narrow(model_name)
+    for model in (_narrow(model_name, device='meta'), in_context):
+        tensors = model.state_dict()
+        assert {k: (v.shape, v.dtype) for k, v in tensors.items()} == want
+        assert all(t.is_meta for t in tensors.values()), [k for k, t in tensors.items() if not t.is_meta][:5]
+        xm = x.to('meta')
+        assert [t.shape for t in (model.forward_features(xm), model(xm))] == want_out
+        model.to(torch.float64)
+        model.reset_classifier(3)
+        assert model.head.weight.is_meta and model.head.weight.dtype == torch.float64
+        assert not model.head.training  # the model is in eval mode
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_float64_build(model_name):
+    """dtype=torch.float64 builds float64 parameters and buffers, initialized as the float32 build
+    (the same constants; random weights of the same scale), and computes the float32 model's function:
+    with the float32 model's weights loaded, its float64 output is the float32 output within float32
+    rounding, and is float64 (no silent float32 path)."""
+    torch.manual_seed(0)
+    m32 = _narrow(model_name)
+    m64 = _narrow(model_name, dtype=torch.float64)
+    floating = {k: v for k, v in m64.state_dict().items() if v.is_floating_point()}
+    assert floating and all(v.dtype == torch.float64 for v in floating.values())
+    for name, t32 in m32.state_dict().items():
+        if not t32.is_floating_point():
+            continue
+        t64 = floating[name]
+        if t32.numel() > 1 and bool((t32 == t32.flatten()[0]).all()):  # a constant init: ones, zeros, 1e-5
+            torch.testing.assert_close(t64, t32.double(), msg=name)
+        elif t32.numel() >= 256:  # a random init: same scale
+            assert 0.7 < float(t64.std()) / float(t32.std()) < 1.4, name
+    m64.load_state_dict(m32.state_dict())
+    for m in (m32, m64):  # LayerScales of 0.5: the SCA and pixel updates count in the output
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith('.gamma'):
+                    p.fill_(0.5)
+    x = torch.randn(2, 3, *m32.img_size)
+    with torch.no_grad():
+        out32, out64 = m32(x), m64(x.double())
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, out32.double(), rtol=1e-4, atol=1e-4 * float(out32.abs().max()))
+
+
+def test_bad_dtype():
+    with pytest.raises(ValueError, match=r'dtype must be a floating point torch.dtype.*torch.int64'):
+        timm.create_model('spformer_tiny_sp16_224', dtype=torch.int64, device='meta')
+
+
+# --- prune_intermediate_layers ------------------------------------------------------------------
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_prune_intermediate_layers_keeps_only_what_the_features_read(model_name):
+    """After pruning to a set of feature indices (each one, and a few pairs), the wanted intermediates
+    equal the unpruned model's, and every parameter left receives a gradient from them alone (from
+    forward_features too when the last index is wanted: it keeps the whole trunk, timm's contract,
+    and the hierarchical models' last index, the groups, comes before their last blocks). Random
+    weights on the features, so that no gradient cancels (a LayerNorm'd sum has none)."""
+    model = _narrow(model_name, gamma=0.5)
+    x = torch.randn(2, 3, *model.img_size)
+    n = len(model.feature_info)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        logits = model(x)
+    g = torch.Generator().manual_seed(0)
+    for indices in [[i] for i in range(n)] + [[0, 1], [0, n - 2], [1, n - 1], [0, n - 1]]:
+        pruned = copy.deepcopy(model)
+        take = pruned.prune_intermediate_layers(indices, prune_norm=True)
+        assert sorted(take) == indices
+        feats = pruned.forward_intermediates(x, indices=take, intermediates_only=True)
+        assert len(feats) == len(indices)
+        for got, i in zip(feats, take):
+            torch.testing.assert_close(got, taps[i], msg=f'feature {i} pruned to {indices}')
+        outputs = feats + ([pruned.forward_features(x)] if n - 1 in indices else [])
+        sum((f * torch.randn(f.shape, generator=g)).sum() for f in outputs).backward()
+        unused = [k for k, p in pruned.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not unused, f'pruned to {indices}, parameters the features do not read: {unused}'
+    pruned = copy.deepcopy(model)
+    pruned.prune_intermediate_layers([n - 1], prune_head=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), logits)
+
+
 # --- optimizer integration --------------------------------------------------------------------
 
 def test_layer_decay_groups_follow_depth():
@@ -442,10 +562,10 @@ def test_layer_decay_groups_follow_depth():
     assert id(named['stages.0.blocks.0.attn.qkv.weight']) not in no_decay
 
 
-# --- the SCA layer against a naive re-implementation of DESIGN.md 1.3 --------------------------
+# --- the SCA layer against a naive re-implementation of docs/design.md §1.3 --------------------------
 
 def _naive_sca(layer: SuperpixelCrossAttention, pixels, superpixels):
-    """DESIGN.md 1.3 written out densely: NCHW convs, explicit LayerNorms, an (HW x hw) logit
+    """docs/design.md §1.3 written out densely: NCHW convs, explicit LayerNorms, an (HW x hw) logit
     matrix per head with a 3x3-cell neighbourhood mask, python loops over heads."""
     B, H, W, Cp = pixels.shape
     _, h, w, C = superpixels.shape

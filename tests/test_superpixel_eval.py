@@ -241,21 +241,22 @@ def tiny_checkpoint(tiny, tmp_path_factory):
 
 def test_checkpoints_load_and_models_without_superpixels_are_refused(tmp_path, tiny, tiny_checkpoint):
     from safetensors.torch import save_file
-    from spformer.superpixel_eval import load_model
+    from spformer.hub.checkpoint import ModelReferenceError, load_model
 
-    loaded, weights, trained = load_model(f'{TINY}={tiny_checkpoint}')
-    assert trained and weights == f'checkpoint {tiny_checkpoint}'
+    loaded = load_model(f'{TINY}={tiny_checkpoint}', argument='--model')
+    assert loaded.trained and loaded.weights == tiny_checkpoint
     expected = tiny.state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.model.state_dict().items())
 
     # A ViT has no superpixels (timm's 0.4M-parameter test ViT, from a local checkpoint: no download).
     save_file(timm.create_model('test_vit').state_dict(), str(tmp_path / 'vit.safetensors'))
-    vit, _, _ = load_model(f'test_vit={tmp_path / "vit.safetensors"}')
+    vit = load_model(f'test_vit={tmp_path / "vit.safetensors"}').model
     with pytest.raises(InputError, match=r'VisionTransformer has no forward_superpixels\(\), so it makes no superp'):
         ModelSuperpixels(vit, 'test_vit')
-    with pytest.raises(InputError, match="unknown model; expected a registered name"):
-        load_model('no_such_model')
-    with pytest.raises(InputError, match='is not a file'):
+    with pytest.raises(ModelReferenceError, match="--model 'no_such_model': no such file or folder, and not a "
+                                                  "registered model; expected a registered name"):
+        load_model('no_such_model', argument='--model')
+    with pytest.raises(ModelReferenceError, match='is not a file'):
         load_model(f'{TINY}={tmp_path / "missing.safetensors"}')
 
 
@@ -285,7 +286,7 @@ def test_cli_end_to_end(layout, tmp_path, capsys, tiny_checkpoint):
     assert main([root, '--model', model, '--pictures', '1', '--out-dir', str(out), '--no-progress']) == 0
     text = capsys.readouterr().out
     assert f'dataset   : {layout}' in text
-    assert (f'checkpoint {tiny_checkpoint}' if layout == 'folder' else 'UNTRAINED') in text
+    assert (f'model     : {model}: {tiny_checkpoint};' if layout == 'folder' else 'UNTRAINED') in text
     for method in ('patch', 'slic', model):
         assert f'| {method} | ' in text
     assert '| method | segments | mIoU % | mAcc % | ASA % | BR % | UE % | CO | s/img |' in text
@@ -342,7 +343,7 @@ def test_bad_arguments(tmp_path):
     root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(16, 16))
     cases = [
         (['--methods', 'patch', '--segments', '150'], 'segments=150: the patch grid needs a square number'),
-        (['--model', 'no_such_model'], "--model 'no_such_model': unknown model"),
+        (['--model', 'no_such_model'], "--model 'no_such_model': no such file or folder, and not a registered model"),
         (['--model', TINY, '--stage', '3'], f'--stage 3: {TINY} has 2 stages; expected 1..2 or -1'),
         (['--model', TINY, '--input-size', '256'], '--input-size 256: the models take 224x224'),
         (['--ignore-index', 'void'], "--ignore-index 'void': expected a label value"),

@@ -1,7 +1,9 @@
 """train_imagenet.py on CPU: learning, exact resume, crash safety, two processes, datasets, export, errors."""
+import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,14 +21,16 @@ from safetensors.torch import load_file
 CLASSES = ('red_circle', 'green_square', 'blue_triangle', 'yellow_bar')
 
 
-def make_shapes(root, n_train: int = 32, n_val: int = 12, size: int = 64, seed: int = 0) -> Path:
-    """An ImageFolder (train/, val/) of 4 classes, one coloured shape each, at random places and sizes
-    on a noisy background; colour and shape both tell the class, so a tiny model learns it in a few dozen steps."""
+def make_shapes(root, n_train: int = 32, n_val: int = 12, size: int = 64, seed: int = 0, classes=CLASSES) -> Path:
+    """An ImageFolder (train/, val/) of `classes` (COLOUR_SHAPE, by default the 4 of CLASSES), one coloured shape
+    each, at random places and sizes on a noisy background; colour and shape both tell the class, so a tiny
+    model learns it in a few dozen steps."""
     rng = np.random.default_rng(seed)
-    colours = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 70, 230), 'yellow': (230, 210, 40)}
+    colours = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 70, 230), 'yellow': (230, 210, 40),
+               'purple': (150, 50, 200), 'cyan': (40, 210, 210)}
     root = Path(root)
     for split, n in (('train', n_train), ('val', n_val)):
-        for name in CLASSES:
+        for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             colour, shape = name.split('_')
@@ -196,6 +200,101 @@ def test_final_folder_loads_in_a_fresh_process_with_the_same_logits(learned):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# A short fine-tune of the learned weights (--initial-checkpoint) on 3 classes of new images, with the
+# default EMA settings (decay 0.99996, warm-up) and the default --workers; shared by the tests below it.
+# ------------------------------------------------------------------------------------------------------------
+
+BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')  # copied, not averaged, by ModelEmaV3
+
+
+@pytest.fixture(scope='module')
+def fine_tuned(tmp_path_factory, learned):
+    root = tmp_path_factory.mktemp('fine_tuned')
+    data = make_shapes(root / 'shapes3', n_train=32, n_val=12, size=64, seed=1, classes=CLASSES[:3])
+    start = learned['out'] / 'final' / 'model.safetensors'
+    proc = run(train_cmd('--data-dir', data, '--model', MODEL, '--img-size', 64, '--batch-size', 16, '--epochs', 2,
+                         '--lr', 2e-4, '--warmup-epochs', 0, '--aa', 'none', '--reprob', 0, '--mixup', 0, '--cutmix', 0,
+                         '--initial-checkpoint', start, '--log-interval', 1, '--output', root / 'run'))
+    return dict(out=root / 'run', start=start, proc=proc)
+
+
+def distance(a: dict, b: dict, keys) -> float:
+    return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys).sqrt())
+
+
+def test_initial_checkpoint_starts_the_fine_tune_from_its_weights(fine_tuned):
+    final = fine_tuned['out'] / 'final'
+    config = json.loads((final / 'config.json').read_text())
+    assert config['num_classes'] == 3 and config['label_names'] == sorted(CLASSES[:3])
+    start, weights = load_file(str(fine_tuned['start'])), load_file(str(final / 'model.safetensors'))
+    assert start['head.weight'].shape[0] == 4 and weights['head.weight'].shape[0] == 3  # a new classifier
+    body = [k for k in start if not k.startswith('head.') and not k.endswith(BUFFERS)]
+    assert body and all(weights[k].shape == start[k].shape for k in body)
+    # 12 updates at lr 2e-4 move the loaded body by ~2 % of its norm; a random init is ~70 % away from it.
+    size = float(sum((start[k].double() ** 2).sum() for k in body).sqrt())
+    moved = distance(weights, start, body) / size
+    assert moved < 0.1, f'the fine-tuned body is {moved:.0%} away from --initial-checkpoint: was it loaded?'
+    results = json.loads((final / 'results.json').read_text())
+    assert results['top1'] >= 100. / 3 + 30, results  # 36 held-out images of 3 classes
+
+
+def test_ema_warms_up_and_results_name_the_better_weights(fine_tuned):
+    final = fine_tuned['out'] / 'final'
+    assert {'model.safetensors', 'model_ema.safetensors'} <= {p.name for p in final.iterdir()}
+    effective = yaml.safe_load((fine_tuned['out'] / 'train_config.yaml').read_text())
+    assert effective['model_ema'] is True and effective['model_ema_warmup'] is True
+    assert effective['model_ema_decay'] == 0.99996
+    # The EMA followed the weights. Without the warm-up (--no-model-ema-warmup) it is the weights after the
+    # first update (ModelEmaV3 copies them there) plus 0.99996-decayed crumbs: ~25 % of the way, not ~90 %.
+    start = load_file(str(fine_tuned['start']))
+    weights, ema = load_file(str(final / 'model.safetensors')), load_file(str(final / 'model_ema.safetensors'))
+    body = [k for k in start if not k.startswith('head.') and not k.endswith(BUFFERS)]
+    followed = distance(ema, start, body) / distance(weights, start, body)
+    assert followed > 0.6, f'the EMA moved only {followed:.0%} as far as the weights from their start'
+    results = json.loads((final / 'results.json').read_text())
+    assert results['top1_ema'] >= results['top1'] - 10, results
+    # The better-validating file is named: higher top-1, on a tie lower loss, on a full tie the weights.
+    ema_better = (results['top1_ema'], -results['loss_ema']) > (results['top1'], -results['loss'])
+    assert results['selected_weights'] == ('ema' if ema_better else 'model'), results
+    reason = results['selection_reason']
+    assert isinstance(reason, str) and len(reason) > 20 and '\n' not in reason
+    chosen = final / ('model_ema.safetensors' if ema_better else 'model.safetensors')
+    assert f'final weights to use: {chosen} ' in fine_tuned['proc'].stdout and reason in fine_tuned['proc'].stdout
+
+
+def test_top5_is_reported_only_with_more_than_five_classes(fine_tuned, tmp_path):
+    # 3 classes: top-5 would be 100 % by construction, so it is nowhere.
+    out, proc = fine_tuned['out'], fine_tuned['proc']
+    results = json.loads((out / 'final' / 'results.json').read_text())
+    val = [r for r in read_jsonl(out / 'metrics.jsonl') if r['kind'] == 'val']
+    assert len(val) == 2 and all('top1' in r and 'top1_ema' in r for r in val)
+    assert not [k for r in [results, *val] for k in r if k.startswith('top5')]
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith('epoch ')]
+    assert len(epoch_lines) == 2 and not [line for line in epoch_lines if 'top-5' in line], epoch_lines
+    # 6 classes: top-5 of the weights and of the EMA everywhere. The run also picks --attn-backend cpu.
+    classes = (*CLASSES, 'purple_circle', 'cyan_square')
+    data = make_shapes(tmp_path / 'shapes6', n_train=4, n_val=2, size=32, classes=classes)
+    proc = run(train_cmd('--data-dir', data, '--model', MODEL, '--img-size', 32, '--batch-size', 8, '--epochs', 1,
+                         '--warmup-epochs', 0, '--attn-backend', 'cpu', '--workers', 0, '--no-plot',
+                         '--output', tmp_path / 'run'))
+    results = json.loads((tmp_path / 'run' / 'final' / 'results.json').read_text())
+    [val] = [r for r in read_jsonl(tmp_path / 'run' / 'metrics.jsonl') if r['kind'] == 'val']
+    for row in (results, val):
+        assert 0 <= row['top1'] <= row['top5'] <= 100 and 0 <= row['top1_ema'] <= row['top5_ema'] <= 100, row
+    assert re.search(r'^epoch 1/1: val top-1 \S+  top-5 \S+  \(EMA top-1 \S+  top-5 \S+\)$', proc.stdout, re.M), \
+        proc.stdout
+    assert yaml.safe_load((tmp_path / 'run' / 'train_config.yaml').read_text())['attn_backend'] == 'cpu'
+
+
+def test_workers_default_to_the_cpus_available(fine_tuned, learned):
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    effective = yaml.safe_load((fine_tuned['out'] / 'train_config.yaml').read_text())
+    assert effective['workers'] == min(8, cpus)
+    assert 'worker processes in total' not in fine_tuned['proc'].stderr  # torch's warning about too many
+    assert yaml.safe_load((learned['out'] / 'train_config.yaml').read_text())['workers'] == 1  # as given
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Exact resumption: the full DeiT recipe (RandAugment, random erasing, Mixup/CutMix, drop path, EMA) with
 # gradient accumulation, 32 px; 2 epochs of 3 updates. Interrupted runs must end bit-identical to this one.
 # ------------------------------------------------------------------------------------------------------------
@@ -358,3 +457,57 @@ def test_yaml_config_sets_defaults_and_flags_override_it(script, tmp_path):
         script.parse_args(['--config', str(cfg), '--data-dir', 'x'])
     example = script.parse_args(['--config', str(ROOT / 'configs' / 'deit_in1k.yaml'), '--data-dir', 'x'])
     assert example.epochs == 300 and example.model_ema and example.smoothing == 0.1
+
+
+def test_help_lists_every_option_with_help_and_default(script):
+    proc = run(train_cmd('--help'), env=run_env(COLUMNS=100))
+    # One entry per option: its line '  --flag ...' and the more deeply indented lines after it.
+    entries, current = [], None
+    for line in proc.stdout.splitlines():
+        if line.startswith('  -'):
+            current = [line]
+            entries.append(current)
+        elif current is not None and line.startswith('   '):
+            current.append(line)
+        else:  # a group title or a blank line
+            current = None
+    entries = [' '.join(' '.join(e).split()) for e in entries]
+    actions = [a for a in script.build_parser()._actions if a.default is not argparse.SUPPRESS]
+    assert len(actions) > 60
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    for action in actions:
+        flag = action.option_strings[0]
+        found = [e for e in entries if e.startswith((flag + ' ', flag + ','))]
+        assert len(found) == 1, f'{flag} is not listed once in --help'
+        entry = found[0]
+        assert action.help and ' '.join(action.help.split()[:3]) in entry, f'{flag} has no help text: {entry!r}'
+        assert f'(default: {action.default})' in entry, f'{flag} does not show its default: {entry!r}'
+        if action.choices:
+            assert '{' + ','.join(map(str, action.choices)) + '}' in entry, f'{flag} does not show its choices'
+    assert '{auto,torch,cpu,triton,reference}' in proc.stdout
+    [workers] = [e for e in entries if e.startswith('--workers')]
+    assert workers.endswith(f'min(8, CPUs available) unless set (default: {min(8, cpus)})'), workers
+
+
+def test_attn_backend_choices_are_the_kernel_backends(script, capsys):
+    # A training run with --attn-backend cpu: test_top5_is_reported_only_with_more_than_five_classes.
+    from spformer.kernels.functional import BACKENDS
+    [action] = [a for a in script.build_parser()._actions if a.dest == 'attn_backend']
+    assert tuple(action.choices) == BACKENDS and 'cpu' in BACKENDS
+    for backend in BACKENDS:
+        assert script.parse_args(['--data-dir', 'x', '--attn-backend', backend]).attn_backend == backend
+    with pytest.raises(SystemExit):
+        script.parse_args(['--data-dir', 'x', '--attn-backend', 'fused'])
+    assert "argument --attn-backend: invalid choice: 'fused'" in capsys.readouterr().err
+
+
+def test_pretrained_without_published_weights_is_a_one_line_error(tmp_path, shapes32):
+    proc = run(train_cmd('--data-dir', shapes32, '--model', MODEL, '--pretrained', '--img-size', 32,
+                         '--output', tmp_path / 'run'),
+               env=run_env(HF_HOME=tmp_path / 'hf_home'), expect_rc=2)
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith(f'train_imagenet.py: error: --pretrained: no weights are published for --model {MODEL}; ')
+    assert '--initial-checkpoint FILE.safetensors' in line and '--model hf-hub:ORG/NAME --pretrained' in line
+    assert 'create_model' not in line and 'pretrained=True' not in line  # flags, not Python calls
+    assert not (tmp_path / 'run' / 'checkpoints').exists()

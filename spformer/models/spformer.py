@@ -12,7 +12,7 @@ Papers:
     `Superpixel Transformers for Efficient Semantic Segmentation` (the SCA predecessor)
         - https://arxiv.org/abs/2309.16889
 
-Hierarchical variants (DESIGN.md section 2) add a third level inside the last stage: a group
+Hierarchical variants (docs/design.md §2) add a third level inside the last stage: a group
 block pools the superpixel tokens into group tokens (2x2 cells: 14x14 -> 7x7), lets the groups
 gather their superpixels, runs ViT blocks over the groups and gives the result back to the
 superpixels ("ungroup"). Groups are global (multi-head cross-attention between all superpixels and
@@ -20,12 +20,14 @@ all groups) or local (the SCA layer one level up: superpixel tokens as its pixel
 superpixels, 9 candidate groups per superpixel). The pixel -> group assignment composes the pixel
 -> superpixel and superpixel -> group associations (``SPFormer.forward_groups``).
 
-Architecture and the figures this implementation must reproduce: DESIGN.md section 1.
+Architecture and the figures this implementation must reproduce: docs/design.md §1.
 Model names: ``spformer_{size}_sp{token stride}_{image size}``, e.g. ``spformer_small_sp16_224``
 has one superpixel token per 16x16 pixels (14x14 tokens) at 224 px; ``spformer_hier_{size}[_local]_...``
 are the hierarchical variants (global groups, or ``_local`` ones).
 """
+import contextlib
 import math
+import os
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
@@ -114,9 +116,20 @@ def add_head_projections(
     scaled = weight * (gamma * ls).unsqueeze(-1)  # (M, C / M, c)
     heads = heads.permute(1, 0, 2, 3, 4).reshape(M, B * h * w, c)
     # Outside autocast: the residual stream keeps its dtype (baddbmm would come out in bf16/fp16).
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         out = torch.baddbmm(residual, heads.to(residual.dtype), scaled.transpose(1, 2).to(residual.dtype))
     return out.transpose(0, 1).reshape(B, h, w, -1)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False on the meta device, which has no autocast
+    state (torch raises there): shape-only forwards of a model built with ``device='meta'``."""
+    return device_type != 'meta' and torch.is_autocast_enabled(device_type)
+
+
+def autocast_disabled(device_type: str):
+    """A context that leaves autocast on ``device_type``; nothing to leave on the meta device."""
+    return torch.autocast(device_type, enabled=False) if device_type != 'meta' else contextlib.nullcontext()
 
 
 def softmax_fp32(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -221,7 +234,7 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     rescale_rows = None if cells else fused_inference_kernel(backend, 'rescale_rows', x, gram)
     if rescale_rows is not None:
         return rescale_rows(x, gram, eps, out_dtype).unsqueeze(1)
-    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+    if autocast_enabled(x.device.type) or torch.compiler.is_compiling():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
         out = (x * torch.rsqrt(var + eps)).unsqueeze(1).to(out_dtype)
         return image_to_cells(out, cell) if cells else out
@@ -279,7 +292,7 @@ class Association(NamedTuple):
     """The superpixel-update logits of an SCA iteration, in projection-free form.
 
     Head m's logit between pixel p and superpixel j is ``<pixels[p], queries[m, j]> + bias[m, j]``
-    (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of DESIGN.md 1.3.
+    (already divided by sqrt(head_dim)); it equals ``<k_p, q_s>_m / sqrt(d)`` of docs/design.md §1.3.
     """
     # shared by all heads: cell-major (B, 1, h, w, cell*cell, pixel_dim), or (B, 1, H, W, pixel_dim)
     # in image layout for the backends that read it directly (pixel_layout)
@@ -293,14 +306,14 @@ class Association(NamedTuple):
 
 
 class SuperpixelCrossAttention(nn.Module):
-    """One SCA iteration (DESIGN.md 1.3): tokens gather pixels, pixels gather tokens.
+    """One SCA iteration (docs/design.md §1.3): tokens gather pixels, pixels gather tokens.
 
     Pixels are channels-last (B, H, W, pixel_dim), superpixels (B, h, w, embed_dim). Each of the
     ``num_heads`` heads has its own 9-way association (multi-head association).
 
-    The parameters are those of DESIGN.md (a bias-free 1x1 projection of the pixels to
+    The parameters are those of docs/design.md §1.3 (a bias-free 1x1 projection of the pixels to
     2 * pixel_dim + embed_dim channels and one LayerNorm over all of them), but the pixel q|k|v is
-    never built (DESIGN.md 1.5): with Wc the projection minus its mean row, the normalized output is
+    never built (docs/design.md §1.5): with Wc the projection minus its mean row, the normalized output is
     ``gamma * (Wc x) * r + beta`` with ``r = (x^T G x + eps)^-1/2`` and ``G = Wc^T Wc / channels``. So
     logits against pixel keys become ``<r x, Wc_k^T (gamma_k * q)> + <beta_k, q>`` and a weighted sum
     of pixel values becomes ``gamma_v * Wc_v (sum a r x) + beta_v``: the attention runs on the narrow
@@ -319,8 +332,11 @@ class SuperpixelCrossAttention(nn.Module):
             init_values: float = 1e-5,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             attn_backend: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if pixel_dim % num_heads or embed_dim % num_heads:
             raise ValueError(
                 f'sca_heads={num_heads} must divide pixel_dim={pixel_dim} and embed_dim={embed_dim}')
@@ -330,16 +346,16 @@ class SuperpixelCrossAttention(nn.Module):
         self.cell_size = cell_size
         self.attn_backend = attn_backend
         # Conditional position encodings: they feed the projections only.
-        self.pixel_pos = nn.Conv2d(pixel_dim, pixel_dim, 3, padding=1, groups=pixel_dim)
-        self.sp_pos = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim)
+        self.pixel_pos = nn.Conv2d(pixel_dim, pixel_dim, 3, padding=1, groups=pixel_dim, **dd)
+        self.sp_pos = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim, **dd)
         # 1x1 convs as Linear on channels-last; one LayerNorm over all q|k|v channels at once.
-        self.sp_qkv = nn.Linear(embed_dim, 3 * pixel_dim, bias=False)
-        self.sp_norm = norm_layer(3 * pixel_dim)
-        self.pixel_qkv = nn.Linear(pixel_dim, 2 * pixel_dim + embed_dim, bias=False)
-        self.pixel_norm = norm_layer(2 * pixel_dim + embed_dim)
-        self.sp_ls = LayerScale(embed_dim, init_values)
+        self.sp_qkv = nn.Linear(embed_dim, 3 * pixel_dim, bias=False, **dd)
+        self.sp_norm = norm_layer(3 * pixel_dim, **dd)
+        self.pixel_qkv = nn.Linear(pixel_dim, 2 * pixel_dim + embed_dim, bias=False, **dd)
+        self.pixel_norm = norm_layer(2 * pixel_dim + embed_dim, **dd)
+        self.sp_ls = LayerScale(embed_dim, init_values, **dd)
         # The last iteration of a stage skips the pixel update, so it has no pixel LayerScale.
-        self.pixel_ls = LayerScale(pixel_dim, init_values) if update_pixels else None
+        self.pixel_ls = LayerScale(pixel_dim, init_values, **dd) if update_pixels else None
 
     def _pixel_projection(self):
         """Per-head pieces of the centred pixel projection: (Wc_q, Wc_k, Wc_v) as (M, rows, C_p),
@@ -404,7 +420,7 @@ class PixelUpdate(nn.Module):
     """Stage-end pixel update ("unfolding"): each pixel takes back its superpixels' tokens.
 
     P <- P + gamma * sum_j softmax_j(k_p . q_s) proj(S)_j per head, with the logits of the
-    stage's last SCA iteration (DESIGN.md 1.2, step 3.4).
+    stage's last SCA iteration (docs/design.md §1.2, step 3.4).
 
     One level up it is the ungroup step of a :class:`GroupBlock`: the "pixels" are superpixel tokens
     and the "superpixels" groups. With a :class:`DenseAssociation` (global groups) the softmax runs
@@ -420,14 +436,17 @@ class PixelUpdate(nn.Module):
             init_values: float = 1e-5,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             attn_backend: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.num_heads = num_heads
         self.cell_size = cell_size
         self.attn_backend = attn_backend
-        self.proj = nn.Linear(embed_dim, pixel_dim, bias=False)
-        self.norm = norm_layer(pixel_dim)
-        self.ls = LayerScale(pixel_dim, init_values)
+        self.proj = nn.Linear(embed_dim, pixel_dim, bias=False, **dd)
+        self.norm = norm_layer(pixel_dim, **dd)
+        self.ls = LayerScale(pixel_dim, init_values, **dd)
 
     def forward(
             self, pixels: torch.Tensor, superpixels: torch.Tensor, association: Union[Association, DenseAssociation],
@@ -507,7 +526,7 @@ class CellPooledProjection(torch.autograd.Function):
 
 class SuperpixelInit(nn.Module):
     """Initial superpixel tokens: 1x1 conv + LayerNorm2d + GELU on the pixels, then the mean over
-    every cell (DESIGN.md 1.2, step 2).
+    every cell (docs/design.md §1.2, step 2).
 
     Its three embed_dim-wide pixel maps would be the largest tensors kept for backward (3 x 38 MB
     for SPFormer-S at batch 8): on CPU :class:`CellPooledProjection` computes it in cache-sized
@@ -520,16 +539,17 @@ class SuperpixelInit(nn.Module):
     _chunk_bytes = 1 << 20  # the wide map of one chunk: fits in a core's L2 cache with its temporaries
 
     def __init__(self, pixel_dim: int, embed_dim: int, cell_size: int, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                 attn_backend: str = 'auto'):
+                 attn_backend: str = 'auto', device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.cell_size = cell_size
         self.attn_backend = attn_backend
-        self.proj = nn.Linear(pixel_dim, embed_dim, bias=False)
-        self.norm = norm_layer(embed_dim)
+        self.proj = nn.Linear(pixel_dim, embed_dim, bias=False, **dd)
+        self.norm = norm_layer(embed_dim, **dd)
         self.act = nn.GELU()
 
     def _chunked(self, pixels: torch.Tensor) -> bool:
-        return not (pixels.is_cuda or torch.compiler.is_compiling() or torch.is_autocast_enabled(pixels.device.type)
+        return not (pixels.is_cuda or torch.compiler.is_compiling() or autocast_enabled(pixels.device.type)
                     or not self._plain_norm_and_act())
 
     def _fused_forward(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -539,7 +559,7 @@ class SuperpixelInit(nn.Module):
         kernel = fused_inference_kernel(self.attn_backend, 'cell_pooled_projection', pixels, *params)
         if kernel is None or not self._plain_norm_and_act():
             return None
-        autocast = torch.is_autocast_enabled(pixels.device.type)
+        autocast = autocast_enabled(pixels.device.type)
         round_to = torch.get_autocast_dtype(pixels.device.type) if autocast else None
         return kernel(pixels, *params, self.norm.eps, self.cell_size, round_to)
 
@@ -585,18 +605,21 @@ class GroupCrossAttention(nn.Module):
             qkv_bias: bool = True,
             init_values: float = 1e-5,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if dim % num_heads:
             raise ValueError(f'group_heads={num_heads} must divide embed_dim={dim}')
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.group_norm = norm_layer(dim)
-        self.sp_norm = norm_layer(dim)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.ls = LayerScale(dim, init_values)
+        self.group_norm = norm_layer(dim, **dd)
+        self.sp_norm = norm_layer(dim, **dd)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.ls = LayerScale(dim, init_values, **dd)
 
     def forward(
             self, superpixels: torch.Tensor, groups: torch.Tensor,
@@ -613,7 +636,7 @@ class GroupCrossAttention(nn.Module):
 
 
 class GroupBlock(nn.Module):
-    """The third level (DESIGN.md 2): superpixel tokens -> groups -> ViT blocks over the groups -> ungroup.
+    """The third level (docs/design.md §2): superpixel tokens -> groups -> ViT blocks over the groups -> ungroup.
 
     1. Group tokens: the mean of every ``group_size`` x ``group_size`` block of superpixel tokens.
     2. Grouping (groups <- superpixels), which also gives the superpixel -> group association:
@@ -642,17 +665,20 @@ class GroupBlock(nn.Module):
             init_values: float = 1e-5,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             attn_backend: str = 'auto',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.grouping = grouping
         self.group_size = group_size
         self.grad_checkpointing = False
         if grouping == 'local':
             self.group_attn = SuperpixelCrossAttention(
                 embed_dim, embed_dim, group_heads, group_size, update_pixels=False, init_values=init_values,
-                norm_layer=norm_layer, attn_backend=attn_backend)
+                norm_layer=norm_layer, attn_backend=attn_backend, **dd)
         elif grouping == 'global':
-            self.group_attn = GroupCrossAttention(embed_dim, group_heads, qkv_bias, init_values, norm_layer)
+            self.group_attn = GroupCrossAttention(embed_dim, group_heads, qkv_bias, init_values, norm_layer, **dd)
         else:
             raise ValueError(f"grouping must be 'global' or 'local', got {grouping!r}")
         self.blocks = nn.Sequential(*[
@@ -665,10 +691,12 @@ class GroupBlock(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=drop_path_rates[i] if drop_path_rates else 0.,
                 norm_layer=norm_layer,
+                **dd,
             )
             for i in range(depth)
         ])
-        self.ungroup = PixelUpdate(embed_dim, embed_dim, group_heads, group_size, init_values, norm_layer, attn_backend)
+        self.ungroup = PixelUpdate(
+            embed_dim, embed_dim, group_heads, group_size, init_values, norm_layer, attn_backend, **dd)
 
     def _run(self, module: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -739,8 +767,11 @@ class SPFormerStage(nn.Module):
             attn_backend: str = 'auto',
             group_block: Optional[GroupBlock] = None,
             group_index: int = 0,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.sca = nn.ModuleList([
             SuperpixelCrossAttention(
                 pixel_dim, embed_dim, sca_heads, cell_size,
@@ -748,10 +779,11 @@ class SPFormerStage(nn.Module):
                 init_values=init_values,
                 norm_layer=norm_layer,
                 attn_backend=attn_backend,
+                **dd,
             )
             for i in range(sca_iters)
         ])
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1], embed_dim, **dd))
         self.blocks = nn.Sequential(*[
             Block(
                 dim=embed_dim,
@@ -762,11 +794,12 @@ class SPFormerStage(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=drop_path_rates[i],
                 norm_layer=norm_layer,
+                **dd,
             )
             for i in range(depth)
         ])
         self.unfold = PixelUpdate(
-            pixel_dim, embed_dim, sca_heads, cell_size, init_values, norm_layer, attn_backend,
+            pixel_dim, embed_dim, sca_heads, cell_size, init_values, norm_layer, attn_backend, **dd,
         ) if update_pixels else None
         self.group_block = group_block
         self.group_index = group_index
@@ -835,6 +868,8 @@ class SPFormer(nn.Module):
             group_depth: int = 1,
             group_index: Optional[int] = None,
             group_heads: Optional[int] = None,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -862,8 +897,14 @@ class SPFormer(nn.Module):
                 larger half of them).
             group_heads: Heads of the grouping and ungroup attention, one superpixel -> group association
                 each (default: sca_heads).
+            device: Device the parameters and buffers are created on (timm's factory kwarg; 'meta' builds
+                no storage). Default: torch's current default device.
+            dtype: Floating point dtype of the parameters and buffers. Default: torch's default dtype.
         """
         super().__init__()
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f'dtype must be a floating point torch.dtype (or None), got {dtype!r}')
+        dd = {'device': device, 'dtype': dtype}
         # On CPU, glibc would otherwise trim and re-fault SPFormer's heap every forward (spformer/allocator.py).
         prime_glibc_heap()
         assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
@@ -917,13 +958,17 @@ class SPFormer(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential()
-        self.stem.add_module('conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False))
-        self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim))
+        self.stem.add_module(
+            'conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False, **dd))
+        self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim, **dd))
         self.stem.add_module('act', nn.ReLU(inplace=True))
-        self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer, attn_backend)
+        self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer, attn_backend, **dd)
 
-        # Stochastic depth rises over all ViT blocks in execution order, the group blocks included.
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths) + group_depth)]
+        # Stochastic depth rises over all ViT blocks in execution order, the group blocks included:
+        # linspace(0, drop_path_rate, n) in Python, not from a tensor (a build on the meta device, or
+        # under `with torch.device('meta')`, cannot read a tensor's value back).
+        n_blocks = sum(depths) + group_depth
+        dpr = [drop_path_rate * i / (n_blocks - 1) if n_blocks > 1 else 0. for i in range(n_blocks)]
         last_first = sum(depths[:-1])  # execution index of the last stage's first block
         group_dpr = dpr[last_first + group_index:last_first + group_index + group_depth]
         dpr = dpr[:last_first + group_index] + dpr[last_first + group_index + group_depth:]
@@ -936,7 +981,7 @@ class SPFormer(nn.Module):
             first = sum(depths[:i])
             group_block = GroupBlock(
                 embed_dim, num_heads, group_heads, group_size, grouping, group_depth, mlp_ratio, qkv_bias,
-                proj_drop_rate, attn_drop_rate, group_dpr, init_values, norm_layer, attn_backend,
+                proj_drop_rate, attn_drop_rate, group_dpr, init_values, norm_layer, attn_backend, **dd,
             ) if grouping is not None and i == len(depths) - 1 else None
             self.stages.append(SPFormerStage(
                 pixel_dim=pixel_dim,
@@ -958,6 +1003,7 @@ class SPFormer(nn.Module):
                 attn_backend=attn_backend,
                 group_block=group_block,
                 group_index=group_index,
+                **dd,
             ))
             self.feature_info += [
                 dict(num_chs=embed_dim, reduction=token_stride, module=f'stages.{i}.blocks.{j}')
@@ -974,10 +1020,10 @@ class SPFormer(nn.Module):
             self._unit_features.insert(last_first + group_index, len(self.feature_info) - 1)
         self.depths = tuple(depths)
 
-        self.norm = nn.Identity()  # the head normalizes after pooling (fc_norm), as in DESIGN.md
-        self.fc_norm = norm_layer(embed_dim)
+        self.norm = nn.Identity()  # the head normalizes after pooling (fc_norm), as in docs/design.md
+        self.fc_norm = norm_layer(embed_dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         self.apply(self._init_weights)
         for stage in self.stages:
@@ -1028,7 +1074,11 @@ class SPFormer(nn.Module):
         if global_pool is not None:
             assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # The new head joins the model where it is (device, dtype, train/eval), as timm's heads do.
+        ref = next(self.parameters(), None)
+        dd = {'device': ref.device, 'dtype': ref.dtype} if ref is not None else {}
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     # --- forward --------------------------------------------------------------------------
 
@@ -1102,7 +1152,10 @@ class SPFormer(nn.Module):
                     features.append((self._unit_features[unit_idx],) + output)
                 unit_idx += 1
             superpixels = tokens.reshape(B, h, w, C)
-            if stage.unfold is not None:
+            # The pixel update is needed by feature 0 or by the later stages: none are when every wanted
+            # unit has run and the pixels are not wanted.
+            done = stop_after_unit is not None and unit_idx > stop_after_unit and not need_pixels
+            if stage.unfold is not None and not done:
                 pixels = self._run(stage.unfold, stage_pixels, superpixels, association)
         features.sort(key=lambda f: f[0])  # feature index order (the group feature is last)
         return StagesOutput(self.norm(tokens), (h, w), pixels, features, associations, groups)
@@ -1178,23 +1231,43 @@ class SPFormer(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the blocks, group block and stages not needed for the requested intermediates."""
+        """Drop every module the requested intermediates do not read: the units (ViT blocks, group block)
+        after the last wanted one, the stages after it, and the pixel updates whose output nothing kept
+        reads: ``forward_intermediates(x, indices=take_indices)`` then uses every parameter left but the
+        head and ``fc_norm``, with one exception below.
+
+        Feature 0, the pixel stream as the last stage reads it, needs every stage but the last whole,
+        pixel updates included. Otherwise a stage's pixel update (``unfold``) stays only if a later stage
+        is kept (its SCA reads the pixels).
+
+        The last index keeps every unit (timm's contract: pruned to the last index, ``forward`` keeps its
+        output). In a hierarchical model it is the group tokens, computed before the last ViT blocks:
+        those blocks (and the group block's ungroup step) stay, and only ``forward_features`` reads them.
+        """
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        num_units = self._last_unit(take_indices) + 1
-        if 0 in take_indices:  # the pixel stream is final after every stage but the last
-            num_units = max(num_units, sum(len(stage.units()) for stage in self.stages[:-1]))
-        kept, first = nn.ModuleList(), 0
-        for stage in self.stages:
-            if first >= num_units and first > 0:
-                break
-            n_units = len(stage.units())
-            take = max(0, num_units - first)
+        num_units = self._last_unit(take_indices) + 1  # units, in execution order, up to the last wanted one
+        if len(self.feature_info) - 1 in take_indices:
+            num_units = len(self._unit_features)
+        # feature 0 reads the pixel updates of every stage but the last (of the model as built: depths)
+        pixel_stages = len(self.depths) - 1 if 0 in take_indices else 0
+        needed, first = [], 0
+        for i, stage in enumerate(self.stages):
+            if i >= pixel_stages and first >= num_units:
+                break  # no wanted feature from here on
+            needed.append((stage, first))
+            first += len(stage.units())
+        for i, (stage, first) in enumerate(needed):
+            # Whole, when a later kept stage reads its pixels and tokens or feature 0 its pixel update.
+            whole = i + 1 < len(needed) or i < pixel_stages
+            take = len(stage.units()) if whole else min(len(stage.units()), num_units - first)
             if stage.group_block is not None and take <= stage.group_index:
                 stage.group_block = None  # its output comes after every wanted feature
             stage.blocks = stage.blocks[:take - (stage.group_block is not None)]
-            first += n_units
-            kept.append(stage)
-        self.stages = kept
+            if not whole:
+                stage.unfold = None
+        self.stages = nn.ModuleList([stage for stage, _ in needed])
+        if not needed:  # a one-stage model pruned to its pixel stream (the stem's output): no superpixels
+            self.sp_init = nn.Identity()
         if prune_norm:
             self.fc_norm = nn.Identity()
         if prune_head:
@@ -1209,7 +1282,7 @@ class SPFormer(nn.Module):
             ``association``: (B, sca_heads, 9, H/s, W/s) soft assignment of every pixel of the pixel
                 stream (stride s = stem_stride) to its 9 neighbouring superpixels, per head;
             ``association_merged``: (B, 9, H/s, W/s), the softmax of the head-merged logits
-                sum_m a_m / sqrt(M) (DESIGN.md 1.3);
+                sum_m a_m / sqrt(M) (docs/design.md §1.3);
             ``labels``: (B, H, W) int64 hard superpixel map at input resolution: the token index
                 (raster order on the h x w grid) of the argmax of ``association_merged`` (ties go to
                 the pixel's own cell; neighbours outside the image are never chosen);
@@ -1232,7 +1305,7 @@ class SPFormer(nn.Module):
 
     @torch.jit.ignore
     def forward_groups(self, x: torch.Tensor) -> List[Dict[str, Any]]:
-        """The learned groups of a hierarchical model: pixel -> superpixel -> group (DESIGN.md 2).
+        """The learned groups of a hierarchical model: pixel -> superpixel -> group (docs/design.md §2).
 
         Returns one dict per group block (the hierarchical variants have one, in their last stage),
         with P(pixel -> s) the merged association of that stage's superpixels (``forward_superpixels``)
@@ -1465,20 +1538,11 @@ def _describe_grouping(model: SPFormer) -> str:
 
 
 def _variant_shapes(name: str) -> Dict[str, Tuple[int, ...]]:
-    """Tensor shapes (but the head) of a registered variant, built with meta parameters: no memory, no init."""
-    from torch.overrides import TorchFunctionMode
+    """Tensor shapes (but the head) of a registered variant, built on the meta device: no memory, no init."""
     from timm import create_model
 
-    class MetaParameters(TorchFunctionMode):  # not torch.device('meta'): __init__ calls .item() on a linspace
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in (torch.empty, torch.zeros, torch.ones, torch.full) and kwargs.get('device') is None:
-                kwargs['device'] = 'meta'
-            return func(*args, **kwargs)
-
     if name not in _VARIANT_SHAPES:
-        with MetaParameters():
-            model = create_model(name)
+        model = create_model(name, device='meta')
         _VARIANT_SHAPES[name] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith('head.')}
     return _VARIANT_SHAPES[name]
 
@@ -1502,50 +1566,99 @@ def _describe_checkpoint(state_dict: Dict[str, torch.Tensor]) -> str:
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """``pretrained=True`` could not fetch the weights (not published, offline and not cached, missing file)."""
+    """``pretrained=True`` could not get the weights: none published for the tag, offline and not cached, a
+    missing file."""
 
 
-def _weights_unavailable(variant: str, kwargs: Dict[str, Any], error: BaseException) -> PretrainedWeightsUnavailable:
-    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+def _how_to_load_your_own(variant: str) -> str:
+    return ("To load your own: timm.create_model('hf-hub:ORG/NAME', pretrained=True) for weights pushed with "
+            f"spformer-hub, or timm.create_model('{variant}', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file='model.safetensors')) for a local file; or pretrained=False for a "
+            'random init.')
+
+
+def _weights_unavailable(variant: str, cfg: Dict[str, Any], error: BaseException) -> PretrainedWeightsUnavailable:
+    from timm.models._builder import _resolve_pretrained_source
     name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
     load_from, location = _resolve_pretrained_source(cfg)
     where = f'the Hugging Face Hub repo {location}' if load_from == 'hf-hub' else f'{load_from} {location}'
     cause = type(error).__name__ + (f': {str(error).splitlines()[0]}' if str(error).strip() else '')
-    unpublished = load_from == 'hf-hub' and location == f'{HF_HUB_ORG}/{name}' and name not in PUBLISHED_WEIGHTS
     return PretrainedWeightsUnavailable(
         f'pretrained=True: could not load the weights of {name} from {where} ({cause}). '
-        + ('No weights are published for it yet (see the README model table). ' if unpublished else '')
-        + "To load your own: timm.create_model('hf-hub:ORG/NAME', pretrained=True) for weights pushed with "
-        f"spformer-hub, or timm.create_model('{variant}', pretrained=True, "
-        "pretrained_cfg_overlay=dict(file='model.safetensors')) for a local file; or pretrained=False for a "
-        'random init.')
+        + _how_to_load_your_own(variant))
 
 
-def _unpublished_and_not_cached(variant: str, kwargs: Dict[str, Any]) -> bool:
-    """True when pretrained=True would ask the Hub for weights that are not published (PUBLISHED_WEIGHTS)
-    and are not in the local Hub cache either: fail at once instead of retrying the network for a
-    minute. An override (hf-hub: id, pretrained_cfg_overlay file/url) is always tried."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
-    name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
-    load_from, location = _resolve_pretrained_source(cfg)
-    if load_from != 'hf-hub' or location != f'{HF_HUB_ORG}/{name}' or name in PUBLISHED_WEIGHTS:
-        return False
-    # what timm fetches first for an hf-hub source; we publish safetensors only
-    return not isinstance(try_to_load_from_cache(location, 'model.safetensors'), str)
+def _checkpoint_file(cfg: Dict[str, Any]) -> Optional[str]:
+    """The local weights file a pretrained cfg points at (timm's ``local-dir:`` cfgs name the folder)."""
+    file = cfg.get('file')
+    if not file:
+        return None
+    if cfg.get('source') == 'local-dir' and os.path.isdir(file):
+        return os.path.join(file, 'model.safetensors')
+    return file
+
+
+def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """kwargs for a model that takes a local ``.safetensors`` file as it is: its head size (``num_classes``
+    unless given: the head is then re-initialised, as timm does) and the image size its position
+    embeddings were made for (``img_size`` unless given: they are then resampled), and the cfg that
+    tells timm the checkpoint's head size (else timm loads a head of another size and fails)."""
+    from spformer.hub.checkpoint import checkpoint_tensor_info
+    file = _checkpoint_file(cfg)
+    if file is None or not file.endswith('.safetensors'):
+        return kwargs
+    if not os.path.isfile(file):
+        missing = FileNotFoundError(f'no file {file}')
+        raise _weights_unavailable(variant, cfg, missing) from missing
+    info = checkpoint_tensor_info(file, classifier=cfg.get('classifier') or 'head')
+    kwargs = dict(kwargs)
+    kwargs.setdefault('num_classes', info.num_classes)
+    stride = kwargs.get('stem_stride', 4) * kwargs.get('cell_size', 4)
+    made_for = None if info.grid is None else (info.grid[0] * stride, info.grid[1] * stride)
+    if made_for is not None:
+        kwargs.setdefault('img_size', made_for)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    overlay['num_classes'] = info.num_classes  # what the file holds, whatever a cfg says
+    if made_for is not None:
+        overlay['input_size'] = (kwargs.get('in_chans', 3), *made_for)
+    if info.label_names is not None and len(info.label_names) == info.num_classes:
+        overlay.setdefault('label_names', info.label_names)
+    kwargs['pretrained_cfg_overlay'] = overlay
+    return kwargs
+
+
+def _describe_built_model(model: nn.Module) -> None:
+    """Make ``pretrained_cfg`` describe the model as built: its input size (a fixed-size model rejects any
+    other, and timm's ``resolve_data_config`` reads it from here), its class count, and label names
+    only when there is one per class."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    img_size, num_classes = getattr(model, 'img_size', None), getattr(model, 'num_classes', None)
+    if not isinstance(cfg, dict) or img_size is None or num_classes is None:  # e.g. a features_only wrapper
+        return
+    cfg['input_size'] = (getattr(model, 'in_chans', 3), *img_size)
+    cfg['num_classes'] = num_classes
+    for key in ('label_names', 'label_descriptions'):
+        if cfg.get(key) is not None and len(cfg[key]) != num_classes:
+            cfg.pop(key)
 
 
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
-    out_indices = kwargs.pop('out_indices', 3)
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+    from timm.models._builder import resolve_pretrained_cfg
     from spformer.hub.checkpoint import hub_http_client
-    if pretrained and _unpublished_and_not_cached(variant, kwargs):
-        missing = FileNotFoundError('not published and not in the local Hub cache')
-        raise _weights_unavailable(variant, kwargs, missing) from missing
+    out_indices = kwargs.pop('out_indices', 3)
+    cfg = None
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
+        if not any(cfg.get(k) for k in ('file', 'url', 'hf_hub_id', 'state_dict')):
+            # timm would log a warning and return a random init; say it, and how to get weights.
+            name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+            raise PretrainedWeightsUnavailable(
+                f'pretrained=True: no weights are published for {name} yet (see the README model table). '
+                + _how_to_load_your_own(variant))
+        kwargs = _fit_to_checkpoint(variant, cfg, kwargs)
     try:
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             SPFormer,
             variant,
             pretrained,
@@ -1557,7 +1670,9 @@ def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPForm
             hub_http_client().TransportError) as e:
         if not pretrained:
             raise
-        raise _weights_unavailable(variant, kwargs, e) from e
+        raise _weights_unavailable(variant, cfg, e) from e
+    _describe_built_model(model)
+    return model
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -1578,14 +1693,20 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-# Every tag names the Hub repo its weights go to (`spformer-hub push`): hf_hub_id='spformer/<model>.<tag>'.
-# None is published yet (ImageNet training is issue 4), so pretrained=True loads only what a user pushed
-# there or has in the local Hub cache; PUBLISHED_WEIGHTS lists the tags whose repos exist.
+# A tag names its Hub repo (hf_hub_id='spformer/<model>.<tag>') only once weights are published there, so
+# that timm (list_models(pretrained=True), pretrained=True) never advertises weights that do not exist.
+# None is published yet: pretrained=True on a registered name raises PretrainedWeightsUnavailable with how
+# to load your own (hf-hub: ids and local files work for every model).
 HF_HUB_ORG = 'spformer'
-PUBLISHED_WEIGHTS: Tuple[str, ...] = ()
+PUBLISHED_WEIGHTS: Tuple[str, ...] = ()  # e.g. ('spformer_small_sp16_224.in1k',) once pushed to HF_HUB_ORG
+
+
+def _default_cfg(name: str, **kwargs) -> Dict[str, Any]:
+    return _cfg(**kwargs, **(dict(hf_hub_id=f'{HF_HUB_ORG}/{name}') if name in PUBLISHED_WEIGHTS else {}))
+
 
 default_cfgs = generate_default_cfgs({
-    name: _cfg(hf_hub_id=f'{HF_HUB_ORG}/{name}', **cfg) for name, cfg in {
+    name: _default_cfg(name, **cfg) for name, cfg in {
         'spformer_tiny_sp16_224.in1k': {},
         'spformer_small_sp16_224.in1k': {},
         'spformer_base_sp16_224.in1k': {},
