@@ -246,7 +246,7 @@ def test_group_block_macs_match_formula(grouping):
 
 
 def test_hier_small_flops_not_above_spformer_small():
-    """Issue 7's acceptance: at 224 px the hierarchical small models execute no more MACs than
+    """At 224 px the hierarchical small models execute no more MACs than
     SPFormer-S (the group block replaces one of stage 2's ten ViT blocks over 196 tokens)."""
     x = torch.randn(1, 3, 224, 224)
     macs = {name: count_macs(timm.create_model(name).eval(), x)[0] for name in (

@@ -102,7 +102,7 @@ def plain_env(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'VIRTUAL_ENV'))}
     env.update(PATH=f'{venv / "bin"}{os.pathsep}{env.get("PATH", "")}', HF_HOME=str(tmp / 'hf_home'),
                HF_HUB_OFFLINE='1', MPLBACKEND='Agg', OMP_NUM_THREADS='2')
-    return dict(bin=venv / 'bin', python=python, env=env, work=tmp / 'work', runtime=set(runtime))
+    return dict(bin=venv / 'bin', python=python, env=env, work=tmp / 'work', runtime=set(runtime), requires=requires)
 
 
 def _run(plain_env, *command, timeout=600):
@@ -124,6 +124,20 @@ def test_plain_install_is_the_declared_runtime_only(plain_env):
     assert not pathlib.Path(location).resolve().is_relative_to(ROOT), location
     for script in CONSOLE_SCRIPTS:
         assert f'usage: {script}' in _run(plain_env, plain_env['bin'] / script, '--help')
+
+
+def test_requirements_are_ranges_and_constraints_pin_what_ci_installs(plain_env):
+    # A library that pins one torch breaks its users' environments: exact versions belong in
+    # constraints.txt (our own install command and CI), not in the wheel's requirements.
+    pinned = [r for r in plain_env['requires'] if any(s.operator in ('==', '===') for s in Requirement(r).specifier)]
+    assert pinned == [], pinned
+    declared = {_normalize(Requirement(r).name): Requirement(r).specifier for r in plain_env['requires']}
+    constraints = [Requirement(line) for line in (ROOT / 'constraints.txt').read_text().splitlines()
+                   if line.strip() and not line.startswith('#')]
+    for c in constraints:  # every pinned version satisfies the declared range
+        [version] = [s.version for s in c.specifier if s.operator == '==']
+        assert declared[_normalize(c.name)].contains(version), (c, declared[_normalize(c.name)])
+    assert {_normalize(c.name) for c in constraints} >= {'torch', 'torchvision', 'timm'}
 
 
 def test_every_console_script_runs_on_a_plain_install(plain_env):

@@ -260,6 +260,20 @@ def test_checkpoints_load_and_models_without_superpixels_are_refused(tmp_path, t
         load_model(f'{TINY}={tmp_path / "missing.safetensors"}')
 
 
+def test_pictures_mark_untrained_models(tmp_path, tiny, monkeypatch):
+    # The comparison figure's panels of a random-init model say UNTRAINED; a loaded model's do not.
+    import spformer.visualize
+    drawn = []
+    monkeypatch.setattr(spformer.visualize, 'save_comparison_figure',
+                        lambda image, gt, panels, path, **kw: drawn.append([title for title, _ in panels]))
+    root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(64, 64), seed=0)
+    methods = [ModelSuperpixels(tiny, 'random', trained=False), ModelSuperpixels(tiny, 'loaded', trained=True)]
+    evaluate(open_dataset(root), methods, pictures=1, picture_dir=str(tmp_path / 'pics'), progress=False)
+    [titles] = drawn
+    scored = {t.split('\n')[0] for t in titles if '\nhead' not in t}
+    assert scored == {'random (UNTRAINED)', 'loaded'}, titles
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: every layout through the CLI
 # ---------------------------------------------------------------------------------------------
