@@ -356,11 +356,13 @@ def _create(argument: str, reference: str, name: str, **kwargs) -> torch.nn.Modu
     """timm.create_model with its errors (a checkpoint of another variant, a missing file, the Hub offline)
     turned into one line that names the argument."""
     import timm
+    from huggingface_hub.errors import HfHubHTTPError
     from spformer.models.spformer import PretrainedWeightsUnavailable
     try:
         return timm.create_model(name, **kwargs)
-    except (PretrainedWeightsUnavailable, FileNotFoundError) as e:
-        _fail(argument, reference, f'{e}', e)
+    except (PretrainedWeightsUnavailable, FileNotFoundError, ConnectionError, HfHubHTTPError) as e:  # incl. offline
+        _fail(argument, reference, f'{type(e).__name__}: {e}' if not isinstance(e, PretrainedWeightsUnavailable)
+              else str(e), e)
     except (ValueError, RuntimeError) as e:  # checkpoint_filter_fn refusals, state-dict mismatches
         text = str(e).strip().splitlines()
         _fail(argument, reference, f'could not load it into {name}: {type(e).__name__}: {text[0] if text else ""}'
@@ -425,7 +427,9 @@ def load_model(
         return LoadedModel(model, reference, weights, trained, choice)
 
     if reference.startswith('hf-hub:'):
-        return finish(_create(argument, reference, reference, pretrained=True, **kwargs), reference, True)
+        model = _create(argument, reference, reference, pretrained=True, **kwargs)
+        expect(model.pretrained_cfg.get('architecture', ''), f'the config.json of {reference}')
+        return finish(model, reference, True)
 
     folder = reference[len('local-dir:'):] if reference.startswith('local-dir:') else \
         reference if os.path.isdir(reference) else None

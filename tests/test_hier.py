@@ -16,7 +16,7 @@ import timm
 import spformer  # noqa: F401  (registers the models)
 from spformer.demo import count_macs
 from spformer.models.spformer import checkpoint_filter_fn
-from test_models import _naive_sca  # the SCA of docs/design.md §1.3 written out densely
+from test_models import _naive_sca, fill_layer_scales  # the SCA of docs/design.md §1.3 written out densely
 
 TINY = 'spformer_hier_tiny_sp16_224'
 GROUPINGS = ['global', 'local']
@@ -25,12 +25,7 @@ GROUPINGS = ['global', 'local']
 def _tiny(grouping, img_size=96, gamma=0.5, **kwargs):
     torch.manual_seed(0)
     model = timm.create_model(TINY, grouping=grouping, img_size=img_size, **kwargs)
-    if gamma is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith('.gamma'):
-                    p.fill_(gamma)
-    return model.eval()
+    return fill_layer_scales(model, gamma).eval()
 
 
 def _image(B, size, seed=1):

@@ -507,3 +507,10 @@ def test_real_hub_push_and_load_private_repo(trained, x, monkeypatch, tmp_path):
         assert torch.equal(logits, _logits(ema, x))
     finally:
         api.delete_repo(repo, missing_ok=True)
+
+
+def test_load_model_names_the_argument_for_an_unreachable_hub_repo():
+    # Offline with an empty cache (conftest + fixture): one line naming the argument, not a Hub traceback.
+    from spformer.hub import ModelReferenceError, load_model
+    with pytest.raises(ModelReferenceError, match=r"^--model 'hf-hub:someone/nothing': LocalEntryNotFoundError"):
+        load_model('hf-hub:someone/nothing', argument='--model')

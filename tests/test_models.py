@@ -423,12 +423,17 @@ def _narrow(model_name, gamma=None, **kwargs):
     img = 112 if '_sp56_' in model_name else 64
     model = timm.create_model(model_name, img_size=img, pixel_dim=16, embed_dim=32, num_heads=2, sca_heads=2,
                               num_classes=5, **kwargs)
+    return fill_layer_scales(model, gamma).eval()
+
+
+def fill_layer_scales(model, gamma):
+    """Every LayerScale set to ``gamma`` (None: left at its init); the model, for chaining."""
     if gamma is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith('.gamma'):
                     p.fill_(gamma)
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize('model_name', MODELS)
