@@ -210,12 +210,12 @@ def model_card(
         'import spformer  # registers the SPFormer models with timm: import it before timm.create_model',
         'import timm',
         'import torch',
-        'from PIL import Image',
+        'from spformer.images import open_rgb  # any image file as 8-bit RGB (16-bit images scaled, not clipped)',
         '',
         f"model = timm.create_model('{hub_id}', pretrained=True).eval()",
         f'config = timm.data.resolve_model_data_config(model)   # {size[1]}x{size[2]} input, as trained',
         'transform = timm.data.create_transform(**config, is_training=False)',
-        "x = transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0)",
+        "x = transform(open_rgb('image.jpg')).unsqueeze(0)",
         'with torch.inference_mode():',
         f'    probs = model(x).softmax(-1)[0]              # {num_classes} class probabilities',
         '    superpixels = model.forward_superpixels(x)   # per stage: labels, association, grid',
@@ -264,19 +264,22 @@ def _plain(value):
 
 
 def _load_image(image):
-    """The sample image as an RGB PIL image."""
+    """The sample image as an 8-bit RGB PIL image, read as every spformer tool reads images
+    (:mod:`spformer.images`: 16-bit images scaled, not clipped; EXIF orientation applied; a file that
+    cannot be read raises ``ImageReadError`` naming it)."""
     from PIL import Image
+    from spformer.images import open_rgb, to_rgb
     if image is None:
         from skimage.data import astronaut
         return Image.fromarray(astronaut())
     if isinstance(image, (str, pathlib.Path)):
-        return Image.open(image).convert('RGB')
+        return open_rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f'sample_image as an array must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}')
         return Image.fromarray(image)
     if isinstance(image, Image.Image):
-        return image.convert('RGB')
+        return to_rgb(image)
     raise TypeError(f'sample_image must be None (astronaut), a path, a PIL image or an (H, W, 3) uint8 array, '
                     f'got {type(image).__name__}')
 

@@ -12,6 +12,11 @@ model card, without local paths). Of the weights and their EMA, the one that val
 (``results.json``) is published, and the command and the card say which and why; ``--weights model``
 or ``--weights ema`` choose. The token is ``--token``, else ``HF_TOKEN`` or the one saved by
 ``hf auth login``.
+
+Errors you can fix (a bad checkpoint, argument or --sample-image, an output folder that is a file, a
+Hub refusal) print one line ``spformer-hub COMMAND: ...`` and exit with status 1; set SPFORMER_DEBUG=1
+for the traceback (SPFORMER_HUB_DEBUG=1, its older name, works too). --sample-image and the export
+folder are checked before the model is loaded.
 """
 import argparse
 import json
@@ -26,7 +31,11 @@ def _label_names(path: Optional[str]) -> Optional[List[str]]:
     """A JSON list, or a text file with one name per line."""
     if path is None:
         return None
-    text = pathlib.Path(path).read_text()
+    from spformer.cli import ArgumentError
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as e:
+        raise ArgumentError(f"--label-names '{path}': {e.strerror or e}") from e
     if path.endswith('.json'):
         names = json.loads(text)
         if not isinstance(names, list):
@@ -57,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument('--sample-image', default=None, metavar='PATH',
                        help="image for the superpixel picture (default: scikit-image's astronaut)")
 
-    push = sub.add_parser('push', help='publish a checkpoint to a Hub repo (one commit)')
+    from spformer.cli import DEBUG_HELP
+    push = sub.add_parser('push', help='publish a checkpoint to a Hub repo (one commit)', epilog=DEBUG_HELP)
     source_args(push)
     push.add_argument('--repo-id', required=True, help='ORG/NAME (created if missing)')
     push.add_argument('--private', action='store_true', help='create the repo private')
@@ -65,12 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument('--token', default=None, help='Hub token (default: HF_TOKEN or the saved login)')
     push.add_argument('--commit-message', default=None)
 
-    export = sub.add_parser('export', help='write the folder push would commit, without pushing')
+    export = sub.add_parser('export', help='write the folder push would commit, without pushing', epilog=DEBUG_HELP)
     source_args(export)
-    export.add_argument('out', help='output folder')
+    export.add_argument('out', metavar='OUT_DIR', help='output folder')
     export.add_argument('--repo-id', default=None, help='ORG/NAME for the usage block of the card')
 
-    download = sub.add_parser('download', help='fetch a published model into the Hub cache and print its path')
+    download = sub.add_parser('download', help='fetch a published model into the Hub cache and print its path',
+                              epilog=DEBUG_HELP)
     download.add_argument('repo_id', help='ORG/NAME')
     download.add_argument('--revision', default=None)
     download.add_argument('--cache-dir', default=None, help='default: the Hub cache (HF_HOME, HF_HUB_CACHE)')
@@ -78,10 +89,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_sample_image(path: Optional[str]) -> None:
+    """Read --sample-image now (spformer.images), so a bad one is named before any model is loaded or pushed."""
+    if path is None:
+        return
+    from spformer.images import ImageReadError, open_rgb
+    try:
+        open_rgb(path)
+    except ImageReadError as e:
+        raise ImageReadError(f'--sample-image: {e}', e.path, e.reason) from e
+
+
 def _run(args) -> int:
+    from spformer.cli import check_output_dir
     from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint_folder
     from .publish import PUBLISHED_FILES, _load_source, push_to_hub, save_pretrained
 
+    if args.command in ('push', 'export'):  # the cheap checks, before a model is loaded or a repo created
+        if args.command == 'export':
+            check_output_dir(args.out, 'OUT_DIR')
+        _check_sample_image(args.sample_image)
+        label_names = _label_names(args.label_names)
     if args.command == 'push':
         ema = None if args.weights == 'best' else args.weights == 'ema'
         if pathlib.Path(args.checkpoint).is_dir():  # say which weights go out before the upload starts
@@ -89,7 +117,7 @@ def _run(args) -> int:
             print(f'weights : {pathlib.Path(args.checkpoint) / choice.file_name}: {choice.reason}')
         url = push_to_hub(
             args.checkpoint, args.repo_id, private=args.private, revision=args.revision, token=args.token,
-            commit_message=args.commit_message, label_names=_label_names(args.label_names),
+            commit_message=args.commit_message, label_names=label_names,
             ema=ema, model_name=args.model, datasets=args.dataset, sample_image=args.sample_image)
         print(url)
         return 0
@@ -97,7 +125,6 @@ def _run(args) -> int:
         ema = None if args.weights == 'best' else args.weights == 'ema'
         model, found = _load_source(args.checkpoint, ema=ema, model_name=args.model)
         print(f'weights : {found["weights_file"]}' + (f': {found["weights_note"]}' if found.get('weights_note') else ''))
-        label_names = _label_names(args.label_names)
         out = save_pretrained(
             model, args.out, label_names=label_names if label_names is not None else found.get('label_names'),
             train_config=found.get('train_config'), metrics=found.get('metrics'), sample_image=args.sample_image,
@@ -121,14 +148,11 @@ def _run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    try:
-        return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:  # incl. ModelReferenceError
-        # Bad input and Hub refusals: one line, not a traceback (set SPFORMER_HUB_DEBUG=1 for one).
-        import os
-        if os.environ.get('SPFORMER_HUB_DEBUG'):
-            raise
-        raise SystemExit(f'spformer-hub {args.command}: {type(e).__name__}: {e}')
+    from spformer.cli import run_main
+    # Bad input (ValueError/TypeError: refused checkpoints, label names, repo ids) and Hub refusals: one line,
+    # not a traceback (SPFORMER_DEBUG=1 for one), as in the other spformer scripts.
+    return run_main(f'spformer-hub {args.command}', _run, args,
+                    expected=(ValueError, TypeError, HfHubHTTPError, OfflineModeIsEnabled))
 
 
 if __name__ == '__main__':

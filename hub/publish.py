@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .card import PICTURE_NAME, model_card, resolve_datasets, save_superpixel_picture
+from .card import PICTURE_NAME, _load_image, model_card, resolve_datasets, save_superpixel_picture
 from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder, spformer_variant
 
 __all__ = ['save_pretrained', 'push_to_hub', 'save_config', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES']
@@ -265,6 +265,8 @@ def push_to_hub(
         raise ValueError(f'revision must be a branch name, got {revision!r}')
     model, found = _load_source(model_or_folder, ema=ema, model_name=model_name)
     _check_spformer(model)
+    if sample_image is not None:
+        _load_image(sample_image)  # a bad picture fails here, before the repo is created
     api = HfApi(token=token, library_name='spformer', library_version=spformer.__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None and revision != 'main':

@@ -19,6 +19,14 @@ NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
 BACKENDS = ('auto', 'torch', 'cpu', 'triton', 'reference')
 
 
+def check_backend(name: str, backend, choices: Tuple[str, ...] = BACKENDS):
+    """``backend`` must be one of the op family's ``choices`` (this module's ``BACKENDS``, or the
+    neighbourhood ops' own list): the ops check their ``backend`` argument at every call, the modules
+    their ``attn_backend`` at construction (``name`` is what the message calls it)."""
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f'{name} must be one of {choices}, got {backend!r}')
+
+
 def backend_module(backend: str, device: torch.device, triton_module: str, torch_module):
     """The module implementing ``backend`` for tensors on ``device``: 'torch' and 'triton' as named;
     'auto': the fused Triton kernels (``triton_module``, a sibling module imported on first use, so
@@ -54,6 +62,8 @@ def native_pixel_layout(backend: str, device: torch.device) -> str:
     reference work cell-major."""
     if backend == 'reference':
         return 'cells'
+    if device.type == 'meta':  # shape-only: the ops run their fake implementations, any layout works
+        return 'cells' if backend == 'torch' else 'image'
     impl = _impl(backend, device)
     if impl is torch_backend or (impl is cpu_backend and not cpu_backend.available()):
         return 'cells'
@@ -230,8 +240,7 @@ def _check_common(fn: str, cell, backend: str, tensors, cells: bool = False):
     """``tensors``: (name, tensor, is_pixel_tensor); cell-major pixel tensors are 6-D."""
     if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
         raise ValueError(f'{fn}: cell must be a positive int (pixels per superpixel cell side), got {cell!r}')
-    if backend not in BACKENDS:
-        raise ValueError(f'{fn}: backend must be one of {BACKENDS}, got {backend!r}')
+    check_backend(f'{fn}: backend', backend)
     first_name, first, _ = tensors[0]
     for name, t, is_pixel in tensors:
         if not isinstance(t, torch.Tensor):
@@ -250,6 +259,15 @@ def _check_common(fn: str, cell, backend: str, tensors, cells: bool = False):
             raise ValueError(f'{fn}: {name} is on {t.device} but {first_name} is on {first.device}; they must match')
         if t.shape[0] != first.shape[0]:
             raise ValueError(f'{fn}: {name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}')
+        _check_head_dim(fn, name, t)
+
+
+def _check_head_dim(fn: str, name: str, t: torch.Tensor):
+    """Channels per head (the last dim) >= 1: a head dim of 0 (e.g. more heads than channels to split)
+    has no logits to scale. Empty batches and grids are fine; an empty head is a configuration error."""
+    if t.shape[-1] < 1:
+        raise ValueError(f'{fn}: {name} must have a head dim (last dim, channels per head) >= 1, got shape '
+                         f'{_shape(t)} (head dim 0: fewer channels than heads to split them over?)')
 
 
 def _check_heads(fn: str, pixel_names, pixel_tensors, sp_name: str, sp: torch.Tensor):

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import neighborhood_reference as reference
-from .functional import backend_module
+from .functional import _check_head_dim, backend_module, check_backend
 from . import neighborhood_torch as torch_backend
 from .neighborhood_reference import neighbor_superpixels, window_start
 
@@ -142,6 +142,7 @@ def _check_qkv(fn: str, q, k, v, kernel_size, backend: str):
             raise TypeError(f'{fn}: {name} has dtype {t.dtype} but q has {q.dtype}; they must match')
         if t.device != q.device:
             raise ValueError(f'{fn}: {name} is on {t.device} but q is on {q.device}; they must match')
+        _check_head_dim(fn, name, t)
     if k.shape != q.shape:
         raise ValueError(f'{fn}: k {_shape(k)} must have the shape of q {_shape(q)} (B, heads, H, W, d)')
     if v.shape[:4] != q.shape[:4]:
@@ -152,8 +153,7 @@ def _check_qkv(fn: str, q, k, v, kernel_size, backend: str):
     if H < kernel_size or W < kernel_size:
         raise ValueError(f'{fn}: kernel_size {kernel_size} does not fit the {H}x{W} pixel grid of q: windows are '
                          f'shifted inward at the borders, never padded, so H and W must be >= kernel_size')
-    if backend not in BACKENDS:
-        raise ValueError(f'{fn}: backend must be one of {BACKENDS}, got {backend!r}')
+    check_backend(f'{fn}: backend', backend, BACKENDS)
 
 
 def _check_cell(fn: str, cell):

@@ -33,6 +33,12 @@ Every layout yields :class:`Sample` objects: the RGB image and one or more label
 size. Problems (a folder in no layout, images without labels, labels of another size, RGB label
 PNGs) raise :class:`DatasetError` naming the files.
 
+Images are read by :func:`read_image`, i.e. :func:`spformer.images.read_rgb`, as every spformer tool
+reads them: 16-bit images (PNG, TIFF) scaled by their full range rather than clipped, EXIF orientation
+applied, transparency composited onto white; an unreadable image (truncated, empty, not an image, ...)
+raises :class:`spformer.images.ImageReadError` naming the file. Label maps are read as they are
+(their values are ids, not colours).
+
 :func:`write_shapes_dataset` writes a small dataset of flat and textured shapes with exact label
 maps in any of the layouts: a smoke test of the evaluation (and of the layouts) without downloads.
 """
@@ -42,8 +48,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from spformer.images import ImageReadError, read_rgb
+
 __all__ = ['Sample', 'SegmentationDataset', 'VOCSegmentation', 'BSDS500', 'LabelFolder', 'DatasetError',
-           'open_dataset', 'LAYOUTS', 'read_image', 'write_shapes_dataset']
+           'open_dataset', 'LAYOUTS', 'read_image', 'write_shapes_dataset', 'ImageReadError']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 
@@ -303,9 +311,13 @@ def _require_pairs(dataset: SegmentationDataset, image_kind: str, image_path, la
 
 
 def read_image(path: str) -> np.ndarray:
-    from PIL import Image
-    with Image.open(path) as im:
-        return np.asarray(im.convert('RGB'))
+    """The image file at ``path`` as a (H, W, 3) uint8 RGB array: :func:`spformer.images.read_rgb`
+    (any PIL mode without clipping: 16-bit images scaled by their full range).
+
+    Raises:
+        ImageReadError: The file cannot be read (the message names it and says why).
+    """
+    return read_rgb(path)
 
 
 def _read_label_png(path: str) -> np.ndarray:

@@ -9,6 +9,11 @@
 Prints the model, where its weights come from, parameters, GMACs, the output shape, the top
 classes (trained weights only) and the number of superpixels per stage, and writes a PNG with the
 superpixel boundaries of every stage and association head.
+
+The image is read by :func:`spformer.images.open_rgb`, as every spformer tool reads images: 16-bit
+PNG/TIFF scaled by their full range (not clipped to black and white), EXIF orientation applied.
+An unreadable image, a model that cannot be loaded or an ``--out`` that cannot be written is named
+in one line (exit status 1) before the model is built; ``SPFORMER_DEBUG=1`` shows the traceback.
 """
 import argparse
 import os
@@ -23,7 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm.data import create_transform, resolve_data_config
 
 import spformer  # noqa: F401  (registers the spformer_* models with timm)
-from spformer.hub.checkpoint import ModelReferenceError, load_model
+from spformer.cli import DEBUG_HELP, check_output_file, make_parent, run_main
+from spformer.hub.checkpoint import load_model
+from spformer.images import ImageReadError, open_rgb
 from spformer.visualize import save_superpixel_figure, tensor_to_image
 
 __all__ = ['main', 'count_macs']
@@ -43,21 +50,24 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> Tuple[int, torch.Tens
 
 
 def _load_image(path: Optional[str]):
-    from PIL import Image
+    """The image as 8-bit RGB (:func:`spformer.images.open_rgb`: 16-bit images scaled, not clipped), and its name."""
     if path is None:
+        from PIL import Image
         from skimage.data import astronaut
         return Image.fromarray(astronaut()), "scikit-image's astronaut"
-    return Image.open(path).convert('RGB'), path
+    return open_rgb(path), path
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='spformer-demo',
-        description='Run an SPFormer on one image: print its size and cost, draw its superpixels.')
+        description='Run an SPFormer on one image: print its size and cost, draw its superpixels.',
+        epilog=DEBUG_HELP)
     p.add_argument('--model', default=None, metavar='REF',
                    help=f"registered name (timm.list_models('spformer*')), 'hf-hub:ORG/NAME', a training folder or "
                         f"'NAME=FILE.safetensors' (default: {DEFAULT_MODEL}, or the model --checkpoint names)")
-    p.add_argument('--image', default=None, help="image file (default: scikit-image's astronaut)")
+    p.add_argument('--image', default=None, help="image file, any PIL format; 16-bit PNG/TIFF are scaled to 8 bits, "
+                                                 "not clipped (default: scikit-image's astronaut)")
     p.add_argument('--out', default='spformer_demo.png', help='output PNG (default: %(default)s)')
     p.add_argument('--checkpoint', default=None, metavar='PATH',
                    help="your weights: a training output folder (e.g. out/run/final: its better-validating "
@@ -82,13 +92,20 @@ def _reference(args) -> Tuple[str, Optional[str]]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    return run_main('spformer-demo', _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     reference, model_name = _reference(args)
+    # The cheap checks first: the output path and the image, before the model is built.
+    check_output_file(args.out, '--out')
     try:
-        loaded = load_model(reference, argument='--checkpoint' if args.checkpoint else '--model',
-                            model_name=model_name, seed=args.seed)
-    except ModelReferenceError as e:
-        raise SystemExit(f'spformer-demo: {e}')
+        image, image_name = _load_image(args.image)
+    except ImageReadError as e:
+        raise ImageReadError(f'--image: {e}', e.path, e.reason) from e
+    loaded = load_model(reference, argument='--checkpoint' if args.checkpoint else '--model',
+                        model_name=model_name, seed=args.seed)
     model, trained = loaded.model, loaded.trained
     name = model.pretrained_cfg.get('architecture') or reference
     if not callable(getattr(model, 'forward_superpixels', None)):
@@ -98,7 +115,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     data_config = resolve_data_config(model=model)
     transform = create_transform(**data_config, is_training=False)
-    image, image_name = _load_image(args.image)
     x = transform(image).unsqueeze(0).to(args.device)
 
     params = sum(p.numel() for p in model.parameters())
@@ -138,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     img = tensor_to_image(x[0], data_config['mean'], data_config['std'])
     title = f'{name} ({loaded.title})'
+    make_parent(args.out)
     save_superpixel_figure(img, superpixels, args.out, title=title)
     print(f'wrote       : {args.out}')
     print(f'time        : {time.perf_counter() - start:.1f} s')

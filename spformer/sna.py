@@ -30,7 +30,8 @@ from .kernels import (
     superpixel_association,
     superpixel_labels,
 )
-from .kernels.neighborhood import neighbor_superpixels
+from .kernels.functional import check_backend
+from .kernels.neighborhood import BACKENDS, neighbor_superpixels
 from .kernels.torch_backend import fold9, pixels_to_cells
 
 MODES = ('sna', 'hsna', 'na')
@@ -64,8 +65,12 @@ class SoftSuperpixelNeighborhoodAttention2d(nn.Module):
                  scale: str = 'fixed', dist: str = 'dot', qkv_bias: bool = True, proj_bias: bool = True,
                  attn_backend: str = 'auto'):
         super().__init__()
+        for arg, value in (('dim', dim), ('num_heads', num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{arg} must be an int >= 1, got {value!r}')
         if dim % num_heads:
             raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
+        check_backend('attn_backend', attn_backend, BACKENDS)  # the neighbourhood ops' list
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if scale not in SCALES:

@@ -9,7 +9,9 @@ beside a regular patch grid and SLIC with the same number of segments (docs/desi
 Methods (:class:`Segmenter`): :class:`PatchGrid` (the ViT's regular grid), :class:`Slic`
 (scikit-image) and :class:`ModelSuperpixels` (a model's hard association of one stage, the
 head-merged one by default, or one association head). Datasets: :func:`spformer.datasets.open_dataset`
-(Pascal VOC 2012, BSDS500 or a plain folder of images and label PNGs).
+(Pascal VOC 2012, BSDS500 or a plain folder of images and label PNGs); their images are read by
+:mod:`spformer.images` (16-bit PNG/TIFF scaled by their full range, not clipped; an unreadable image
+stops the run with its file named).
 
 Resolution policy (explicit, ``score_at``): every image is resized (bicubic, aspect ratio not kept)
 to the model's input size (224x224 for the sp16 models: 196 segments), and all methods segment that
@@ -54,6 +56,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 
+from spformer.cli import ArgumentError
 from spformer.datasets import DatasetError, SegmentationDataset, open_dataset
 from spformer.hub.checkpoint import ModelReferenceError, load_model
 
@@ -66,8 +69,9 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
-    """A bad argument: names the argument, what it got and what it expects."""
+class InputError(ArgumentError):
+    """A bad argument: names the argument, what it got and what it expects (a ValueError; the console
+    scripts print it as one line, :func:`spformer.cli.run_main`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,11 +744,14 @@ def _json_safe(obj):
 # --------------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
+    from spformer.cli import DEBUG_HELP
     p = argparse.ArgumentParser(
         prog='spformer-eval-superpixels',
         description='Score superpixels against segmentation ground truth: models beside the patch grid and SLIC '
                     'at the same number of segments (oracle mIoU/mAcc, ASA, boundary recall, '
-                    'undersegmentation error, compactness).')
+                    'undersegmentation error, compactness). Images are read by spformer.images (16-bit PNG/TIFF '
+                    'scaled by their full range, not clipped).',
+        epilog=DEBUG_HELP)
     p.add_argument('dataset', help='dataset folder: Pascal VOC 2012, BSDS500, or images/ + labels/')
     p.add_argument('--layout', default='auto', choices=['auto', 'voc', 'bsds', 'folder'],
                    help='dataset layout (default: detect)')
@@ -785,11 +792,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """spformer-eval-superpixels: errors the user can fix (a bad argument, dataset folder or image, a model
+    that cannot be loaded, an --out-dir that cannot be written) end it with one line naming the file or
+    argument (:func:`spformer.cli.run_main`; ``SPFORMER_DEBUG=1`` for the traceback)."""
+    from spformer.cli import run_main
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (InputError, DatasetError, ModelReferenceError) as e:
-        raise SystemExit(f'spformer-eval-superpixels: {e}')
+    return run_main('spformer-eval-superpixels', _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -807,6 +815,8 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f'{flag} {value}: expected an integer >= {low}')
     if not args.model and not args.methods:
         raise InputError('nothing to evaluate: give --model SPEC and/or --methods patch slic')
+    from spformer.cli import check_output_dir
+    check_output_dir(args.out_dir, '--out-dir')  # before the models are loaded and the images scored
     dataset = open_dataset(args.dataset, args.layout, args.split, ignore_index)
 
     models: List[ModelSuperpixels] = []

@@ -235,11 +235,13 @@ def _show(ax, img, text, fontsize=9):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from spformer.cli import DEBUG_HELP
     from spformer.superpixel_eval import LEVELS
     p = argparse.ArgumentParser(
         prog='spformer-visualize',
-        description="Draw a model's superpixels (or groups) of every stage and association head on one image.")
-    p.add_argument('image', help='image file')
+        description="Draw a model's superpixels (or groups) of every stage and association head on one image.",
+        epilog=DEBUG_HELP)
+    p.add_argument('image', help='image file (any PIL format; 16-bit PNG/TIFF are scaled to 8 bits, not clipped)')
     p.add_argument('--model', required=True, metavar='SPEC',
                    help="registered name, 'hf-hub:ORG/REPO', a training folder ('local-dir:FOLDER' or FOLDER), "
                         "'NAME=FILE.safetensors', or FILE.safetensors beside its config.json")
@@ -252,25 +254,32 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """spformer-visualize IMAGE --model SPEC: the image resized to the model's input size (as
-    spformer-eval-superpixels does, no crop), then a PNG of every stage's and head's segments."""
-    from spformer.datasets import DatasetError, read_image
-    from spformer.hub.checkpoint import ModelReferenceError, load_model
-    from spformer.superpixel_eval import LEVELS, InputError, ModelSuperpixels, resize_image
+    spformer-eval-superpixels does, no crop), then a PNG of every stage's and head's segments.
+
+    Errors the user can fix (an unreadable IMAGE, an --out that cannot be written, a bad --model) end
+    it with one line naming the file or argument, before the model is built (:func:`spformer.cli.run_main`)."""
+    from spformer.cli import run_main
 
     args = _parser().parse_args(argv)
+    return run_main('spformer-visualize', _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spformer.cli import check_output_file, make_parent
+    from spformer.datasets import read_image
+    from spformer.hub.checkpoint import load_model
+    from spformer.images import ImageReadError
+    from spformer.superpixel_eval import LEVELS, ModelSuperpixels, resize_image
+
     out = args.out or os.path.splitext(os.path.basename(args.image))[0] + f'_{LEVELS[args.level].noun}.png'
+    check_output_file(out, '--out')
     try:
-        if not os.path.isfile(args.image):
-            raise InputError(f'IMAGE {args.image!r} is not a file')
-        try:
-            image = read_image(args.image)
-        except Exception as e:
-            raise InputError(f'IMAGE {args.image!r} could not be read as an image: {e}') from e
-        loaded = load_model(args.model, argument='--model', seed=args.seed, device=args.device)
-        segmenter = ModelSuperpixels(loaded.model.eval(), args.model, level=args.level, weights=loaded.weights,
-                                     device=args.device, trained=loaded.trained)
-    except (InputError, DatasetError, ModelReferenceError) as e:
-        raise SystemExit(f'spformer-visualize: {e}')
+        image = read_image(args.image)  # spformer.images: 16-bit images scaled, not clipped
+    except ImageReadError as e:
+        raise ImageReadError(f'IMAGE: {e}', e.path, e.reason) from e
+    loaded = load_model(args.model, argument='--model', seed=args.seed, device=args.device)
+    segmenter = ModelSuperpixels(loaded.model.eval(), args.model, level=args.level, weights=loaded.weights,
+                                 device=args.device, trained=loaded.trained)
     resized = resize_image(image, segmenter.input_size)
     stages = segmenter.stages(resized[None])
     level = LEVELS[args.level]
@@ -285,6 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'stage {stage.get("stage", i + 1)} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
               f'{", ".join(str(u) for u in used[1:])}')
     title = f'{args.model} ({loaded.title})'
+    make_parent(out)
     save_stages_figure(resized, stages, out, title=title, noun=level.noun)
     print(f'wrote   : {out}')
     return 0

@@ -23,6 +23,7 @@ import torch
 
 from spformer.kernels import (
     NEIGHBOR_OFFSETS,
+    image_to_cells,
     pixel_attention,
     superpixel_association,
     superpixel_attention,
@@ -608,13 +609,27 @@ def test_default_scale_is_rsqrt_d(backend):
         naive_superpixel_attention(x['q_s'], x['k_p'], x['v_p'], cell, 2.0), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-def test_empty_batch(backend):
-    """B = 0 gives empty outputs of the right shapes (and no error)."""
-    x = make_inputs(0, 2, 2, 3, 2, 3, 4)
-    assert superpixel_attention(x['q_s'], x['k_p'], x['v_p'], 2, backend=backend).shape == (0, 2, 2, 3, 4)
-    out, wts = pixel_attention(x['q_p'], x['k_s'], x['v_s'], 2, return_weights=True, backend=backend)
-    assert out.shape == (0, 2, 4, 6, 4) and wts.shape == (0, 2, 4, 6, 9)
+@pytest.mark.parametrize('layout', ['image', 'cells'])
+@pytest.mark.parametrize('backend', BACKENDS + ('cpu',))
+def test_empty_batch(backend, layout):
+    """B = 0 gives empty outputs of the right shapes (and no error), forward and backward, in both pixel
+    layouts (the fused C kernels included): what the B = 1 call gives, with batch 0."""
+    cell = 2
+    to_layout = (lambda t: image_to_cells(t, cell)) if layout == 'cells' else (lambda t: t)
+    for B in (1, 0):
+        x = {k: v.float().requires_grad_() for k, v in make_inputs(B, 2, 2, 3, cell, 3, 4).items()}
+        k_p, v_p, q_p = (to_layout(x[k]) for k in ('k_p', 'v_p', 'q_p'))
+        bias = torch.zeros(B, 2, 2, 3, requires_grad=True)
+        outs = [superpixel_attention(x['q_s'], k_p, v_p, cell, backend=backend, pixel_layout=layout),
+                *pixel_attention(q_p, x['k_s'], x['v_s'], cell, bias=bias, return_weights=True, backend=backend,
+                                 pixel_layout=layout),
+                superpixel_association(q_p, x['k_s'], cell, bias=bias, backend=backend, pixel_layout=layout)]
+        sum(o.sum() for o in outs).backward()
+        shapes = [o.shape[1:] for o in outs] + [t.grad.shape[1:] for t in (*x.values(), bias)]
+        if B == 1:
+            want = shapes
+        else:
+            assert shapes == want and all(o.shape[0] == 0 for o in outs)
 
 
 # --------------------------------------------------------------------------------------
@@ -774,6 +789,15 @@ BAD_INPUTS = [
     ('scale-nan', lambda: _sp(scale=float('nan')), ValueError, r'scale'),
     ('scale-inf', lambda: _px(scale=float('inf')), ValueError, r'scale'),
     ('scale-str', lambda: _as(scale='1'), (ValueError, TypeError), r'scale'),
+    # a head dim of 0 (last dim: channels per head), also with an explicit scale
+    ('head-dim-0-q_s', lambda: _sp(q=(1, 2, 2, 3, 0), k=(1, 2, 8, 12, 0)), ValueError,
+     r'q_s.*head dim.*\(1, 2, 2, 3, 0\)'),
+    ('head-dim-0-scale', lambda: _sp(q=(1, 2, 2, 3, 0), k=(1, 2, 8, 12, 0), scale=1.0), ValueError, r'q_s.*head dim'),
+    ('head-dim-0-v_p', lambda: _sp(v=(1, 2, 8, 12, 0)), ValueError, r'v_p.*head dim.*\(1, 2, 8, 12, 0\)'),
+    ('head-dim-0-q_p', lambda: _px(q=(1, 2, 8, 12, 0), k=(1, 2, 2, 3, 0)), ValueError, r'q_p.*head dim'),
+    ('head-dim-0-v_s', lambda: _px(v=(1, 2, 2, 3, 0)), ValueError, r'v_s.*head dim'),
+    ('head-dim-0-assoc', lambda: _as(q=(1, 2, 8, 12, 0), k=(1, 2, 2, 3, 0)), ValueError, r'q_p.*head dim'),
+    ('head-dim-0-assoc-k_s', lambda: _as(k=(1, 2, 2, 3, 0)), ValueError, r'k_s.*head dim'),
     # pixel layout
     ('layout-unknown', lambda: _px(pixel_layout='nchw'), ValueError, r"pixel_layout.*'image'.*'cells'"),
     ('layout-cells-5d', lambda: _px(pixel_layout='cells'), ValueError, r'q_p.*6-D.*cell\*cell=16'),

@@ -4,9 +4,15 @@ Nx1, non-square, borders), cells 1-7, 1-3 heads, d != dv, batch > 1, both pixel 
 gradcheck; and what happens without a C compiler. Each test checks that the kernels, not the
 torch backend they fall back to, ran.
 """
+import hashlib
+import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -144,19 +150,68 @@ def test_cpu_backend_on_other_devices_is_refused():
     assert functional._impl('auto', torch.device('cpu')) is cpu_backend
 
 
-def test_without_a_compiler(monkeypatch, tmp_path):
-    """No C compiler: 'auto' warns once and runs the torch backend; backend='cpu' says why it cannot run."""
+@pytest.mark.parametrize('args', ['', ' -O2'], ids=['CC', 'CC with arguments'])
+def test_without_a_compiler(monkeypatch, tmp_path, args):
+    """No C compiler: 'auto' warns once (naming $CC) and runs the torch backend; backend='cpu' says why it
+    cannot run."""
     monkeypatch.setattr(cpu_backend, '_libraries', {})
     monkeypatch.setattr(cpu_backend, '_unavailable', None)
-    monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
+    cc = f'{tmp_path / "no-such-compiler"}{args}'
+    monkeypatch.setenv('CC', cc)
     monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
     torch.manual_seed(0)
     q_s, x_p = torch.randn(1, 2, 2, 3, 4), torch.randn(1, 1, 8, 12, 4)
-    with pytest.warns(RuntimeWarning, match='fused CPU attention kernels are unavailable.*no-such-compiler'):
+    with pytest.warns(RuntimeWarning, match=f'fused CPU attention kernels are unavailable \\(CC={re.escape(repr(cc))}: .*'
+                                            'no-such-compiler.*Set CC to a C compiler'):
         out = superpixel_attention(q_s, x_p, x_p, 4)
     torch.testing.assert_close(out, superpixel_attention(q_s, x_p, x_p, 4, backend='torch'))
     with pytest.raises(ValueError, match="backend='cpu': the fused C kernels are unavailable"):
         superpixel_attention(q_s, x_p, x_p, 4, backend='cpu')
+
+
+def test_failing_compiler_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """A compiler that runs but fails (every flag set): the warning gives its last line of errors and
+    blames it; nothing is left in the cache directory but its lock file."""
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    monkeypatch.setattr(cpu_backend, '_unavailable', None)
+    broken = tmp_path / 'broken-cc'
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "broken-cc 1.0" && exit 0\n'
+                      'echo "broken-cc: error: no luck today" >&2; exit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv('CC', str(broken))
+    monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
+    with pytest.warns(RuntimeWarning, match='kernels are unavailable .*no luck today.*Set CC to a C compiler'):
+        assert not cpu_backend.available(torch.float32)
+    assert [p.name for p in (tmp_path / 'cache' / 'cpu_kernels').iterdir()] == ['.lock']
+
+
+def test_broken_library_and_failing_rebuild(monkeypatch, tmp_path):
+    """A cached library that fails its check, and a compiler that cannot rebuild it: one warning naming
+    the file, why, and that this process runs the PyTorch backend, which it does. The file is never
+    loaded (its size is not the recorded one), so this runs in this process."""
+    monkeypatch.setattr(cpu_backend, '_libraries', {})
+    monkeypatch.setattr(cpu_backend, '_unavailable', None)
+    broken = tmp_path / 'broken-cc'
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "broken-cc 1.0" && exit 0\n'
+                      'echo "broken-cc: error: no luck today" >&2; exit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv('CC', str(broken))
+    monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
+    lib = cpu_backend._library_path(cpu_backend._cache_dir(), 'f32', [str(broken)], 'broken-cc 1.0\n',
+                                    cpu_backend.FLAGS)
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b'\x7fELF' + bytes(60))
+    lib.with_name(lib.name + '.json').write_text(json.dumps(dict(size=82368, sha256='0' * 64)))
+    torch.manual_seed(0)
+    q_s, x_p = torch.randn(1, 2, 2, 3, 4), torch.randn(1, 1, 8, 12, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        out = superpixel_attention(q_s, x_p, x_p, 4)
+    (warning,) = [str(w.message) for w in caught if 'spformer' in str(w.message)]
+    assert str(lib) in warning and '64 bytes where 82368 were written' in warning, warning
+    assert 'no luck today' in warning and 'PyTorch backend' in warning, warning
+    assert not cpu_backend.available() and not lib.exists()
+    torch.testing.assert_close(out, superpixel_attention(q_s, x_p, x_p, 4, backend='torch'))
 
 
 def test_kernels_switched_off(monkeypatch):
@@ -260,3 +315,230 @@ def test_first_compilation_says_so_once(tmp_path):
     assert runs[0].stderr.splitlines() == [line], runs[0].stderr
     assert len(list((tmp_path / 'cache' / 'cpu_kernels').glob('*.so'))) == 2
     assert runs[1].stderr == '', runs[1].stderr
+
+
+# The cache of compiled libraries under faults, each as it happens: in child processes with a cache
+# directory of their own (this process's library stays as it is), each running both attention ops once and
+# comparing them with the torch backend. A child prints what it saw as JSON on its last stdout line.
+_CHILD = '''
+import json, warnings
+import torch
+from spformer.kernels import cpu_backend, pixel_attention, superpixel_attention
+torch.manual_seed(0)
+q_s, k_s, x_p = torch.randn(1, 2, 2, 3, 4), torch.randn(1, 2, 2, 3, 4), torch.randn(1, 1, 8, 12, 4)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    got = [superpixel_attention(q_s, x_p, x_p, 4), pixel_attention(x_p, k_s, k_s, 4)]
+    kernels = cpu_backend.available()
+want = [superpixel_attention(q_s, x_p, x_p, 4, backend='torch'), pixel_attention(x_p, k_s, k_s, 4, backend='torch')]
+print(json.dumps(dict(kernels=kernels, warnings=[str(w.message) for w in caught],
+                      error=max(float((a - b).abs().max()) for a, b in zip(got, want)))))
+'''
+_NOTICE = 'spformer: compiling the fused CPU kernels'
+
+
+def _child_env(cache, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ('CC', 'SPFORMER_CPU_KERNELS', 'PYTHONWARNINGS')}
+    return dict(env, SPFORMER_CACHE_DIR=str(cache), **extra)
+
+
+def _check(proc):
+    """The child's report, after checking that it ran to the end (a SIGBUS shows as returncode -7)."""
+    why = f'killed by {signal.Signals(-proc.returncode).name}' if proc.returncode < 0 else f'exit {proc.returncode}'
+    assert proc.returncode == 0, f'the child process died ({why}): {proc.stderr[-3000:]}'
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report['error'] < 1e-5, report  # the same results as the torch backend
+    return report
+
+
+def _run_child(tmp_path, cache, **extra):
+    proc = subprocess.run([sys.executable, '-c', _CHILD], cwd=tmp_path, env=_child_env(cache, **extra),
+                          capture_output=True, text=True, timeout=240)
+    return _check(proc), proc.stderr
+
+
+def _folder(cache):
+    return cache / 'cpu_kernels'
+
+
+def _leftovers(cache):
+    """Files in the cache that are neither a library, its record nor the lock file."""
+    return sorted(p.name for p in _folder(cache).iterdir() if not p.name.startswith('spformer_cpu_')
+                  and p.name != '.lock')
+
+
+def _library(cache):
+    (lib,) = _folder(cache).glob('spformer_cpu_f32_*.so')
+    return lib
+
+
+def _cc():
+    cc = shutil.which('cc') or shutil.which('gcc')
+    if cc is None:
+        pytest.skip('no cc on PATH')
+    return cc
+
+
+@pytest.fixture(scope='module')
+def built_cache(tmp_path_factory):
+    """A cache directory in which a process compiled the float32 library (copied by the tests that break it)."""
+    root = tmp_path_factory.mktemp('built')
+    report, stderr = _run_child(root, root / 'cache')
+    assert report['kernels'] and not report['warnings'] and _NOTICE in stderr, (report, stderr)
+    return root / 'cache'
+
+
+@pytest.fixture
+def cache(tmp_path, built_cache):
+    """A copy of :func:`built_cache` for one test."""
+    shutil.copytree(built_cache, tmp_path / 'cache')
+    return tmp_path / 'cache'
+
+
+@pytest.fixture
+def wrapper(tmp_path):
+    """A compiler wrapper as ccache is (a command that runs the command after it), in a path with a space:
+    logs its arguments to ``.log`` and, with SLOW_CC=s, touches ``.compiling`` and sleeps s seconds before
+    compiling."""
+    path = tmp_path / 'bin dir' / 'my-ccache'
+    path.parent.mkdir()
+    path.write_text('#!/bin/sh\necho "$*" >> "$0.log"\n'
+                    'if [ -n "$SLOW_CC" ] && [ "$1" != "--version" ] && [ "$2" != "--version" ]; then\n'
+                    '  touch "$0.compiling"; sleep "$SLOW_CC"\nfi\nexec "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize('size', ['half', 'empty'])
+def test_truncated_library_is_rebuilt_not_loaded(tmp_path, cache, size):
+    """A cached library cut short after it was built (a full disk, a power loss) is never mapped (it would
+    kill the process with SIGBUS at the first call into it): its size and hash are checked against the
+    record written after it. The next process warns once, naming the file, removes it, rebuilds it and
+    runs the kernels; the process after that loads the rebuilt library silently."""
+    lib = _library(cache)
+    os.truncate(lib, lib.stat().st_size // 2 if size == 'half' else 0)
+    report, stderr = _run_child(tmp_path, cache)
+    assert report['kernels'], report
+    (warning,) = report['warnings']
+    assert str(lib) in warning, warning
+    assert 'truncated' in warning.replace(str(lib), '') and 'rebuilt' in warning.replace(str(lib), ''), warning
+    report, stderr = _run_child(tmp_path, cache)
+    assert report['kernels'] and not report['warnings'] and stderr == '', (report, stderr)
+    assert _library(cache) == lib and _leftovers(cache) == []
+
+
+def test_library_without_the_kernels_is_rebuilt(tmp_path, cache):
+    """A library under the expected name and with a matching size/hash record, but without the kernels'
+    functions: a warning naming it and the missing functions (no AttributeError), and the kernels run
+    from a rebuilt library that replaced it."""
+    lib = _library(cache)
+    (tmp_path / 'other.c').write_text('int spformer_something_else(void) { return 1; }\n')
+    subprocess.run([_cc(), '-shared', '-fPIC', str(tmp_path / 'other.c'), '-o', str(lib)], check=True)
+    data = lib.read_bytes()
+    lib.with_name(lib.name + '.json').write_text(json.dumps(dict(size=len(data),
+                                                                 sha256=hashlib.sha256(data).hexdigest())))
+    report, _ = _run_child(tmp_path, cache)
+    assert report['kernels'], report
+    (warning,) = report['warnings']
+    assert str(lib) in warning, warning
+    assert 'lacks' in warning.replace(str(lib), '') and 'superpixel_fwd_f32' in warning, warning
+    assert 'rebuilt' in warning.replace(str(lib), ''), warning
+    rebuilt = lib.read_bytes()
+    assert b'superpixel_fwd_f32' in rebuilt
+    assert json.loads(lib.with_name(lib.name + '.json').read_text())['sha256'] == hashlib.sha256(rebuilt).hexdigest()
+
+
+def _writable(folder):
+    try:
+        (folder / 'probe').touch()
+    except OSError:
+        return False
+    (folder / 'probe').unlink()
+    return True
+
+
+@pytest.mark.parametrize('how', ['read-only directory', 'path under a file'])
+def test_unwritable_cache_directory(tmp_path, how):
+    """A cache directory that cannot be written (it exists, read-only) or created (its path runs through a
+    regular file): the kernels are compiled into a temporary directory of the process (removed again) and
+    run; the one warning names the cache directory and SPFORMER_CACHE_DIR and does not blame the compiler,
+    and no line says the kernels are cached. (root writes into read-only directories: for root the
+    directory is made immutable, where the file system allows it.)"""
+    root, undo = tmp_path / 'cache', []
+    if how == 'read-only directory':
+        _folder(root).mkdir(parents=True)
+        _folder(root).chmod(0o500)
+        undo.append(['chmod', '700', str(_folder(root))])
+        if _writable(_folder(root)):
+            if shutil.which('chattr') is None or subprocess.run(['chattr', '+i', str(_folder(root))],
+                                                                capture_output=True).returncode:
+                pytest.skip('this user writes into read-only directories (root) and cannot make one immutable')
+            undo.insert(0, ['chattr', '-i', str(_folder(root))])
+    else:
+        (tmp_path / 'a-file').write_text('')
+        root = tmp_path / 'a-file' / 'cache'
+    (tmp_path / 'tmp').mkdir()
+    try:
+        assert how != 'read-only directory' or not _writable(_folder(root))
+        report, stderr = _run_child(tmp_path, root, TMPDIR=str(tmp_path / 'tmp'))
+    finally:
+        for command in undo:
+            subprocess.run(command, check=True)
+    assert report['kernels'], report
+    (warning,) = report['warnings']
+    assert str(_folder(root)) in warning, warning
+    text = warning.replace(str(_folder(root)), '')
+    assert 'not writable' in text and 'SPFORMER_CACHE_DIR' in text, warning
+    assert 'compiler' not in text and 'unavailable' not in text, warning
+    assert 'cached in' not in stderr, stderr
+    assert not [p.name for p in (tmp_path / 'tmp').iterdir() if 'spformer' in p.name]
+
+
+def test_compiler_command_with_arguments(tmp_path, wrapper):
+    """$CC is a command with arguments, split as a shell splits it (CC='ccache gcc', 'gcc -m64'): here a
+    wrapper in a quoted path with a space, then the compiler and a flag. The kernels compile through it."""
+    cache = tmp_path / 'cache'
+    report, stderr = _run_child(tmp_path, cache, CC=f"'{wrapper}' {_cc()} -O2")
+    assert report['kernels'] and not report['warnings'], report
+    calls = wrapper.with_name(wrapper.name + '.log').read_text().splitlines()
+    assert any(call.endswith('-O2 --version') for call in calls) and any('cpu_kernels.c' in call for call in calls)
+    assert _NOTICE in stderr and len(list(_folder(cache).glob('*.so'))) == 1 and _leftovers(cache) == []
+
+
+def test_killed_compilation_leaves_nothing_behind(tmp_path, wrapper):
+    """A process killed (with its compiler) while it compiles leaves its temporary file in the cache; the
+    next process removes it, compiles and runs the kernels, and leaves only the library and its record."""
+    cache = tmp_path / 'cache'
+    cc = f"'{wrapper}' {_cc()}"
+    proc = subprocess.Popen([sys.executable, '-c', _CHILD], cwd=tmp_path, env=_child_env(cache, CC=cc, SLOW_CC='60'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not wrapper.with_name(wrapper.name + '.compiling').exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert _leftovers(cache), 'the killed process left no temporary file: the test does not test anything'
+    report, stderr = _run_child(tmp_path, cache, CC=cc)
+    assert report['kernels'] and not report['warnings'] and _NOTICE in stderr, (report, stderr)
+    assert _leftovers(cache) == [] and len(list(_folder(cache).glob('*.so'))) == 1
+
+
+def test_concurrent_processes_compile_once(tmp_path, wrapper):
+    """Two processes that start together on an empty cache: one compiles, the other waits for it and loads
+    that library (no warning, no second compilation, no temporary file left)."""
+    cache = tmp_path / 'cache'
+    env = _child_env(cache, CC=f"'{wrapper}' {_cc()}", SLOW_CC='1')
+    procs = [subprocess.Popen([sys.executable, '-c', _CHILD], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    reports = [_check(subprocess.CompletedProcess(p.args, p.returncode, *out)) for p, out in zip(procs, outs)]
+    assert all(r['kernels'] and not r['warnings'] for r in reports), reports
+    assert sum(_NOTICE in err for _, err in outs) == 1, [err for _, err in outs]
+    assert len(list(_folder(cache).glob('*.so'))) == 1 and _leftovers(cache) == []

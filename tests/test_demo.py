@@ -4,6 +4,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from spformer.demo import main
@@ -87,3 +88,106 @@ def test_readme_table_replacement():
         mt.replace_between_markers('no markers here', 'x')
     with pytest.raises(ValueError, match='before'):
         mt.replace_between_markers(f'{mt.END}\n{mt.START}\n', 'x')
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors a user can fix: one line naming the file or argument, before the model is built
+# ---------------------------------------------------------------------------------------------
+
+TINY = 'spformer_tiny_sp16_224'
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the demo gets as far as building a model."""
+    import spformer.demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the model was loaded before the cheap checks')
+    monkeypatch.setattr(spformer.demo, 'load_model', refuse)
+
+
+def _truncated_png(path):
+    from PIL import Image
+    from skimage.data import astronaut
+    Image.fromarray(astronaut()[::4, ::4]).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def test_demo_names_an_unreadable_image(tmp_path, no_model):
+    image = _truncated_png(tmp_path / 'cut.png')
+    with pytest.raises(SystemExit) as e:
+        main(['--model', TINY, '--image', str(image), '--out', str(tmp_path / 'x.png')])
+    assert str(e.value) == (f"spformer-demo: --image: cannot read image '{image}': truncated image data "
+                            f"(image file is truncated)")
+    (tmp_path / 'notes.jpg').write_text('not a picture')
+    with pytest.raises(SystemExit, match=r"^spformer-demo: --image: cannot read image '.*notes.jpg': not an image"):
+        main(['--model', TINY, '--image', str(tmp_path / 'notes.jpg'), '--out', str(tmp_path / 'x.png')])
+
+
+def test_demo_names_an_out_it_cannot_write(tmp_path, no_model):
+    (tmp_path / 'somefile.txt').write_text('x')
+    out = tmp_path / 'somefile.txt' / 'x.png'
+    with pytest.raises(SystemExit) as e:
+        main(['--model', TINY, '--out', str(out)])
+    assert str(e.value) == f"spformer-demo: --out '{out}': '{tmp_path / 'somefile.txt'}' is a file, not a folder"
+    with pytest.raises(SystemExit, match=f"^spformer-demo: --out '{tmp_path}' is a folder; expected the path of a file"):
+        main(['--model', TINY, '--out', str(tmp_path)])
+
+
+def test_demo_reads_a_16bit_image_as_its_8bit_original(tmp_path):
+    from PIL import Image
+    from skimage.data import camera
+    from spformer.demo import _load_image
+    grey = camera()[::8, ::8]
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')  # PIL mode 'I;16'
+    image, name = _load_image(str(tmp_path / 'grey16.png'))
+    assert name == str(tmp_path / 'grey16.png') and image.mode == 'RGB'
+    np.testing.assert_array_equal(np.asarray(image), np.repeat(grey[..., None], 3, axis=2))
+
+
+@pytest.mark.parametrize('flags', [['--checkpoint', '{pth}'], ['--model', TINY + '={pth}']])
+def test_demo_never_loads_a_pickle(tmp_path, monkeypatch, flags):
+    import builtins
+    import pickle
+
+    class Trap:  # unpickling this writes the marker file: a pickle runs code when loaded
+        def __reduce__(self):
+            return builtins.open, (str(tmp_path / 'UNPICKLED'), 'w')
+    pth = tmp_path / 'weights.pth'
+    torch.save({'state_dict': timm.create_model('test_vit').state_dict(), 'trap': Trap()}, pth)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a pickle was loaded')
+    monkeypatch.setattr(torch, 'load', refuse)
+    monkeypatch.setattr(pickle, 'load', refuse)
+    monkeypatch.setattr(pickle, 'loads', refuse)
+    argv = [f.format(pth=pth) for f in flags] + ['--out', str(tmp_path / 'x.png')]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value)
+    assert message.startswith(f'spformer-demo: {argv[0]} ') and f"'{pth}' is not a .safetensors weights file" in message
+    assert 'pickled weights, .pth/.bin/.pt/..., are never loaded' in message
+    assert not (tmp_path / 'UNPICKLED').exists()
+
+
+def test_spformer_debug_shows_the_traceback(tmp_path, monkeypatch, no_model):
+    from spformer.images import ImageReadError
+    image = _truncated_png(tmp_path / 'cut.png')
+    for name in ('SPFORMER_DEBUG', 'SPFORMER_HUB_DEBUG'):  # the second: spformer-hub's older name, still accepted
+        monkeypatch.setenv(name, '1')
+        with pytest.raises(ImageReadError, match=f"^--image: cannot read image '{image}': truncated") as e:
+            main(['--model', TINY, '--image', str(image), '--out', str(tmp_path / 'x.png')])
+        assert isinstance(e.value.__cause__, ImageReadError)  # down to PIL's own error, in the traceback
+        monkeypatch.delenv(name)
+    monkeypatch.setenv('SPFORMER_DEBUG', '0')  # 0 is off
+    with pytest.raises(SystemExit):
+        main(['--model', TINY, '--image', str(image), '--out', str(tmp_path / 'x.png')])
+
+
+def test_help_documents_spformer_debug(capsys):
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    assert 'SPFORMER_DEBUG=1' in capsys.readouterr().out

@@ -514,3 +514,64 @@ def test_load_model_names_the_argument_for_an_unreachable_hub_repo():
     from spformer.hub import ModelReferenceError, load_model
     with pytest.raises(ModelReferenceError, match=r"^--model 'hf-hub:someone/nothing': LocalEntryNotFoundError"):
         load_model('hf-hub:someone/nothing', argument='--model')
+
+
+# ------------------------------------------------------------------------------------------ images and CLI errors
+
+def test_cli_names_a_bad_sample_image_or_out_dir_before_loading_anything(fake_hub, train_folder, tmp_path, monkeypatch):
+    import spformer.hub.publish
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the checkpoint was loaded before the cheap checks')
+    monkeypatch.setattr(spformer.hub.publish, '_load_source', refuse)
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('a text file, not a picture')
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        hub_cli(['export', str(train_folder), str(out), '--sample-image', str(notes)])
+    assert str(e.value).startswith(f"spformer-hub export: --sample-image: cannot read image '{notes}': not an image")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as e:
+        hub_cli(['export', str(train_folder), str(notes)])
+    assert str(e.value) == f"spformer-hub export: OUT_DIR '{notes}' is a file, not a folder"
+    with pytest.raises(SystemExit, match=f"^spformer-hub push: --sample-image: cannot read image '{tmp_path / 'no.png'}': "
+                                         f"no such file$"):
+        hub_cli(['push', str(train_folder), '--repo-id', 'o/n', '--token', TOKEN, '--sample-image',
+                 str(tmp_path / 'no.png')])
+    assert 'o/n' not in fake_hub.repos  # refused before the repo was created
+    with pytest.raises(SystemExit, match=f"^spformer-hub export: --label-names '{tmp_path / 'no.json'}': No such file"):
+        hub_cli(['export', str(train_folder), str(out), '--label-names', str(tmp_path / 'no.json')])
+
+
+def test_cli_debug_variable_reraises_with_the_traceback(train_folder, tmp_path, monkeypatch, capsys):
+    from spformer.images import ImageReadError
+    (tmp_path / 'empty.png').write_bytes(b'')
+    argv = ['export', str(train_folder), str(tmp_path / 'out'), '--sample-image', str(tmp_path / 'empty.png')]
+    for name in ('SPFORMER_DEBUG', 'SPFORMER_HUB_DEBUG'):  # one variable for every script; the old name still works
+        monkeypatch.setenv(name, '1')
+        with pytest.raises(ImageReadError, match='the file is empty'):
+            hub_cli(argv)
+        monkeypatch.delenv(name)
+    with pytest.raises(SystemExit, match='the file is empty'):
+        hub_cli(argv)
+    for command in ([], ['push'], ['export'], ['download']):
+        with pytest.raises(SystemExit):
+            hub_cli(command + ['--help'])
+        assert 'SPFORMER_DEBUG=1' in capsys.readouterr().out.replace('\n', ' '), command
+
+
+def test_card_picture_of_a_16bit_sample_image_is_that_of_its_8bit_original(tmp_path):
+    from PIL import Image
+    from skimage.data import camera
+    from spformer.hub.card import _load_image, save_superpixel_picture
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, img_size=IMG).eval()
+    grey = camera()[::8, ::8]
+    Image.fromarray(grey).save(tmp_path / 'grey8.png')
+    Image.fromarray(grey.astype('uint16') * 257).save(tmp_path / 'grey16.png')  # PIL mode 'I;16'
+    for name in ('grey8', 'grey16'):
+        save_superpixel_picture(model, tmp_path / f'{name}_sp.png', tmp_path / f'{name}.png')
+    assert (tmp_path / 'grey16_sp.png').read_bytes() == (tmp_path / 'grey8_sp.png').read_bytes()
+    with Image.open(tmp_path / 'grey16.png') as image:
+        as_pil = _load_image(image)  # a PIL image goes through spformer.images.to_rgb
+    assert as_pil.mode == 'RGB' and as_pil.tobytes() == Image.fromarray(grey).convert('RGB').tobytes()

@@ -413,6 +413,92 @@ def test_bad_constructor_args():
         timm.create_model('spformer_tiny_sp16_224', sca_heads=5)
 
 
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(attn_backend='bogus'),
+     r"attn_backend must be one of \('auto', 'torch', 'cpu', 'triton', 'reference'\), got 'bogus'"),
+    (dict(attn_backend='Torch'), r"attn_backend must be one of .*got 'Torch'"),
+    (dict(sca_heads=0), r'sca_heads must be an int >= 1, got 0'),
+    (dict(num_heads=0), r'num_heads must be an int >= 1, got 0'),
+])
+def test_bad_constructor_args_fail_at_construction(kwargs, match):
+    """An unknown attention backend (the op family's own list, spformer.kernels.BACKENDS) or zero heads fail
+    when the model is built, naming the argument, not at the first forward."""
+    with pytest.raises(ValueError, match=match):
+        timm.create_model('spformer_tiny_sp16_224', device='meta', **kwargs)
+
+
+def _batch_shapes(out, batch=None):
+    """The structure of a forward's output with every tensor replaced by (shape, dtype), the batch (first)
+    dim replaced by ``batch`` if given; ``grid`` (a size, not a batch) and plain values kept as they are."""
+    if isinstance(out, dict):
+        return {k: v.tolist() if k == 'grid' else _batch_shapes(v, batch) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_batch_shapes(v, batch) for v in out]
+    if isinstance(out, torch.Tensor):
+        return ((out.shape[0] if batch is None else batch, *out.shape[1:]), out.dtype)
+    return out
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_empty_batch(model_name):
+    """B = 0 (as timm's ViTs take it: the last, empty, batch of a sharded eval) gives empty outputs: every
+    forward returns what it returns for B = 1 with the batch dim 0 (the oracle is the B = 1 run), and a
+    training step runs (gradients of zeros, every parameter reached)."""
+    model = _narrow(model_name, gamma=0.5)
+    forwards = ['forward', 'forward_features', 'forward_intermediates', 'forward_superpixels']
+    forwards += ['forward_groups'] if model.grouping else []
+    one, empty = torch.randn(1, 3, *model.img_size), torch.zeros(0, 3, *model.img_size)
+    with torch.no_grad():
+        for name in forwards:
+            want = _batch_shapes(getattr(model, name)(one), batch=0)
+            assert _batch_shapes(getattr(model, name)(empty)) == want, name
+    model.train()
+    logits = model(empty.requires_grad_())
+    assert logits.shape == (0, 5)
+    logits.sum().backward()
+    assert empty.grad.shape == empty.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int8, torch.int64, torch.bool, torch.complex64,
+                                   torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_bad_input_dtype(dtype):
+    """x must be floating point, in the model's dtype outside autocast: the error names x and its dtype (not a
+    convolution's dtype error deep inside the stem)."""
+    model = _narrow('spformer_tiny_sp16_224')
+    x = (torch.rand(1, 3, *model.img_size) * 255).to(dtype)
+    with pytest.raises(TypeError, match=rf'\bx\b.*{dtype}'):
+        model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        if dtype in (torch.float16, torch.bfloat16):  # autocast casts them as torch's layers do: fine
+            assert model(x).shape == (1, 5)
+        else:  # autocast takes no integer, bool, complex or float64 input either
+            with pytest.raises(TypeError, match=rf'\bx\b.*{dtype}'):
+                model(x)
+
+
+@pytest.mark.parametrize('model_name, attn_backend', [
+    ('spformer_tiny_sp16_224', 'auto'), ('spformer_tiny_sp16_224', 'cpu'), ('spformer_tiny_sp16_224', 'triton'),
+    ('spformer_hier_small_local_sp16_224', 'auto')])
+def test_meta_model_under_autocast(model_name, attn_backend):
+    """A model moved to the meta device runs shape-only forwards, with and without autocast, whatever its
+    attention backend (the ops run their fake implementations): meta outputs of the CPU model's shapes."""
+    cpu = _narrow(model_name)
+    x = torch.randn(2, 3, *cpu.img_size)
+    with torch.no_grad():
+        want = [_batch_shapes(f(x))[0] for f in (cpu, cpu.forward_features)]
+        want.append(_batch_shapes(cpu.forward_superpixels(x)))
+    model = _narrow(model_name, attn_backend=attn_backend).to('meta')
+    xm = x.to('meta')
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            outs = [model(xm), model.forward_features(xm)]
+            superpixels = model.forward_superpixels(xm)
+        assert all(t.is_meta for t in outs) and [tuple(t.shape) for t in outs] == want[:2]
+        # meta tensors escape CPU autocast (it dispatches on CPU tensors only): float32 throughout
+        assert _batch_shapes(superpixels) == want[2]
+
+
 
 # --- timm's factory kwargs: device, dtype, meta builds ------------------------------------------
 

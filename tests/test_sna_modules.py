@@ -108,10 +108,21 @@ def test_layer_in_a_timm_style_block_compiles():
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(dim=6, num_heads=4), 'divisible'), (dict(dim=4, mode='soft'), 'mode'),
-    (dict(dim=4, scale='auto'), 'scale'), (dict(dim=4, dist='cos'), 'dist')])
+    (dict(dim=4, scale='auto'), 'scale'), (dict(dim=4, dist='cos'), 'dist'),
+    (dict(dim=0), r'dim must be an int >= 1, got 0'),
+    (dict(dim=4, num_heads=0), r'num_heads must be an int >= 1, got 0'),
+    # at construction, with the neighbourhood ops' own list (no 'cpu' backend there)
+    (dict(dim=4, attn_backend='bogus'), r"attn_backend must be one of \('auto', 'torch', 'triton', 'reference'\), "
+                                        r"got 'bogus'"),
+    (dict(dim=4, attn_backend='cpu'), r"attn_backend must be one of .*got 'cpu'")])
 def test_attention_layer_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SoftSuperpixelNeighborhoodAttention2d(**kwargs)
+
+
+def test_denoiser_bad_attn_backend_fails_at_construction():
+    with pytest.raises(ValueError, match=r"attn_backend must be one of .*got 'bogus'"):
+        SimpleDenoiser('sna-deep', attn_backend='bogus')
 
 
 def test_attention_layer_missing_superpixels():

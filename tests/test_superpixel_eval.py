@@ -387,7 +387,7 @@ def test_visualize_writes_every_stage_and_head(tmp_path, capsys):
     assert 'UNTRAINED' in text and 'resized to 224x224' in text
     assert text.count('of 196 superpixels (merged heads); per head: ') == 2
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    with pytest.raises(SystemExit, match="IMAGE '.*missing.jpg' is not a file"):
+    with pytest.raises(SystemExit, match="^spformer-visualize: IMAGE: cannot read image '.*missing.jpg': no such file$"):
         visualize_main([str(tmp_path / 'missing.jpg'), '--model', TINY])
 
 
@@ -437,3 +437,121 @@ def test_group_level(tiny, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count('of 49 groups (merged heads); per head: ') == 1 and 'stage 2 : ' in text
     assert (tmp_path / 'groups.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+# ---------------------------------------------------------------------------------------------
+# Images as every tool reads them (spformer.images): 16 bits, unreadable files, output paths
+# ---------------------------------------------------------------------------------------------
+
+def _cut_in_half(path):
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def test_a_16bit_copy_of_a_dataset_image_scores_as_its_8bit_original(tmp_path):
+    import shutil
+    from PIL import Image
+    from test_images import write_png48
+    root8 = write_shapes_dataset(str(tmp_path / 'd8'), 'folder', num_images=2, size=(96, 128), seed=1)
+    root16 = str(tmp_path / 'd16')
+    shutil.copytree(root8, root16)
+    first, second = (os.path.join('images', f'shapes_00{i}.png') for i in (0, 1))
+    grey = np.asarray(Image.open(os.path.join(root8, first)).convert('L'))
+    Image.fromarray(grey).save(os.path.join(root8, first))                             # 8-bit grey
+    Image.fromarray(grey.astype(np.uint16) * 257).save(os.path.join(root16, first))    # the same in 16 bits ('I;16')
+    rgb = np.asarray(Image.open(os.path.join(root8, second)))
+    write_png48(os.path.join(root16, second), rgb.astype(np.uint16) * 257)             # 48-bit RGB
+    rows = {}
+    for root in (root8, root16):
+        out = os.path.join(root, 'out')
+        assert main([root, '--methods', 'patch', 'slic', '--pictures', '0', '--out-dir', out, '--no-progress']) == 0
+        with open(os.path.join(out, 'results.json')) as f:
+            rows[root] = [{k: v for k, v in r.items() if 'second' not in k} for r in json.load(f)['per_image']]
+    assert len(rows[root16]) == 4 and rows[root16] == rows[root8]
+
+
+def test_eval_names_a_truncated_dataset_image(tmp_path):
+    root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=2, size=(16, 16))
+    bad = os.path.join(root, 'images', 'shapes_001.png')
+    _cut_in_half(bad)
+    with pytest.raises(SystemExit) as e:
+        main([root, '--methods', 'patch', '--pictures', '0', '--out-dir', str(tmp_path / 'o'), '--no-progress'])
+    assert str(e.value) == (f"spformer-eval-superpixels: cannot read image '{bad}': truncated image data "
+                            f"(image file is truncated)")
+
+
+def test_eval_names_an_out_dir_it_cannot_write_before_loading_models(tmp_path, monkeypatch):
+    import spformer.superpixel_eval
+    root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(16, 16))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a model was loaded before the output folder was checked')
+    monkeypatch.setattr(spformer.superpixel_eval, 'load_model', refuse)
+    (tmp_path / 'results.txt').write_text('x')
+    for out_dir, problem in ((tmp_path / 'results.txt', f"'{tmp_path / 'results.txt'}' is a file, not a folder"),
+                             (tmp_path / 'results.txt' / 'run1',
+                              f"'{tmp_path / 'results.txt' / 'run1'}': '{tmp_path / 'results.txt'}' is a file, "
+                              f"not a folder")):
+        with pytest.raises(SystemExit) as e:
+            main([root, '--model', TINY, '--out-dir', str(out_dir), '--no-progress'])
+        assert str(e.value) == f'spformer-eval-superpixels: --out-dir {problem}'
+
+
+def test_visualize_names_unreadable_images_and_outs_before_loading_the_model(tmp_path, monkeypatch):
+    import spformer.hub.checkpoint
+    from PIL import Image
+    from skimage.data import astronaut
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the model was loaded before the cheap checks')
+    monkeypatch.setattr(spformer.hub.checkpoint, 'load_model', refuse)
+    image = tmp_path / 'cut.png'
+    Image.fromarray(astronaut()[::4, ::4]).save(image)
+    _cut_in_half(image)
+    with pytest.raises(SystemExit) as e:
+        visualize_main([str(image), '--model', TINY, '--out', str(tmp_path / 'x.png')])
+    assert str(e.value) == (f"spformer-visualize: IMAGE: cannot read image '{image}': truncated image data "
+                            f"(image file is truncated)")
+    Image.fromarray(astronaut()[::4, ::4]).save(tmp_path / 'ok.png')
+    (tmp_path / 'notes.txt').write_text('x')
+    out = tmp_path / 'notes.txt' / 'x.png'
+    with pytest.raises(SystemExit) as e:
+        visualize_main([str(tmp_path / 'ok.png'), '--model', TINY, '--out', str(out)])
+    assert str(e.value) == f"spformer-visualize: --out '{out}': '{tmp_path / 'notes.txt'}' is a file, not a folder"
+
+
+def test_visualize_draws_a_16bit_image_as_its_8bit_original(tmp_path, capsys):
+    from PIL import Image
+    from skimage.data import camera
+    grey = camera()[::4, ::4]
+    Image.fromarray(grey).save(tmp_path / 'grey8.png')
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')
+    printed = []
+    for name in ('grey8', 'grey16'):
+        assert visualize_main([str(tmp_path / f'{name}.png'), '--model', TINY, '--out', str(tmp_path / 'o' / f'{name}.png')]) == 0
+        printed.append(capsys.readouterr().out.replace(name, 'IMAGE'))
+    assert printed[0] == printed[1]  # the same superpixel counts per stage and head
+    assert (tmp_path / 'o' / 'grey16.png').read_bytes() == (tmp_path / 'o' / 'grey8.png').read_bytes()
+
+
+def test_console_script_prints_one_line_or_with_spformer_debug_the_traceback(tmp_path):
+    """A fresh process, as a user runs it: one line on stderr and exit status 1; SPFORMER_DEBUG=1 the traceback."""
+    import subprocess
+    import sys
+    from PIL import Image
+    image = tmp_path / 'cut.jpg'
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90).save(image)
+    _cut_in_half(image)
+    script = os.path.join(os.path.dirname(sys.executable), 'spformer-visualize')
+    command = [script] if os.path.exists(script) else [sys.executable, '-m', 'spformer.visualize']
+    command += [str(image), '--model', TINY, '--out', str(tmp_path / 'x.png')]
+    env = {k: v for k, v in os.environ.items() if k not in ('SPFORMER_DEBUG', 'SPFORMER_HUB_DEBUG')}
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert plain.returncode == 1 and plain.stdout == ''
+    assert len(plain.stderr.splitlines()) == 1, plain.stderr
+    assert plain.stderr.startswith(f"spformer-visualize: IMAGE: cannot read image '{image}': truncated image data")
+    debug = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(env, SPFORMER_DEBUG='1'))
+    assert debug.returncode == 1
+    assert debug.stderr.startswith('Traceback (most recent call last)') and '\nOSError: ' in debug.stderr  # PIL's
+    assert debug.stderr.rstrip().splitlines()[-1].startswith('spformer.images.ImageReadError: IMAGE: cannot read image')

@@ -48,7 +48,7 @@ from spformer.allocator import prime_glibc_heap
 from spformer.kernels import cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_association, superpixel_attention
 from spformer.kernels import cpu_backend
-from spformer.kernels.functional import backend_module
+from spformer.kernels.functional import backend_module, check_backend
 
 __all__ = ['SPFormer']
 
@@ -112,13 +112,14 @@ def add_head_projections(
     and one layout pass instead of a layout copy and four elementwise passes."""
     B, M, h, w, c = heads.shape
     ls = layer_scale.view(M, -1)
-    residual = (x + (beta * ls).reshape(-1)).view(B * h * w, M, -1).transpose(0, 1)  # (M, BHW, C / M)
+    C = x.shape[-1]  # explicit sizes throughout: an empty batch (B = 0) leaves no -1 to infer
+    residual = (x + (beta * ls).reshape(-1)).view(B * h * w, M, C // M).transpose(0, 1)  # (M, BHW, C / M)
     scaled = weight * (gamma * ls).unsqueeze(-1)  # (M, C / M, c)
     heads = heads.permute(1, 0, 2, 3, 4).reshape(M, B * h * w, c)
     # Outside autocast: the residual stream keeps its dtype (baddbmm would come out in bf16/fp16).
     with autocast_disabled(x.device.type):
         out = torch.baddbmm(residual, heads.to(residual.dtype), scaled.transpose(1, 2).to(residual.dtype))
-    return out.transpose(0, 1).reshape(B, h, w, -1)
+    return out.transpose(0, 1).reshape(B, h, w, C)
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -260,7 +261,7 @@ def fused_inference_kernel(backend: str, name: str, x: torch.Tensor, *params: Op
     kernels/pixel_maps_triton.py, for the C kernels (CPU under 'auto' or 'cpu', outside autocast)
     from kernels/cpu_backend.py; never under torch.compile or with an autograd graph recorded
     through ``x`` or ``params``. The kernels return None for inputs they do not take (dtypes)."""
-    if torch.compiler.is_compiling() or _records_autograd(x, *params):
+    if torch.compiler.is_compiling() or _records_autograd(x, *params) or x.device.type == 'meta':
         return None
     if x.device.type == 'cpu' and backend != 'triton':
         if backend not in ('auto', 'cpu') or torch.is_autocast_enabled('cpu'):
@@ -387,7 +388,7 @@ class SuperpixelCrossAttention(nn.Module):
 
         s = conv_plus_identity(self.sp_pos, superpixels)
         q_s, k_s, v_s = self.sp_norm(self.sp_qkv(s)).split([C_p, C_p, C_p], dim=-1)
-        q_s, k_s = q_s.reshape(B, h, w, M, -1), k_s.reshape(B, h, w, M, -1)
+        q_s, k_s = q_s.reshape(B, h, w, M, C_p // M), k_s.reshape(B, h, w, M, C_p // M)
 
         # Superpixel update: logits <k_p, q_s>; the bias <beta_k, q_s> is constant over a
         # superpixel's pixels and cancels in its softmax.
@@ -402,7 +403,7 @@ class SuperpixelCrossAttention(nn.Module):
         if self.pixel_ls is not None:  # both updates read the old pixels and superpixels
             keys = project_heads(k_s * gq * scale, wq).to(dt)
             key_bias = (project_heads_bias(k_s, bq) * scale).to(dt)
-            values = v_s.reshape(B, h, w, M, -1).permute(0, 3, 1, 2, 4).to(dt)
+            values = v_s.reshape(B, h, w, M, C_p // M).permute(0, 3, 1, 2, 4).to(dt)
             out = pixel_attention(
                 x_hat, keys, values, cell, scale=1.0, bias=key_bias, backend=self.attn_backend, pixel_layout=layout)
             pixels = add_cell_update(pixels, out, self.pixel_ls.gamma)
@@ -454,7 +455,7 @@ class PixelUpdate(nn.Module):
         if isinstance(association, DenseAssociation):
             B, h, w, C = pixels.shape
             v = self.norm(self.proj(superpixels)).flatten(1, 2)  # (B, G, C)
-            v = v.view(B, v.shape[1], self.num_heads, -1).transpose(1, 2)  # (B, M, G, C / M)
+            v = v.view(B, v.shape[1], self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, M, G, C / M)
             weights = softmax_fp32(association.logits, dim=-1).to(v.dtype)  # over the groups
             update = (weights @ v).transpose(1, 2).reshape(B, h, w, C)
             return pixels + self.ls(update)
@@ -579,9 +580,9 @@ class SuperpixelInit(nn.Module):
         if self._chunked(pixels):
             chunk = max(1, self._chunk_bytes // (c * W * self.proj.out_features * pixels.element_size()))
             pooled = CellPooledProjection.apply(
-                pixels.reshape(B * H // c, c, W, -1), self.proj.weight, self.norm.weight, self.norm.bias,
+                pixels.reshape(B * H // c, c, W, pixels.shape[-1]), self.proj.weight, self.norm.weight, self.norm.bias,
                 self.norm.eps, c, chunk, self.attn_backend in ('auto', 'cpu'))
-            return pooled.view(B, H // c, W // c, -1)
+            return pooled.view(B, H // c, W // c, self.proj.out_features)
         if torch.is_grad_enabled() and pixels.requires_grad:
             return torch.utils.checkpoint.checkpoint(self._pooled, pixels, use_reentrant=False)
         return self._pooled(pixels)
@@ -628,7 +629,8 @@ class GroupCrossAttention(nn.Module):
         B, gh, gw, C = groups.shape
         M = self.num_heads
         q = self.q(self.group_norm(groups)).reshape(B, gh * gw, M, C // M).transpose(1, 2)  # (B, M, G, d)
-        k, v = self.kv(self.sp_norm(superpixels)).reshape(B, -1, 2, M, C // M).permute(2, 0, 3, 1, 4)  # (B, M, S, d)
+        S = superpixels.shape[1] * superpixels.shape[2]
+        k, v = self.kv(self.sp_norm(superpixels)).reshape(B, S, 2, M, C // M).permute(2, 0, 3, 1, 4)  # (B, M, S, d)
         logits = (k * self.scale) @ q.transpose(-1, -2)  # (B, M, S, G)
         attn = softmax_fp32(logits, dim=-2).to(v.dtype)  # each group over all superpixels
         update = (attn.transpose(-1, -2) @ v).transpose(1, 2).reshape(B, gh, gw, C)
@@ -811,16 +813,34 @@ class SPFormerStage(nn.Module):
         return list(self.blocks[:self.group_index]) + [self.group_block] + list(self.blocks[self.group_index:])
 
 
+# The dtypes autocast casts (to its lower precision dtype) on the way into a convolution; float64 it leaves.
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @register_notrace_function
 def check_image_input(
         x: torch.Tensor, in_chans: int, token_stride: int, img_size: Tuple[int, int], dynamic: bool,
-        stride_name: str = 'the superpixel token stride',
+        stride_name: str = 'the superpixel token stride', dtype: Optional[torch.dtype] = None,
 ):
-    """Fail early, naming the argument, instead of deep inside a reshape. The sides must be multiples
-    of ``token_stride`` (``stride_name`` says what it is: the group stride for hierarchical models)."""
+    """Fail early, naming the argument, instead of deep inside a reshape or a convolution. The sides must
+    be multiples of ``token_stride`` (``stride_name`` says what it is: the group stride for hierarchical
+    models). An empty batch (B = 0) is fine. ``dtype``: the model's parameter dtype, which ``x`` must
+    have, but under autocast on ``x``'s device, which takes any of float32/float16/bfloat16 for a model
+    in one of them (it casts both to its own dtype), as torch's layers do."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f'x must be a 4-D image batch (B, {in_chans}, H, W), got {got}')
+    if not x.is_floating_point():
+        hint = '' if x.is_complex() else (
+            ': normalize it first, e.g. with timm.data.create_transform(**timm.data.resolve_data_config({}, '
+            'model=model))')
+        want = "the model's dtype" + ('' if dtype is None else f' {dtype}')
+        raise TypeError(f'x must be a floating-point image tensor (B, {in_chans}, H, W) in {want} (or under '
+                        f'autocast); got {x.dtype}{hint}')
+    if dtype is not None and x.dtype != dtype and not (
+            autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_CASTS and dtype in _AUTOCAST_CASTS):
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {dtype}: pass x.to({dtype}), "
+                        f'convert the model (model.to({x.dtype})), or run under torch.autocast')
     if x.shape[1] != in_chans:
         raise ValueError(f'x has {x.shape[1]} channels, expected in_chans={in_chans} (shape (B, {in_chans}, H, W))')
     H, W = x.shape[2], x.shape[3]
@@ -888,7 +908,8 @@ class SPFormer(nn.Module):
             init_values: LayerScale init of the SCA and pixel updates.
             dynamic_img_size: Accept any input whose sides are multiples of the token stride
                 (position embeddings resampled on the fly).
-            attn_backend: Backend of the local cross-attention op ('auto', 'torch', 'reference').
+            attn_backend: Backend of the local cross-attention ops, one of ``spformer.kernels.BACKENDS``
+                ('auto', 'torch', 'cpu', 'triton', 'reference'); checked here, at construction.
             grouping: None (plain SPFormer), or the group level of the hierarchical variants:
                 'global' (group tokens attend to all superpixel tokens) or 'local' (SCA on the token grid).
             group_size: Superpixel tokens per group side (2: a 14x14 token grid gives 7x7 groups).
@@ -904,6 +925,10 @@ class SPFormer(nn.Module):
         super().__init__()
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f'dtype must be a floating point torch.dtype (or None), got {dtype!r}')
+        check_backend('attn_backend', attn_backend)  # here, not at the first forward
+        for arg, value in (('num_heads', num_heads), ('sca_heads', sca_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'{arg} must be an int >= 1, got {value!r}')
         dd = {'device': device, 'dtype': dtype}
         # On CPU, glibc would otherwise trim and re-fault SPFormer's heap every forward (spformer/allocator.py).
         prime_glibc_heap()
@@ -1092,7 +1117,7 @@ class SPFormer(nn.Module):
         check_image_input(
             x, self.in_chans, self.group_stride, self.img_size, self.dynamic_img_size,
             f'the group stride (superpixel token stride {self.token_stride} x group_size={self.group_size}):'
-            if self.grouping else 'the superpixel token stride')
+            if self.grouping else 'the superpixel token stride', self.stem.conv.weight.dtype)
         # Channels-last from here on: a strided view would make every later pixel op slower (the
         # depthwise convs fall back to their NCHW kernels, ~7x slower on CPU). The stem runs in
         # channels_last memory already, so that its output needs no layout copy and the backward's
@@ -1215,7 +1240,8 @@ class SPFormer(nn.Module):
                 pixels.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else pixels.flatten(1, 2))
         for _, y, (h, w) in out.features:
             y = self.fc_norm(y) if norm else y
-            intermediates.append(y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+            intermediates.append(
+                y.reshape(B, h, w, y.shape[-1]).permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
         if intermediates_only:
             return intermediates
         return out.tokens, intermediates
@@ -1449,8 +1475,9 @@ def compose_labels(superpixel_labels: torch.Tensor, superpixel_groups: torch.Ten
     """Every pixel takes the group of its superpixel: (B, H, W) token ids, (B, K, h, w) group per token ->
     (B, K, H, W) group ids."""
     B, K = superpixel_groups.shape[:2]
-    ids = superpixel_labels.reshape(B, 1, -1).expand(B, K, -1)
-    return superpixel_groups.reshape(B, K, -1).gather(-1, ids).reshape(B, K, *superpixel_labels.shape[1:])
+    n, S = math.prod(superpixel_labels.shape[1:]), math.prod(superpixel_groups.shape[2:])  # explicit: B may be 0
+    ids = superpixel_labels.reshape(B, 1, n).expand(B, K, n)
+    return superpixel_groups.reshape(B, K, S).gather(-1, ids).reshape(B, K, *superpixel_labels.shape[1:])
 
 
 def association_to_labels(association: torch.Tensor, cell_size: int, upsample: int = 1) -> torch.Tensor:
