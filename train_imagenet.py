@@ -16,37 +16,59 @@ Everything goes under ``--output`` (default ``out/<model>``):
 
     train_config.yaml     the effective configuration (reusable with --config)
     metrics.jsonl         one JSON row per logged update ("train") and per epoch ("val")
-    checkpoints/step_N/   Accelerate state after N optimizer updates (model, optimizer, scaler, RNG) plus
-                          the lr scheduler, EMA and the position in the data; the last --keep-checkpoints
+    checkpoints/step_N/   the state after N optimizer updates: Accelerate's (model.safetensors, optimizer.bin,
+                          scaler.pt with fp16, random_states_<process>.pkl), this script's
+                          (training_state.json: position in the data and lr schedule; model_ema.safetensors)
+                          and manifest.json (size and sha256 of every file, written last); the last
+                          --keep-checkpoints
     final/                config.json + model.safetensors (timm save_for_hf layout), model_ema.safetensors,
                           train_config.yaml, results.json (final validation of both weights, top-5 only
                           with more than 5 classes, and which of the two validated better: selected_weights)
     training_curves.png   loss, lr and validation accuracy (needs matplotlib)
+    skipped_images.txt    with --skip-bad-images: every unreadable image replaced, one line each
+    .lock                 held (flock) by the run that writes here; a second run on the same --output stops
 
 Exact resumption: the order of the samples depends only on (--seed, epoch) and the augmentation of a
 sample only on (--seed, epoch, sample index), never on the process-wide RNGs, the number of loader
 workers or where a run stopped; drop path and Mixup draw from the process RNGs, which checkpoints save.
-A checkpoint is written to ``checkpoints/.tmp-step_N``, fsynced and renamed, so a crash mid-write leaves
-only a temporary folder that ``--resume latest`` ignores (and the next save removes).
+A checkpoint is written to ``checkpoints/.tmp-step_N``, its manifest last, fsynced and renamed, so a crash
+mid-write leaves only a temporary folder that ``--resume latest`` ignores (and the next save removes).
+``--resume latest`` takes the newest checkpoint whose files match its manifest (and says which it skipped and
+why); ``--resume DIR`` refuses a checkpoint that does not, naming the file. A checkpoint whose RNG state
+cannot be restored for every process (damaged, or written by fewer processes) is refused unless
+``--resume-without-rng``: the run would continue, but not as an uninterrupted one.
+
+Nothing loaded on resume can run code: the script's own state is JSON and safetensors, and Accelerate's
+pickled files (optimizer, scaler, RNG states) are unpickled weights-only (tensors, numbers, numpy arrays),
+each checked before Accelerate loads it; a checkpoint holding anything else is refused.
+
+Errors you can fix (a bad flag or config value, a damaged checkpoint, an unreadable image, an --output in
+use) print one line ``train_imagenet.py: error: ...`` and exit with status 2; ``SPFORMER_DEBUG=1`` shows
+the traceback instead.
 
 Test-only hooks (environment variables, for tests/test_train.py; never needed in real runs):
     SPFORMER_TRAIN_TEST_KILL_AT=N   SIGKILL this process while it writes the checkpoint of update N
-                                    (after the state files are in the temporary folder, before the rename).
+                                    (after the state files and the manifest are in the temporary folder,
+                                    before the rename).
     SPFORMER_TRAIN_TEST_DUMP=DIR    every process writes DIR/rank<i>.json (sample indices seen per epoch,
                                     sha256 of its final weights); the main one also DIR/final_logits.pt.
 """
 import argparse
 import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -54,6 +76,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
+from PIL import Image
 from tqdm.auto import tqdm
 
 import timm
@@ -64,9 +87,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import spformer  # noqa: F401  (registers the spformer_* models with timm)
+from spformer.cli import debug_enabled
 from spformer.hub.card import resolve_datasets
 from spformer.hub.checkpoint import ModelReferenceError, choose_weights, load_model, weights_source
 from spformer.hub.publish import clean_state_dict, save_config
+from spformer.images import ImageReadError, open_rgb, to_rgb
 from spformer.kernels.functional import BACKENDS
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -107,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--shuffle-buffer', type=int, default=10000, help='shuffle buffer of --streaming')
     g.add_argument('--workers', type=int, default=default_workers(),
                    help='data loader processes per training process: min(8, CPUs available) unless set')
+    g.add_argument('--skip-bad-images', action='store_true',
+                   help='replace an unreadable image by the next readable sample (the same one every epoch and '
+                        'on resume) and list it in <output>/skipped_images.txt; without it the run stops naming it')
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='spformer_small_sp16_224',
@@ -186,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--output', default=None, help='output folder; None: out/<model>')
     g.add_argument('--checkpoint-every', type=int, default=1000, help='also checkpoint every N updates (0: epochs only)')
     g.add_argument('--keep-checkpoints', type=int, default=3, help='keep the last K checkpoints (0: all)')
-    g.add_argument('--resume', default=None, help="checkpoint folder, or 'latest' in <output>/checkpoints")
+    g.add_argument('--resume', default=None,
+                   help="checkpoint folder, or 'latest' (the newest one in <output>/checkpoints whose files match "
+                        'its manifest)')
+    g.add_argument('--resume-without-rng', action='store_true',
+                   help='accept a checkpoint whose RNG state cannot be restored for every process (damaged, or '
+                        'written by fewer processes): training continues, but not as an uninterrupted run would')
     g.add_argument('--stop-after-steps', type=int, default=None,
                    help='checkpoint and stop after this many updates in total (the schedule still spans --epochs)')
     g.add_argument('--log-interval', type=int, default=50, help='updates between metric rows')
@@ -199,27 +232,88 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('--config', default=None)
     known, _ = config_parser.parse_known_args(argv)
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise ConfigError(f'--config: {str(path)!r} is not a file; expected a YAML file of flag defaults')
-        with path.open() as f:
-            cfg = yaml.safe_load(f) or {}
-        if not isinstance(cfg, dict):
-            raise ConfigError(f'--config: {str(path)!r} holds a {type(cfg).__name__}; expected a mapping flag: value')
-        dests = {a.dest for a in parser._actions}
-        cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
-        unknown = sorted(set(cfg) - dests)
-        if unknown:
-            raise ConfigError(f'--config: {str(path)!r} sets unknown options {unknown}; expected flag names as in --help')
-        cfg.pop('config', None)
-        parser.set_defaults(**cfg)
-    args = parser.parse_args(argv)
+    # The YAML file stands for the flags it sets, put before the command line's: the same parser checks
+    # both (types, choices, booleans), and a flag given on the command line comes later, so it wins.
+    config_argv = config_to_argv(parser, Path(known.config)) if known.config else []
+    args = parser.parse_args(config_argv + argv)
     check_args(args)
     return args
+
+
+def config_to_argv(parser: argparse.ArgumentParser, path: Path) -> List[str]:
+    """The flags that the YAML mapping in `path` stands for, each checked on its own by the same parser (a
+    second instance) so that an error names the key: ``key: value`` is ``--key=value``, a boolean
+    ``--key``/``--no-key`` (for an on/off flag only ``true`` adds it), a list the several values of an nargs
+    option, ``null`` the default None."""
+    where = f'--config {path}'
+    if not path.is_file():
+        raise ConfigError(f'--config: {str(path)!r} is not a file; expected a YAML file of flag defaults')
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'--config: {str(path)!r} is not valid YAML ({" ".join(str(e).split())})') from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'--config: {str(path)!r} holds a {type(cfg).__name__}; expected a mapping flag: value')
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ('help', 'config')}
+    unknown = sorted(str(k) for k in cfg if str(k).replace('-', '_') not in actions and str(k) != 'config')
+    if unknown:
+        raise ConfigError(f'--config: {str(path)!r} sets unknown options {unknown}; expected flag names as in --help')
+    checker = build_parser()
+    argv = []
+    for key, value in cfg.items():
+        if str(key) == 'config':
+            continue
+        action = actions[str(key).replace('-', '_')]
+        flag, shown = action.option_strings[0], json.dumps(value, default=str)
+
+        def bad(expected: str):
+            raise ConfigError(f'{where}: {key}: {shown} {expected}')
+
+        if action.nargs == 0:  # an on/off flag: YAML true or false, never a string such as "false"
+            if not isinstance(value, bool):
+                bad('is not a boolean; expected true or false (unquoted)')
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens = [flag if value else '--no-' + flag[2:]]
+            else:
+                tokens = [flag] if value else []
+        elif value is None:
+            if action.default is not None:
+                bad(f'is null; expected a value (the default is {action.default})')
+            continue
+        elif isinstance(action.nargs, int):
+            if not isinstance(value, list) or len(value) != action.nargs:
+                bad(f'is not a list of {action.nargs} values; expected e.g. {json.dumps(action.default)}')
+            if any(isinstance(v, (bool, list, dict)) or v is None for v in value):
+                bad(f'holds a value that is not a number; expected {action.nargs} numbers')
+            tokens = [flag, *map(str, value)]
+        else:
+            if isinstance(value, (list, dict)):
+                bad(f'is a {"list" if isinstance(value, list) else "mapping"}; expected a single value')
+            if isinstance(value, bool):
+                bad('is a boolean; expected ' + ('a number' if action.type in (int, float) else
+                                                 'a string (quote it)'))
+            tokens = [f'{flag}={value}']
+        # The same checks as on the command line, reported as a one-line ConfigError naming the key.
+        checker.error = lambda message, bad=bad: bad(argparse_reason(message))
+        checker.parse_args(tokens)
+        argv += tokens
+    return argv
+
+
+def argparse_reason(message: str) -> str:
+    """argparse's complaint about one value, as the rest of a sentence that starts with the value."""
+    if re.search(r'invalid int value', message):
+        return 'is not an integer'
+    if re.search(r'invalid float value', message):
+        return 'is not a number'
+    choice = re.search(r'invalid choice: .*\(choose from (.*)\)', message)
+    if choice:
+        return f'is not one of {choice.group(1)}'
+    return f'is refused: {message}'
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -229,6 +323,12 @@ def check_args(args: argparse.Namespace) -> None:
                           'expected exactly one of them (an ImageFolder root or a Hugging Face dataset)')
     if args.streaming and args.hf_dataset is None:
         raise ConfigError('--streaming: needs --hf-dataset (an ImageFolder --data-dir is read map-style)')
+    if args.streaming and args.skip_bad_images:
+        raise ConfigError('--skip-bad-images: not available with --streaming (a streamed sample has no index, so no '
+                          'fixed next sample to replace it with); expected a map-style dataset, or no --streaming')
+    if args.resume_without_rng and not args.resume:
+        raise ConfigError('--resume-without-rng: got it without --resume; expected --resume latest or a checkpoint '
+                          'folder')
     if args.val_split is None:
         args.val_split = 'val' if args.data_dir is not None else 'validation'
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'log_interval'):
@@ -323,20 +423,72 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 class TransformedDataset(torch.utils.data.Dataset):
-    """Map-style samples -> {'image': tensor, 'label': int, 'index': int}, augmented with a per-sample seed."""
+    """Map-style samples -> {'image': tensor, 'label': int, 'index': int}, augmented with a per-sample seed.
 
-    def __init__(self, get_sample: Callable[[int], Tuple[Any, int]], length: int, transform, seed: int):
+    `get_sample(i)` gives (RGB PIL image, label) or raises ImageReadError naming the file. With `skipped`
+    (--skip-bad-images) an unreadable sample is replaced by the next readable one (index + 1, + 2, ...,
+    wrapping around): always the same one, so the data a run sees still depends only on (seed, epoch) and a
+    resumed run repeats an uninterrupted one; its augmentation stays keyed by the index it replaces."""
+
+    def __init__(self, get_sample: Callable[[int], Tuple[Any, int]], length: int, transform, seed: int,
+                 skipped: Optional['SkippedImages'] = None):
         self.get_sample, self.length, self.transform, self.seed = get_sample, length, transform, seed
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, label = self.get_sample(index)
+        image, label = self.read(index)
         with seeded_rngs(self.seed, epoch, index):
-            image = self.transform(image.convert('RGB'))
+            image = self.transform(image)
         return {'image': image, 'label': int(label), 'index': index}
+
+    def read(self, index: int) -> Tuple[Any, int]:
+        for offset in range(self.length):
+            try:
+                return self.get_sample((index + offset) % self.length)
+            except ImageReadError as e:
+                if self.skipped is None:
+                    raise
+                self.skipped.record(e)
+        raise ImageReadError(f'--skip-bad-images: none of the {self.length} images of this split can be read; '
+                             f'expected readable images (see {self.skipped.path})')
+
+
+class SkippedImages:
+    """--skip-bad-images: every unreadable image once per output folder, on stderr and as a line of
+    <output>/skipped_images.txt. Loader workers are processes (new ones every epoch), so the file, read
+    and appended under an flock, is the record of what has been reported."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reported = set()
+
+    def record(self, error: ImageReadError) -> None:
+        line = ' '.join(str(error).split())
+        if line in self.reported:
+            return
+        self.reported.add(line)
+        with open(self.path, 'a+') as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            if line not in f.read().splitlines():
+                f.write(line + '\n')
+                # One write: loader workers and the progress bar share stderr.
+                sys.stderr.write(f'--skip-bad-images: replaced by the next readable sample: {line}\n')
+                sys.stderr.flush()
+
+
+def data_error_line(error: ImageReadError) -> str:
+    """The message of an ImageReadError on one line. Re-raised by a DataLoader worker, its message is the
+    worker's whole traceback text, whose last line is 'spformer.images.ImageReadError: <message>'."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else ''
+    if len(lines) > 1 and 'ImageReadError: ' in last:
+        last = last.split('ImageReadError: ', 1)[1]
+    return last.strip()
 
 
 def scan_image_folder(root: Path, split: str, flag: str) -> List[str]:
@@ -369,9 +521,9 @@ def load_image_folder(args) -> Tuple[Any, Any, List[str]]:
         raise ConfigError(f'--data-dir: the class folders of {args.train_split}/ and {args.val_split}/ differ '
                           f'(only in {args.train_split}/: {only_train[:10]}, only in {args.val_split}/: {only_val[:10]}); '
                           'expected the same class folders in both')
-    try:
-        train = torchvision.datasets.ImageFolder(str(root / args.train_split))
-        val = torchvision.datasets.ImageFolder(str(root / args.val_split))
+    try:  # open_rgb: decoded at once (a damaged file is named), 16-bit scaled, alpha, palette and EXIF handled
+        train = torchvision.datasets.ImageFolder(str(root / args.train_split), loader=open_rgb)
+        val = torchvision.datasets.ImageFolder(str(root / args.val_split), loader=open_rgb)
     except FileNotFoundError as e:  # e.g. a class folder without images
         raise ConfigError(f'--data-dir: {e}; expected every class folder to hold images') from e
     return (train.__getitem__, len(train)), (val.__getitem__, len(val)), train_classes
@@ -412,11 +564,9 @@ def load_hf_dataset(args) -> Tuple[Any, Any, List[str]]:
         raise ConfigError(f'--num-classes: not given and column {args.label_column!r} of {args.hf_dataset!r} is not a '
                           'ClassLabel with names; expected --num-classes N')
 
-    def getter(ds):
-        def get(index: int):
-            row = ds[index]
-            return row[args.image_column], row[args.label_column]
-        return get
+    def getter(ds, split: str):
+        return functools.partial(hf_sample, ds, args.image_column, args.label_column,
+                                 f'--hf-dataset {args.hf_dataset!r} split {split!r}')
 
     if args.streaming:
         n = args.train_samples
@@ -427,8 +577,32 @@ def load_hf_dataset(args) -> Tuple[Any, Any, List[str]]:
                               f'{args.train_split!r}; expected --train-samples N (the number of training images)')
         train_data = (train, n)
     else:
-        train_data = (getter(train), len(train))
-    return train_data, (getter(val), len(val)), names
+        train_data = (getter(train, args.train_split), len(train))
+    return train_data, (getter(val, args.val_split), len(val)), names
+
+
+# What decoding a damaged image can raise inside datasets (PIL) or to_rgb.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def hf_sample(ds, image_column: str, label_column: str, where: str, index: int) -> Tuple[Any, int]:
+    """Row `index` of a Hugging Face dataset as (RGB image, label). datasets decodes the image when the row is
+    read: a damaged one becomes an ImageReadError naming the row (and its file, where the dataset has one)."""
+    try:
+        row = ds[index]
+        return to_rgb(row[image_column]), row[label_column]
+    except DECODE_ERRORS as e:
+        raise ImageReadError(f'cannot read image of row {index} of {where}{hf_image_path(ds, image_column, index)}: '
+                             f'{type(e).__name__}: {" ".join(str(e).split())}') from e
+
+
+def hf_image_path(ds, image_column: str, index: int) -> str:
+    """" (file 'PATH')" for a row whose image the dataset holds as a file path, else ''."""
+    with contextlib.suppress(Exception):
+        path = ds.with_format('arrow')[index][image_column][0].as_py().get('path')
+        if path:
+            return f' (file {path!r})'
+    return ''
 
 
 def stream_with_transform(stream, length: int, image_column: str, label_column: str, transform, seed: int,
@@ -438,7 +612,10 @@ def stream_with_transform(stream, length: int, image_column: str, label_column: 
     A streamed sample has no stable index: its augmentation is seeded by (seed, epoch, hash of its pixels).
     """
     def augment(row):
-        image = row[image_column].convert('RGB')
+        try:
+            image = to_rgb(row[image_column])
+        except DECODE_ERRORS as e:
+            raise ImageReadError(f'cannot read the image of a streamed row: {type(e).__name__}: {e}') from e
         key = int.from_bytes(hashlib.blake2b(image.tobytes(), digest_size=4).digest(), 'little')
         with seeded_rngs(seed, epoch_ref['epoch'], key):
             tensor = transform(image)
@@ -447,6 +624,23 @@ def stream_with_transform(stream, length: int, image_column: str, label_column: 
     stream = stream.shuffle(seed=seed, buffer_size=buffer)
     columns = list(stream.features or [])
     return stream.map(augment, remove_columns=columns)
+
+
+def posterize_zero_bits_as_black() -> None:
+    """timm's RandAugment asks PIL to keep 0 bits when a noisy magnitude reaches its maximum (the DeiT policy
+    'rand-m9-mstd0.5-inc1': about 1 image in 700), which recent Pillow (13 here) refuses with a ValueError: a
+    run on the default recipe would stop within its first batches. 0 bits always meant a black image
+    (TensorFlow's posterize, older Pillow, timm's own comments), so give that; every other draw is unchanged."""
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)
+        return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+    for name, op in auto_augment.NAME_TO_OP.items():
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = posterize
 
 
 def rng_isolated(loader):
@@ -466,7 +660,8 @@ def rng_isolated(loader):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: Accelerate state + registered objects, written to a temporary folder, fsynced, renamed.
+# Checkpoints: Accelerate's state (model, optimizer, scaler, RNG) + this script's (JSON, safetensors) + a
+# manifest written last, in a temporary folder that is fsynced and renamed. Nothing read back can run code.
 # ----------------------------------------------------------------------------------------------------------
 
 class TrainState:
@@ -484,18 +679,27 @@ class TrainState:
         return dict(epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, update=self.update, layout=self.layout)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch, self.batch_in_epoch, self.update = state['epoch'], state['batch_in_epoch'], state['update']
-        self.saved_layout = state.get('layout', {})
+        position = [state['epoch'], state['batch_in_epoch'], state['update']]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position):
+            raise ValueError(f'epoch, batch_in_epoch and update are {position}; expected integers >= 0')
+        self.epoch, self.batch_in_epoch, self.update = position
+        self.saved_layout = dict(state.get('layout', {}))
 
     def layout_changes(self) -> List[str]:
         return [f'{k} {self.saved_layout.get(k)} -> {v}' for k, v in self.layout.items() if self.saved_layout.get(k) != v]
 
 
 CHECKPOINT_RE = re.compile(r'^step_(\d+)$')
+MANIFEST = 'manifest.json'  # {"files": {name: {"size": bytes, "sha256": hex}}}, written last
+TRAINING_STATE = 'training_state.json'  # TrainState and the lr scheduler
+EMA_WEIGHTS = 'model_ema.safetensors'
+RNG_STATE_RE = re.compile(r'^random_states_(\d+)\.pkl$')  # Accelerate's, one per process
+PICKLED_SUFFIXES = ('.pkl', '.bin', '.pt', '.pth')  # what Accelerate writes with torch.save
 
 
 def list_checkpoints(root: Path) -> List[Path]:
-    """Complete checkpoints under root, oldest first (temporary folders of unfinished writes are not listed)."""
+    """Checkpoint folders under root, oldest first (temporary folders of unfinished writes are not listed;
+    whether a listed one is intact is checkpoint_problems')."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
@@ -517,7 +721,58 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text: str) -> Path:
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> List[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file() or p.is_symlink())
+
+
+def write_training_state(folder: Path, state: TrainState, scheduler, model_ema: Optional[ModelEmaV3]) -> None:
+    """What this script adds to Accelerate's state, in formats that load without running code: the position
+    in the data and the lr schedule as JSON (floats round-trip exactly), the EMA weights as safetensors.
+    (Objects registered with Accelerate would be pickled, and Accelerate unpickles them unrestricted.)"""
+    import safetensors.torch
+    (folder / TRAINING_STATE).write_text(json.dumps(
+        dict(train_state=state.state_dict(), lr_scheduler=scheduler.state_dict()), indent=1) + '\n')
+    if model_ema is not None:
+        safetensors.torch.save_model(model_ema.module, str(folder / EMA_WEIGHTS), metadata={'format': 'pt'})
+
+
+def load_training_state(folder: Path, state: TrainState, scheduler, model_ema: Optional[ModelEmaV3],
+                        device) -> None:
+    import safetensors.torch
+    where = f'--resume: {str(folder)!r}'
+    try:
+        saved = json.loads((folder / TRAINING_STATE).read_text())
+        state.load_state_dict(saved['train_state'])
+        schedule = dict(saved['lr_scheduler'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f'{where}: {TRAINING_STATE} is unreadable ({type(e).__name__}: {e}); expected the one '
+                          'this script writes') from e
+    if set(schedule) != set(scheduler.state_dict()):
+        raise ConfigError(f'{where}: the lr schedule in {TRAINING_STATE} is not a {type(scheduler).__name__}\'s; '
+                          'expected the flags of the run that wrote it (the same --sched)')
+    scheduler.load_state_dict(schedule)
+    has_ema = (folder / EMA_WEIGHTS).is_file()
+    if has_ema != (model_ema is not None):
+        raise ConfigError(f'{where} was written {"with" if has_ema else "without"} an EMA of the weights; expected '
+                          f'the flags of the run that wrote it ({"--model-ema" if has_ema else "--no-model-ema"})')
+    if model_ema is not None:
+        try:
+            safetensors.torch.load_model(model_ema.module, str(folder / EMA_WEIGHTS), strict=True, device=str(device))
+        except RuntimeError as e:
+            raise ConfigError(f'{where}: {EMA_WEIGHTS} does not fit this model ({" ".join(str(e).split())[:300]}); '
+                              'expected the flags of the run that wrote it') from e
+
+
+def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text: str, state: TrainState,
+                    scheduler, model_ema: Optional[ModelEmaV3]) -> Path:
     """Atomically write checkpoints/step_<update>; keep the newest `keep` (0: all). Called by every process."""
     final = root / f'step_{update:08d}'
     tmp = root / f'.tmp-step_{update:08d}'
@@ -530,7 +785,14 @@ def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text
     accelerator.save_state(str(tmp))  # every process writes its RNG state here (a shared filesystem)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_training_state(tmp, state, scheduler, model_ema)
         (tmp / 'train_config.yaml').write_text(config_text)
+        # Last: size and sha256 of every file. A folder whose files match it was written completely, and a
+        # file damaged or replaced later is named on resume instead of failing inside a loader (or, for an
+        # RNG state, being skipped by Accelerate without a word).
+        files = {name: dict(size=(tmp / name).stat().st_size, sha256=file_sha256(tmp / name))
+                 for name in checkpoint_files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(dict(files=files), indent=1) + '\n')
         if os.environ.get('SPFORMER_TRAIN_TEST_KILL_AT') == str(update):  # test hook: die mid-write
             os.kill(os.getpid(), signal.SIGKILL)
         fsync_tree(tmp)
@@ -553,15 +815,164 @@ def save_checkpoint(accelerator, root: Path, update: int, keep: int, config_text
     return final
 
 
-def resolve_resume(resume: str, output: Path) -> Optional[Path]:
-    if resume == 'latest':
-        found = list_checkpoints(output / 'checkpoints')
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir() or not (path / 'custom_checkpoint_0.pkl').is_file():
-        raise ConfigError(f'--resume: {resume!r} is not a complete checkpoint folder; expected a '
-                          f"checkpoints/step_N folder written by this script, or 'latest'")
-    return path
+def checkpoint_problems(folder: Path) -> List[Tuple[str, str]]:
+    """What is wrong with a checkpoint folder, as (file, why) pairs, worst first; [] when every file matches
+    the manifest and every pickled file is plain data that Accelerate will restore. Pickled files are read
+    weights-only (tensors, numbers, numpy arrays): one that holds anything else is reported, never run."""
+    planted = sorted(p.name for p in folder.glob('custom_checkpoint_*.pkl'))
+    if planted:
+        return [(planted[0], 'a pickled custom state, which this script neither writes nor loads (unpickling it '
+                             'could run code): the checkpoint was written by an older train_imagenet.py, or the '
+                             'file was planted')]
+    try:
+        files = json.loads((folder / MANIFEST).read_text())['files']
+        if not all(isinstance(e, dict) and isinstance(e.get('size'), int) and isinstance(e.get('sha256'), str)
+                   for e in files.values()):
+            raise ValueError('an entry without size and sha256')
+    except FileNotFoundError:
+        return [(MANIFEST, 'missing: not a checkpoint of this script, or one whose writing did not finish')]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [(MANIFEST, f'unreadable ({type(e).__name__}: {e})')]
+    problems = []
+    for name, entry in files.items():
+        path = folder / name
+        if Path(name).is_absolute() or '..' in Path(name).parts:
+            problems.append((name, 'names a file outside the checkpoint folder'))
+        elif not path.is_file():
+            problems.append((name, 'missing (listed in the manifest)'))
+        elif path.stat().st_size != entry['size']:
+            problems.append((name, f'{path.stat().st_size} bytes where the manifest says {entry["size"]} '
+                                   '(truncated or overwritten)'))
+        elif file_sha256(path) != entry['sha256']:
+            problems.append((name, 'its sha256 differs from the manifest (damaged or replaced)'))
+        elif name.endswith(PICKLED_SUFFIXES):
+            problem = pickled_file_problem(path)
+            if problem:
+                problems.append((name, problem))
+    problems += [(name, 'not in the manifest (added after the checkpoint was written)')
+                 for name in checkpoint_files(folder) if name != MANIFEST and name not in files]
+    return problems
+
+
+def pickled_file_problem(path: Path) -> Optional[str]:
+    """Why one of Accelerate's torch.save files cannot be restored, or None. Accelerate loads them weights-only
+    too, but a refused file then fails with advice to unpickle it unrestricted, and an RNG state that cannot
+    be restored is passed over with a note at info level: so each is loaded here first, weights-only."""
+    from accelerate.utils import load
+    try:  # memory-mapped when it can be: the optimizer state is twice the model
+        loaded = load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:  # (its text advises unrestricted unpickling: never here)
+        named = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if named:
+            return (f'holds a pickled reference to {named.group(1)}, not only tensors, numbers and arrays: refused, '
+                    'since unpickling it could run code')
+        detail = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(e))
+        return (f'cannot be unpickled weights-only ({detail.group(1).strip() if detail else "refused"}): damaged, '
+                'or holding objects other than tensors, numbers and arrays, which are refused since unpickling '
+                'them could run code')
+    except Exception as e:
+        return f'cannot be read ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+    if RNG_STATE_RE.match(path.name):
+        try:  # into private generators: the process-wide ones are restored by Accelerate
+            random.Random().setstate(loaded['random_state'])
+            np.random.RandomState().set_state(loaded['numpy_random_seed'])
+            torch.Generator().set_state(loaded['torch_manual_seed'])
+        except Exception as e:
+            return f'is not a restorable RNG state ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+    return None
+
+
+def is_rng_problem(problem: Tuple[str, str]) -> bool:
+    return RNG_STATE_RE.match(problem[0]) is not None
+
+
+def resolve_resume(args, output: Path) -> Tuple[Optional[Path], List[str]]:
+    """The checkpoint to resume from (None: --resume latest found none) and notes to print: for 'latest', the
+    newer checkpoints passed over and why; with --resume-without-rng, the RNG states it will not restore."""
+    def blocking(problems):
+        return [p for p in problems if not (args.resume_without_rng and is_rng_problem(p))]
+
+    def rng_notes(path, problems):
+        return [f'warning: {path / name}: {why}; its RNG state is not restored (--resume-without-rng), so this '
+                'run will not repeat an uninterrupted one exactly' for name, why in problems if RNG_STATE_RE.match(name)]
+
+    if args.resume == 'latest':
+        root, skipped = output / 'checkpoints', []
+        for path in reversed(list_checkpoints(root)):
+            problems = checkpoint_problems(path)
+            if not blocking(problems):
+                return path, skipped + rng_notes(path, problems)
+            name, why = blocking(problems)[0]
+            skipped.append(f'--resume latest: skipping {path.name}: {name}: {why}')
+        if skipped:
+            raise ConfigError(f'--resume latest: no checkpoint under {str(root)!r} is intact ('
+                              + '; '.join(s.split(': ', 1)[1] for s in skipped) + '); expected at least one whose '
+                              'files match its manifest, or a new --output to start over')
+        return None, []
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise ConfigError(f'--resume: {args.resume!r} is not a checkpoint folder; expected a checkpoints/step_N '
+                          "folder written by this script, or 'latest'")
+    problems = checkpoint_problems(path)
+    if blocking(problems):
+        name, why = blocking(problems)[0]
+        hint = ('pass --resume-without-rng to continue without it (not as an uninterrupted run would)'
+                if is_rng_problem((name, why)) else
+                "expected an intact checkpoint ('--resume latest' takes the newest one that is)")
+        raise ConfigError(f'--resume: {str(path / name)!r} {why}; {hint}')
+    return path, rng_notes(path, problems)
+
+
+def check_rng_states(folder: Path, num_processes: int, without_rng: bool, accelerator) -> None:
+    """Every process of this run needs the RNG state of its own process in the checkpoint (Accelerate restarts
+    the RNG of one that has none, with only a warning about "fewer processes")."""
+    writers = {int(m.group(1)) for p in folder.iterdir() if (m := RNG_STATE_RE.match(p.name))}
+    missing = [i for i in range(num_processes) if i not in writers]
+    if not missing:
+        return
+    what = (f'{str(folder)!r} was written by {len(writers)} process(es) and this run has {num_processes}: '
+            f'process(es) {", ".join(map(str, missing))} have no RNG state (random_states_<process>.pkl) to restore '
+            'for drop path and Mixup')
+    if not without_rng:
+        raise ConfigError(f'--resume: {what}, so this run would not repeat an uninterrupted one; expected '
+                          f'{len(writers)} process(es), or --resume-without-rng to continue anyway')
+    accelerator.print(f'warning: {what}; they start from --seed instead (--resume-without-rng)')
+
+
+def lock_output(output: Path, resources: contextlib.ExitStack) -> Optional[str]:
+    """Hold <output>/.lock (flock) until the run ends, so that a second run on the same --output stops at once
+    instead of interleaving its checkpoints and metrics with this one's. The kernel drops the lock when the
+    process dies, so a run killed without cleanup never blocks the next one. Returns None, or the pid that
+    the holder wrote into the file."""
+    output.mkdir(parents=True, exist_ok=True)
+    lock = resources.enter_context(open(output / '.lock', 'a+'))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # The holder writes its pid just after taking the lock, over the pid of the run before (dead): poll
+        # for a second until the file names a live process (one on another machine is never seen alive).
+        holder = ''
+        for _ in range(100):
+            lock.seek(0)
+            holder = lock.read().strip()
+            if holder.isdigit() and process_alive(int(holder)):
+                break
+            time.sleep(0.01)
+        return holder or 'unknown'
+    lock.truncate(0)
+    lock.write(f'{os.getpid()}\n')
+    lock.flush()
+    return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -598,9 +1009,15 @@ class MetricsLog:
     def __init__(self, accelerator, path: Path, resume_update: Optional[int]):
         self.accelerator, self.path = accelerator, path
         if accelerator.is_main_process and resume_update is not None and path.exists():
-            # Rows logged after the checkpoint we resume from belong to a run that did not survive.
+            # Rows logged after the checkpoint we resume from belong to a run that did not survive (and so
+            # may a torn last line). Replaced atomically: a kill now must not lose the rows before it.
             rows = [r for r in self.read(path) if r['update'] <= resume_update]
-            path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+            tmp = path.with_name(path.name + '.tmp')
+            with tmp.open('w') as f:
+                f.write(''.join(json.dumps(r) + '\n' for r in rows))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     def log(self, row: Dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -611,7 +1028,26 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> List[Dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The rows of a metrics.jsonl. A last line that does not parse is a row torn by a kill mid-write: it is
+        dropped. A bad line before it is damage that dropping would hide: a ConfigError names it."""
+        lines = path.read_text(errors='replace').splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get('update'), int) or 'kind' not in row:
+                    raise ValueError('not a row with "kind" and "update"')
+            except ValueError as e:
+                if number == len(lines):
+                    break
+                raise ConfigError(f'{str(path)!r}: line {number} of {len(lines)} is not a metrics row ({e}): '
+                                  f'{line[:80]!r}; expected one JSON row per line (repair or remove that line)') from e
+            rows.append(row)
+        return rows
 
 
 def accuracy_text(results: Dict[str, Any], suffix: str = '') -> str:
@@ -684,16 +1120,26 @@ def state_digest(module: nn.Module) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Errors the user can fix end in one line (exit status 2); SPFORMER_DEBUG=1 shows their traceback."""
     try:
-        return train(parse_args(argv))
-    except ConfigError as e:
-        print(f'train_imagenet.py: error: {e}', file=sys.stderr)
+        with contextlib.ExitStack() as resources:  # the --output lock, held until the run ends
+            return train(parse_args(argv), resources)
+    except (ConfigError, ImageReadError) as e:
+        if debug_enabled():
+            raise
+        message = str(e)
+        if isinstance(e, ImageReadError):
+            message = data_error_line(e)
+            if '--skip-bad-images' not in message:
+                message += ('; expected a readable image (fix or remove the file), or --skip-bad-images to replace '
+                            'unreadable images by the next readable sample and list them in skipped_images.txt')
+        print(f'train_imagenet.py: error: {message}', file=sys.stderr)
         return 2
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+    from accelerate.utils import DistributedType, TorchDynamoPlugin, broadcast, set_seed
 
     output = Path(args.output)
     push_to_hub = None
@@ -704,25 +1150,11 @@ def train(args: argparse.Namespace) -> int:
             raise ConfigError(f'--push-to-hub: got {args.push_to_hub!r} but spformer.hub.push_to_hub cannot be '
                               f'imported ({e}); expected a complete install of spformer (pip install spformer)') from e
     start = initial_weights(args)  # before reading any data: a bad --pretrained fails at once
-    resume_from = resolve_resume(args.resume, output) if args.resume else None
-    if resume_from is None and list_checkpoints(output / 'checkpoints'):
-        raise ConfigError(f'--output: {str(output)!r} already holds checkpoints of an earlier run; expected '
-                          '--resume latest to continue it, or a new --output')
     if args.log_with == 'tensorboard':
         from accelerate.utils import is_tensorboard_available
         if not is_tensorboard_available():
             raise ConfigError("--log-with: got 'tensorboard' but neither tensorboard nor tensorboardX is installed; "
                               'expected `pip install tensorboard` first')
-
-    # Data sources and class names (cheap: no image is decoded yet).
-    if args.data_dir is not None:
-        train_source, val_source, class_names = load_image_folder(args)
-    else:
-        train_source, val_source, class_names = load_hf_dataset(args)
-    num_classes = args.num_classes or len(class_names)
-    if class_names and num_classes < len(class_names):
-        raise ConfigError(f'--num-classes: got {num_classes} but the data has {len(class_names)} classes; '
-                          f'expected at least {len(class_names)}')
 
     # Accelerator: processes, devices, mixed precision, gradient accumulation, trackers, torch.compile.
     accelerator = Accelerator(
@@ -739,6 +1171,38 @@ def train(args: argparse.Namespace) -> int:
     global_batch = args.batch_size * accelerator.num_processes * args.grad_accum_steps
     if args.lr is None:
         args.lr = args.lr_base * global_batch / args.lr_base_size
+
+    # The output folder is this run's until it ends (the main process holds its lock, every process stops if
+    # another run holds it); then the checkpoint to resume from, checked before anything is loaded from it.
+    holder = lock_output(output, resources) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        code = -1 if holder is None else int(holder) if holder.isdigit() else 0
+        code = int(broadcast(torch.tensor([code], device=accelerator.device)).item())
+        holder = None if code == -1 else str(code or 'unknown')
+    if holder is not None:
+        raise ConfigError(f'--output: {str(output)!r} is in use by another training run (process {holder} holds '
+                          f'{str(output / ".lock")!r}); expected a different --output, or that run to end first')
+    resume_from, resume_notes = resolve_resume(args, output) if args.resume else (None, [])
+    for note in resume_notes:
+        accelerator.print(note)
+    if resume_from is not None:
+        check_rng_states(resume_from, accelerator.num_processes, args.resume_without_rng, accelerator)
+    elif list_checkpoints(output / 'checkpoints'):
+        raise ConfigError(f'--output: {str(output)!r} already holds checkpoints of an earlier run; expected '
+                          '--resume latest to continue it, or a new --output')
+    skipped = SkippedImages(output / 'skipped_images.txt') if args.skip_bad_images else None
+    if accelerator.is_main_process and resume_from is None and (output / 'skipped_images.txt').exists():
+        (output / 'skipped_images.txt').unlink()  # a fresh run reports its own
+
+    # Data sources and class names (cheap: no image is decoded yet).
+    if args.data_dir is not None:
+        train_source, val_source, class_names = load_image_folder(args)
+    else:
+        train_source, val_source, class_names = load_hf_dataset(args)
+    num_classes = args.num_classes or len(class_names)
+    if class_names and num_classes < len(class_names):
+        raise ConfigError(f'--num-classes: got {num_classes} but the data has {len(class_names)} classes; '
+                          f'expected at least {len(class_names)}')
 
     # Model: the same initial weights on every process (DDP would broadcast them anyway).
     set_seed(args.seed)
@@ -771,6 +1235,7 @@ def train(args: argparse.Namespace) -> int:
         img_size=args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct))
 
     # Transforms and loaders. Accelerate shards these plain loaders over the processes.
+    posterize_zero_bits_as_black()
     train_transform = create_transform(
         data_config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
         hflip=args.hflip, color_jitter=args.color_jitter,
@@ -791,11 +1256,11 @@ def train(args: argparse.Namespace) -> int:
         train_sampler = None
     else:
         get_sample, train_samples = train_source
-        train_set = TransformedDataset(get_sample, train_samples, train_transform, args.seed)
+        train_set = TransformedDataset(get_sample, train_samples, train_transform, args.seed, skipped)
         train_sampler = EpochShuffleSampler(train_samples, args.seed)
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler,
                                                    drop_last=True, **loader_kwargs)
-    val_set = TransformedDataset(val_source[0], val_source[1], eval_transform, args.seed)
+    val_set = TransformedDataset(val_source[0], val_source[1], eval_transform, args.seed, skipped)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size or args.batch_size,
                                              **loader_kwargs)
     # drop_last: every process gets the same number of full batches; the few images left over (fewer than
@@ -837,7 +1302,8 @@ def train(args: argparse.Namespace) -> int:
     state = TrainState(dict(
         num_processes=accelerator.num_processes, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
         epochs=args.epochs, seed=args.seed, train_samples=train_samples, model=args.model, lr=args.lr))
-    accelerator.register_for_checkpointing(state, scheduler, *([model_ema] if model_ema is not None else []))
+    # state, scheduler and model_ema are saved by save_checkpoint as JSON and safetensors, not registered
+    # with Accelerate (which would pickle them, and unpickle them unrestricted on resume).
 
     config_text = (
         f'# effective configuration of train_imagenet.py (reusable with --config)\n'
@@ -851,19 +1317,18 @@ def train(args: argparse.Namespace) -> int:
         (output / 'train_config.yaml').write_text(config_text)
     accelerator.print(config_text.split('\n')[1][2:])
 
-    # Resume: weights, optimizer, scaler, RNG states, scheduler, EMA and the position in the data.
+    # Resume: weights, optimizer, scaler, RNG states (Accelerate's files, all checked by resolve_resume and
+    # unpickled weights-only), then the scheduler, EMA and the position in the data (JSON, safetensors).
     set_seed(args.seed, device_specific=True)  # per-process drop path / Mixup draws
     if args.resume and resume_from is None:
         accelerator.print(f'--resume latest: no checkpoint under {output / "checkpoints"}, starting from scratch')
     if resume_from is not None:
-        if not (resume_from / f'random_states_{accelerator.process_index}.pkl').is_file():
-            accelerator.print(f'warning: {resume_from} was written by fewer processes; the RNG streams of '
-                              'the extra processes restart, so this run will not repeat an uninterrupted one exactly')
         try:
             accelerator.load_state(str(resume_from))
         except RuntimeError as e:
-            raise ConfigError(f'--resume: {str(resume_from)!r} does not match this configuration ({e}); '
-                              'expected the flags of the run that wrote it (e.g. the same --model-ema)') from e
+            raise ConfigError(f'--resume: {str(resume_from)!r} does not match this configuration '
+                              f'({" ".join(str(e).split())[:300]}); expected the flags of the run that wrote it') from e
+        load_training_state(resume_from, state, scheduler, model_ema, accelerator.device)
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch}, batch {state.batch_in_epoch}, '
                           f'update {state.update}')
         if state.layout_changes():
@@ -898,6 +1363,7 @@ def train(args: argparse.Namespace) -> int:
         progress = tqdm(total=updates_per_epoch, initial=state.batch_in_epoch // args.grad_accum_steps,
                         desc=f'epoch {epoch + 1}/{num_epochs}', disable=not accelerator.is_local_main_process,
                         dynamic_ncols=True)
+        resources.callback(progress.close)  # an error message then starts on a line of its own
         loss_sum, loss_count, interval_start, interval_batches = torch.zeros((), device=accelerator.device), 0, \
             time.perf_counter(), 0
         for batch in rng_isolated(loader):
@@ -943,7 +1409,8 @@ def train(args: argparse.Namespace) -> int:
                 loss_count, interval_start, interval_batches = 0, time.perf_counter(), 0
             stop = args.stop_after_steps is not None and state.update >= args.stop_after_steps
             if not end_of_epoch and ((args.checkpoint_every and state.update % args.checkpoint_every == 0) or stop):
-                save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text)
+                save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text,
+                                state, scheduler, model_ema)
             if stop and not end_of_epoch:
                 stopped = True
                 break
@@ -960,7 +1427,8 @@ def train(args: argparse.Namespace) -> int:
         metrics.log(dict(kind='val', epoch=epoch + 1, update=state.update, **val_results))
         accelerator.print(f'epoch {epoch + 1}/{num_epochs}: val {accuracy_text(val_results)}' + (
             f'  (EMA {accuracy_text(val_results, "_ema")})' if model_ema is not None else ''))
-        save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text)
+        save_checkpoint(accelerator, checkpoint_root, state.update, args.keep_checkpoints, config_text, state,
+                        scheduler, model_ema)
         if args.stop_after_steps is not None and state.update >= args.stop_after_steps and epoch + 1 < num_epochs:
             stopped = True
             break
