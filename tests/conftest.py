@@ -74,6 +74,17 @@ def compile_for_sm90():
     return run
 
 
+@pytest.fixture(scope='module')
+def script():
+    """train_imagenet.py imported as a module (its parser, helpers and main), for in-process checks."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'train_imagenet.py')
+    spec = importlib.util.spec_from_file_location('train_imagenet', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # timm's vendored model tests (tests/timm_suite) run in their own pytest process
 # (tests/test_timm_suite.py): collecting them here would parametrize over every timm model and clash
 # with tests/test_models.py's module name. Naming the file on the command line still runs it.

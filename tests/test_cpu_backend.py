@@ -169,9 +169,9 @@ def test_without_a_compiler(monkeypatch, tmp_path, args):
         superpixel_attention(q_s, x_p, x_p, 4, backend='cpu')
 
 
-def test_failing_compiler_leaves_no_temporary_file(monkeypatch, tmp_path):
-    """A compiler that runs but fails (every flag set): the warning gives its last line of errors and
-    blames it; nothing is left in the cache directory but its lock file."""
+def _failing_compiler(monkeypatch, tmp_path):
+    """A compiler that answers --version but fails every build, as CC, with an empty cache in tmp_path and
+    this process's loaded libraries forgotten; returns its path."""
     monkeypatch.setattr(cpu_backend, '_libraries', {})
     monkeypatch.setattr(cpu_backend, '_unavailable', None)
     broken = tmp_path / 'broken-cc'
@@ -180,6 +180,13 @@ def test_failing_compiler_leaves_no_temporary_file(monkeypatch, tmp_path):
     broken.chmod(0o755)
     monkeypatch.setenv('CC', str(broken))
     monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
+    return broken
+
+
+def test_failing_compiler_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """A compiler that runs but fails (every flag set): the warning gives its last line of errors and
+    blames it; nothing is left in the cache directory but its lock file."""
+    _failing_compiler(monkeypatch, tmp_path)
     with pytest.warns(RuntimeWarning, match='kernels are unavailable .*no luck today.*Set CC to a C compiler'):
         assert not cpu_backend.available(torch.float32)
     assert [p.name for p in (tmp_path / 'cache' / 'cpu_kernels').iterdir()] == ['.lock']
@@ -189,14 +196,7 @@ def test_broken_library_and_failing_rebuild(monkeypatch, tmp_path):
     """A cached library that fails its check, and a compiler that cannot rebuild it: one warning naming
     the file, why, and that this process runs the PyTorch backend, which it does. The file is never
     loaded (its size is not the recorded one), so this runs in this process."""
-    monkeypatch.setattr(cpu_backend, '_libraries', {})
-    monkeypatch.setattr(cpu_backend, '_unavailable', None)
-    broken = tmp_path / 'broken-cc'
-    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "broken-cc 1.0" && exit 0\n'
-                      'echo "broken-cc: error: no luck today" >&2; exit 1\n')
-    broken.chmod(0o755)
-    monkeypatch.setenv('CC', str(broken))
-    monkeypatch.setenv('SPFORMER_CACHE_DIR', str(tmp_path / 'cache'))
+    broken = _failing_compiler(monkeypatch, tmp_path)
     lib = cpu_backend._library_path(cpu_backend._cache_dir(), 'f32', [str(broken)], 'broken-cc 1.0\n',
                                     cpu_backend.FLAGS)
     lib.parent.mkdir(parents=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import timm
 import yaml
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants
 from timm.models import save_for_hf
 from timm.utils.model_ema import ModelEmaV3
 
@@ -434,7 +434,7 @@ def test_cli_push_single_safetensors_file_and_replace_pickles(fake_hub, train_fo
     with pytest.raises(SystemExit, match=f'config.json says the file holds {TINY} weights, not '
                                          f'spformer_small_sp16_224; pass {TINY}='):
         hub_cli(['push', str(weights), '--model', 'spformer_small_sp16_224', '--repo-id', repo, '--token', TOKEN])
-    bare = fake_hub_dir = weights.parent.parent / 'bare'  # the same tensors without the config.json beside them
+    bare = weights.parent.parent / 'bare'  # the same tensors without the config.json beside them
     bare.mkdir(exist_ok=True)
     (bare / 'w.safetensors').write_bytes(weights.read_bytes())
     with pytest.raises(SystemExit, match=f'does not fit spformer_small_sp16_224.*those of {TINY}'):

@@ -402,12 +402,6 @@ def test_hugging_face_datasets_imagefolder(tmp_path, shapes32, streaming):
     assert ('mixed precision bf16' in (out / 'train_config.yaml').read_text()) is streaming
 
 
-@pytest.fixture(scope='module')
-def script():
-    spec = importlib.util.spec_from_file_location('train_imagenet', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def errors_of(script, capsys, *args) -> str:

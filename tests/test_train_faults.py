@@ -103,13 +103,6 @@ def data(tmp_path_factory) -> Path:
     return make_shapes(tmp_path_factory.mktemp('shapes32'), n_train=12, n_val=4, size=32)
 
 
-@pytest.fixture(scope='module')
-def script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_imagenet_faults', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------------------------------------
