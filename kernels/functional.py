@@ -439,11 +439,14 @@ def superpixel_association(
         bias: Optional[torch.Tensor] = None,
         backend: str = 'auto',
         pixel_layout: str = 'image',
+        logits: bool = False,
 ) -> torch.Tensor:
     """Soft pixel -> superpixel assignment: softmax over the 9 neighbours of scale * <q_p, k_s> + bias.
 
     Returns (B, M, H, W, 9) probabilities in ``NEIGHBOR_OFFSETS`` order ((B, M, h, w, cell*cell, 9)
-    with ``pixel_layout='cells'``), exactly 0 for neighbours outside the image; differentiable.
+    with ``pixel_layout='cells'``), exactly 0 for neighbours outside the image; differentiable. With
+    ``logits=True``, the logits before the softmax instead (-inf for neighbours outside the image),
+    e.g. for :func:`upsample_association`.
     """
     fn = 'superpixel_association'
     cells = _check_layout(fn, pixel_layout)
@@ -453,10 +456,90 @@ def superpixel_association(
     _check_channels(fn, 'q_p', q_p, 'k_s', k_s)
     _check_bias(fn, bias, k_s)
     scale = _scale(fn, scale, q_p.shape[-1])
+    if not isinstance(logits, bool):
+        raise TypeError(f'{fn}: logits must be True or False, got {logits!r}')
     if backend == 'reference':
-        weights = reference.superpixel_association(cells_to_image(q_p, cell) if cells else q_p, k_s, cell, scale, bias)
+        weights = reference.superpixel_association(
+            cells_to_image(q_p, cell) if cells else q_p, k_s, cell, scale, bias, logits=logits)
         return image_to_cells(weights, cell) if cells else weights
-    return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale, cells)
+    return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale, cells, logits=logits)
+
+
+def upsample_association(logits: torch.Tensor, cell: int, scale: int) -> torch.Tensor:
+    """9-way association logits resampled ``scale`` times finer, in superpixel perspective.
+
+    A 9-channel neighbour map cannot be resized as an image: channel k names a different superpixel in
+    every cell. Here each superpixel's logit map is resampled on its own (bilinear, half-pixel centres,
+    as ``F.interpolate(..., align_corners=False)``), and every output pixel reads the 9 superpixels
+    around its own cell at the output resolution (cells of ``cell * scale`` pixels). A bilinear tap that
+    falls outside a superpixel's 3x3-cell window (where that superpixel is not a candidate), or outside
+    the image, takes the nearest pixel of the window inside the image (the edge clamp interpolation uses
+    at an image border). This is how the SPFormer authors draw superpixels at input resolution: the
+    argmax of the resampled logits (:func:`spformer.kernels.superpixel_labels`) has smooth boundaries
+    where repeating a coarse argmax would step by ``scale`` pixels.
+
+    Args:
+        logits: (..., H, W, 9) logits in ``NEIGHBOR_OFFSETS`` order over an H x W map with square cells
+            of ``cell`` pixels (``superpixel_association(..., logits=True)``); -inf for neighbours
+            outside the image.
+        cell: Cell side on the H x W map.
+        scale: Integer upsampling factor (the pixel stream's stride, to reach input resolution).
+
+    Returns:
+        (..., H * scale, W * scale, 9) logits, -inf for neighbours outside the image.
+    """
+    fn = 'upsample_association'
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 3 or logits.shape[-1] != 9:
+        got = _shape(logits) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f'{fn}: logits must be a (..., H, W, 9) tensor, got {got}')
+    for name, value in (('cell', cell), ('scale', scale)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{fn}: {name} must be an int >= 1, got {value!r}')
+    H, W = logits.shape[-3:-1]
+    if H % cell or W % cell:
+        raise ValueError(f'{fn}: the {H}x{W} map must be a whole number of {cell}x{cell} cells')
+    if scale == 1:
+        return logits
+    device = logits.device
+    h, w = H // cell, W // cell
+
+    def taps(n_in: int, n_cells: int):
+        """Per output row (or column), for each neighbour offset d in (-1, 0, 1): the two source taps clamped
+        to the image and to the window of the superpixel at offset d, their neighbour index (0..2) as seen
+        from the tap's own cell, the weight of the second tap, and whether that superpixel exists."""
+        out = torch.arange(n_in * scale, device=device)
+        exact = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32  # (no float64 on MPS)
+        src = ((out.to(exact) + 0.5) / scale - 0.5).clamp(min=0)  # F.interpolate's source coordinate
+        first = src.floor().long()
+        frac = (src - first).to(logits.dtype)
+        own = out // (cell * scale)
+        rows = []
+        for d in (-1, 0, 1):
+            target = own + d
+            lo = ((target - 1) * cell).clamp(0, n_in - 1)
+            hi = ((target + 2) * cell - 1).clamp(0, n_in - 1)
+            t0 = torch.minimum(torch.maximum(first, lo), hi)
+            t1 = torch.minimum(torch.maximum((first + 1).clamp(max=n_in - 1), lo), hi)
+            k0 = (target - t0 // cell + 1).clamp(0, 2)
+            k1 = (target - t1 // cell + 1).clamp(0, 2)
+            rows.append((t0, t1, k0, k1, (target >= 0) & (target < n_cells)))
+        return rows, frac
+
+    ys, fy = taps(H, h)
+    xs, fx = taps(W, w)
+    fy, fx = fy[:, None], fx[None, :]
+    out = []
+    for k in range(9):
+        y0, y1, ky0, ky1, vy = ys[k // 3]
+        x0, x1, kx0, kx1, vx = xs[k % 3]
+        value = 0
+        for ty, ky, wy in ((y0, ky0, 1 - fy), (y1, ky1, fy)):
+            for tx, kx, wx in ((x0, kx0, 1 - fx), (x1, kx1, fx)):
+                tap = logits[..., ty[:, None], tx[None, :], ky[:, None] * 3 + kx[None, :]]
+                value = value + wy * wx * tap.masked_fill(wy * wx == 0, 0)  # a zero weight: no -inf * 0
+        valid = vy[:, None] & vx[None, :]
+        out.append(value.masked_fill(~valid, float('-inf')))
+    return torch.stack(out, dim=-1)
 
 
 for _f in (superpixel_attention, pixel_attention, superpixel_association):

@@ -289,11 +289,18 @@ def hard_superpixel_attention(q: Tensor, k: Tensor, v: Tensor, labels: Tensor, k
     return _run(q, k, v, None, labels, kernel_size, 1, scale, lam, backend)
 
 
-def superpixel_labels(probs: Tensor, cell: int) -> Tensor:
-    """Hard superpixel ids from 9-way probabilities: (..., H, W, 9) -> (..., H, W) int64, the flat index
-    (row * w + column on the ceil(H / cell) x ceil(W / cell) grid) of each pixel's most probable
-    in-grid neighbour; ties go to the own cell. With these labels H-SNA equals SNA on the one-hot
-    probabilities of the same argmax."""
+# The SPFormer authors' margin for the own cell before the argmax of association logits: a near-tie
+# goes to the cell the pixel lies in (their code adds it to the own-cell logit).
+OWN_CELL_MARGIN = 1e-5
+
+
+def superpixel_labels(probs: Tensor, cell: int, own_cell_margin: float = 0.0) -> Tensor:
+    """Hard superpixel ids from 9-way scores: (..., H, W, 9) -> (..., H, W) int64, the flat index
+    (row * w + column on the ceil(H / cell) x ceil(W / cell) grid) of each pixel's highest-scoring
+    in-grid neighbour; ties go to the own cell. The scores are probabilities or logits (monotone in
+    each other per pixel); ``own_cell_margin`` is added to the own cell's score first
+    (:data:`OWN_CELL_MARGIN` on logits, as the SPFormer authors do). With these labels H-SNA equals
+    SNA on the one-hot probabilities of the same argmax."""
     fn = 'superpixel_labels'
     if not isinstance(probs, torch.Tensor) or probs.dim() < 3 or probs.shape[-1] != 9:
         got = _shape(probs) if isinstance(probs, torch.Tensor) else type(probs).__name__
@@ -302,10 +309,13 @@ def superpixel_labels(probs: Tensor, cell: int) -> Tensor:
     H, W = probs.shape[-3:-1]
     idx, valid = neighbor_superpixels(H, W, cell, probs.device)
     p = probs.detach().reshape(-1, H * W, 9).masked_fill(~valid, float('-inf'))
+    if own_cell_margin:
+        p = p.clone()
+        p[..., 4] += own_cell_margin
     best = p.argmax(dim=-1)
     best = torch.where(p[..., 4] >= p.amax(dim=-1), torch.full_like(best, 4), best)
     return idx.expand(p.shape).gather(2, best[..., None]).reshape(probs.shape[:-1])
 
 
-__all__ = ['BACKENDS', 'hard_superpixel_attention', 'neighborhood_attention', 'soft_superpixel_attention',
-           'superpixel_labels', 'window_start']
+__all__ = ['BACKENDS', 'OWN_CELL_MARGIN', 'hard_superpixel_attention', 'neighborhood_attention',
+           'soft_superpixel_attention', 'superpixel_labels', 'window_start']

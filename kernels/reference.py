@@ -61,11 +61,15 @@ def pixel_attention(q_p, k_s, v_s, cell, scale, bias=None):
     return out.reshape(B, M, H, W, dv).to(q_p.dtype), weights.to(q_p.dtype)
 
 
-def superpixel_association(q_p, k_s, cell, scale, bias=None):
+def superpixel_association(q_p, k_s, cell, scale, bias=None, logits=False):
     B, _, H, W, _ = q_p.shape
     h, w = k_s.shape[2:4]
-    attn = _pixel_logits(q_p, k_s, cell, scale, bias).softmax(dim=-1)
-    return _to_neighbor_order(attn, H, W, h, w, cell).to(q_p.dtype)
+    dense = _pixel_logits(q_p, k_s, cell, scale, bias)
+    if logits:  # picked at each pixel's 9 neighbours; -inf for those outside the image
+        idx, valid = neighbor_index(H, W, h, w, cell, dense.device)
+        picked = torch.gather(dense, 3, idx.expand(B, dense.shape[1], -1, -1)).masked_fill(~valid, float('-inf'))
+        return picked.reshape(B, -1, H, W, 9).to(q_p.dtype)
+    return _to_neighbor_order(dense.softmax(dim=-1), H, W, h, w, cell).to(q_p.dtype)
 
 
 def superpixel_attention(q_s, k_p, v_p, cell, scale):

@@ -179,8 +179,9 @@ def softmax_last(x: torch.Tensor) -> torch.Tensor:
 
 # --- pixel queries over their 9 superpixels ----------------------------------------------------
 
-def _pixel_probs(qc: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], B: int, Mp: int, scale: float):
-    """Cell-major probabilities (N, h, w, n, G * 9)."""
+def _pixel_probs(qc: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], B: int, Mp: int, scale: float,
+                 normalize: bool = True):
+    """Cell-major probabilities (N, h, w, n, G * 9), or their logits (-inf outside the image) if not ``normalize``."""
     N, h, w, n, d = qc.shape
     G = k.shape[1] // Mp
     kn = neighbors(k, Mp).view(N, h, w, G * 9, d)
@@ -195,6 +196,8 @@ def _pixel_probs(qc: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
         logits = logits * scale + pair_bias  # superpixel_association under autograd
     else:
         logits = logits.mul_(scale).add_(pair_bias)
+    if not normalize:
+        return logits
     return softmax_last(logits.view(N, h, w, n, G, 9)).view(N, h, w, n, G * 9)
 
 
@@ -256,13 +259,14 @@ def probs_to_weights(probs: torch.Tensor, B: int, Mp: int, G: int, cell: int, ce
 
 
 def superpixel_association(q, k, bias: Optional[torch.Tensor], cell: int, scale: float,
-                           cells: bool = False) -> torch.Tensor:
-    """(B, M, H, W, 9) probabilities ((B, M, h, w, n, 9) if ``cells``); differentiable through plain autograd."""
+                           cells: bool = False, logits: bool = False) -> torch.Tensor:
+    """(B, M, H, W, 9) probabilities ((B, M, h, w, n, 9) if ``cells``), or their logits; differentiable through
+    plain autograd."""
     B, Mp = q.shape[:2]
     G = k.shape[1] // Mp
     dt = accumulate_dtype(q.dtype)
     probs = _pixel_probs(as_cells(q.to(dt), cell, cells), k.to(dt), None if bias is None else bias.to(dt),
-                            B, Mp, scale)
+                         B, Mp, scale, normalize=not logits)
     return probs_to_weights(probs, B, Mp, G, cell, cells).to(q.dtype)
 
 

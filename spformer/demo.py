@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f'stage {i + 1}     : {n} superpixel segments used of {h}x{w} = {h * w} tokens')
 
     img = tensor_to_image(x[0], data_config['mean'], data_config['std'])
-    title = f'{name} ({loaded.title})'
+    title = f'{name}: {loaded.title}'
     make_parent(args.out)
     save_superpixel_figure(img, superpixels, args.out, title=title)
     print(f'wrote       : {args.out}')

@@ -364,18 +364,14 @@ class Slic(Segmenter):
         return Segmentation(np.stack([self.segment(img) for img in images]).astype(np.int64))
 
 
-def _superpixel_stages(model: torch.nn.Module, x: torch.Tensor) -> List[Dict[str, object]]:
-    from spformer.visualize import stage_labels
-    out = []
-    for stage in model.forward_superpixels(x):
-        merged, heads = stage_labels(stage)
-        out.append(dict(merged=merged, heads=heads, grid=tuple(int(v) for v in stage['grid'])))
-    return out
+def _superpixel_stages(model: torch.nn.Module, x: torch.Tensor, label_upsampling: str) -> List[Dict[str, object]]:
+    return [dict(merged=s['labels'], heads=list(s['head_labels'].unbind(1)), grid=tuple(int(v) for v in s['grid']))
+            for s in model.forward_superpixels(x, label_upsampling=label_upsampling)]
 
 
-def _group_stages(model: torch.nn.Module, x: torch.Tensor) -> List[Dict[str, object]]:
+def _group_stages(model: torch.nn.Module, x: torch.Tensor, label_upsampling: str) -> List[Dict[str, object]]:
     return [dict(merged=g['labels'], heads=list(g['head_labels'].unbind(1)), grid=tuple(int(v) for v in g['grid']),
-                 stage=g['stage']) for g in model.forward_groups(x)]
+                 stage=g['stage']) for g in model.forward_groups(x, label_upsampling=label_upsampling)]
 
 
 def _has_groups(model: torch.nn.Module) -> bool:
@@ -388,7 +384,8 @@ class Level:
 
     Attributes:
         method: The model method it needs (a model without it has nothing to score at this level).
-        stages: (model, normalized input (B, 3, H, W)) -> one dict per stage with ``merged`` (B, H, W)
+        stages: (model, normalized input (B, 3, H, W), label upsampling: ``'bilinear'`` or ``'repeat'``, see
+            ``SPFormer.forward_superpixels``) -> one dict per stage with ``merged`` (B, H, W)
             int64 labels of the merged heads, ``heads`` (a list of (B, H, W) labels, one per head)
             and ``grid`` (h, w), the token grid (h * w segments at most); optionally ``stage``, the
             model's 1-based stage the entry comes from (default: its position in the list + 1).
@@ -397,7 +394,7 @@ class Level:
         missing: What to say when it has not.
     """
     method: str
-    stages: Callable[[torch.nn.Module, torch.Tensor], List[Dict[str, object]]]
+    stages: Callable[[torch.nn.Module, torch.Tensor, str], List[Dict[str, object]]]
     noun: str
     available: Callable[[torch.nn.Module], bool] = lambda model: True
     missing: str = ''
@@ -425,11 +422,14 @@ class ModelSuperpixels(Segmenter):
         weights: Where the weights come from (shown in the table header).
         device: Where the model runs.
         trained: False for a random init: its picture panels are marked UNTRAINED.
+        label_upsampling: How the hard maps reach input resolution: ``'bilinear'`` (the association
+            logits resampled in superpixel perspective, as the SPFormer authors do; default) or
+            ``'repeat'`` (the pixel stream's argmax repeated); see ``SPFormer.forward_superpixels``.
     """
 
     def __init__(self, model: torch.nn.Module, name: str, stage: int = -1, head: Union[str, int] = 'merged',
                  level: str = 'superpixel', weights: str = '', device: Union[str, torch.device] = 'cpu',
-                 trained: bool = True):
+                 trained: bool = True, label_upsampling: str = 'bilinear'):
         from timm.data import resolve_data_config
         if level not in LEVELS:
             raise InputError(f'level must be one of {", ".join(LEVELS)}; got {level!r}')
@@ -441,7 +441,10 @@ class ModelSuperpixels(Segmenter):
                 f'the patch / slic methods')
         if not self.level.available(model):
             raise InputError(f'--model {name!r}: it makes no {self.level.noun} to score: {self.level.missing}')
+        if label_upsampling not in ('bilinear', 'repeat'):
+            raise InputError(f"--label-upsampling {label_upsampling!r}: expected 'bilinear' or 'repeat'")
         self.model, self.weights, self.device, self.trained = model, weights, device, trained
+        self.label_upsampling = label_upsampling
         cfg = resolve_data_config({}, model=model)
         self.input_size = tuple(cfg['input_size'][1:])
         self.mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
@@ -483,7 +486,7 @@ class ModelSuperpixels(Segmenter):
         x = x.permute(0, 3, 1, 2).float().div(255)
         x = ((x - self.mean) / self.std).to(self.device)
         with torch.inference_mode():
-            return self.level.stages(self.model, x)
+            return self.level.stages(self.model, x, self.label_upsampling)
 
     def __call__(self, images: np.ndarray) -> Segmentation:
         stage = self.stages(images)[self.stage]
@@ -765,6 +768,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--stage', type=int, default=-1, help='model stage, 1-based (default: -1, the last)')
     p.add_argument('--head', default='merged', help="'merged' (default) or an association head number, 1-based")
     p.add_argument('--level', default='superpixel', choices=list(LEVELS), help='what to score (default: %(default)s)')
+    p.add_argument('--label-upsampling', default='bilinear', choices=['bilinear', 'repeat'],
+                   help="how a model's hard maps reach the input resolution: 'bilinear' resamples the association "
+                        "logits in superpixel perspective, as the SPFormer authors do; 'repeat' repeats the pixel "
+                        "stream's argmax (boundaries step by its stride) (default: %(default)s)")
     p.add_argument('--segments', type=int, default=None,
                    help="segments of the baselines (default: the models' token count, else 196)")
     p.add_argument('--input-size', type=int, default=None,
@@ -823,7 +830,7 @@ def _run(args: argparse.Namespace) -> int:
     for spec in args.model:
         loaded = load_model(spec, argument='--model', seed=args.seed, device=args.device)
         models.append(ModelSuperpixels(loaded.model.eval(), spec, args.stage, args.head, args.level, loaded.weights,
-                                       args.device, trained=loaded.trained))
+                                       args.device, trained=loaded.trained, label_upsampling=args.label_upsampling))
     if models:
         sizes = {m.input_size for m in models}
         if len(sizes) > 1:
@@ -858,7 +865,9 @@ def _run(args: argparse.Namespace) -> int:
     untrained = False
     for m in models:
         print(f'model     : {m.name}: {m.weights}; {m.level.noun} of stage {m.stage_number}, '
-              f'{"merged heads" if m.head == "merged" else f"head {m.head}"}, {m.tokens} tokens')
+              f'{"merged heads" if m.head == "merged" else f"head {m.head}"}, {m.tokens} tokens, hard maps '
+              f'{"resampled in superpixel perspective" if m.label_upsampling == "bilinear" else "repeated"} to the '
+              f'input (--label-upsampling {m.label_upsampling})')
         untrained |= not m.trained
     if untrained:
         print('!!  UNTRAINED weights: their superpixels come from a random init and say nothing about the method.')
@@ -867,6 +876,7 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(dataset, baselines + models, input_size, args.score_at, args.tolerance, args.limit,
                       args.batch_size, args.pictures, picture_dir, progress=not args.no_progress)
     result.config.update(segments=segments, weights={m.name: m.weights for m in models},
+                         label_upsampling=args.label_upsampling if models else None,
                          slic=dict(compactness=args.slic_compactness, runs=args.slic_runs)
                          if 'slic' in args.methods else None)
     paths = write_results(result, args.out_dir)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from skimage.segmentation import mark_boundaries
 
-from spformer.models.spformer import association_to_labels
 
 __all__ = ['superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure', 'save_stages_figure',
            'save_comparison_figure', 'main']
@@ -67,19 +66,9 @@ def tensor_to_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 def stage_labels(stage: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Hard superpixel maps of one ``forward_superpixels`` stage, at input resolution.
-
-    Returns the merged-heads labels (B, H, W) and one (B, H, W) map per association head,
-    each made from that head's association the same way (argmax, ties to the own cell).
-    """
-    labels = stage['labels']
-    association = stage['association']  # (B, heads, 9, H/s, W/s)
-    pixel_h = association.shape[-2]
-    grid_h = int(stage['grid'][0])
-    cell_size = pixel_h // grid_h
-    upsample = labels.shape[-2] // pixel_h
-    heads = [association_to_labels(association[:, m], cell_size, upsample) for m in range(association.shape[1])]
-    return labels, heads
+    """Hard superpixel maps of one ``forward_superpixels`` stage, at input resolution: the merged-heads
+    labels (B, H, W) and one (B, H, W) map per association head (``head_labels``), made the same way."""
+    return stage['labels'], list(stage['head_labels'].unbind(1))
 
 
 def save_superpixel_figure(
@@ -247,6 +236,10 @@ def _parser() -> argparse.ArgumentParser:
                         "'NAME=FILE.safetensors', or FILE.safetensors beside its config.json")
     p.add_argument('--out', default=None, help='output PNG (default: <image name>_superpixels.png, _groups.png)')
     p.add_argument('--level', default='superpixel', choices=list(LEVELS), help='what to draw (default: %(default)s)')
+    p.add_argument('--label-upsampling', default='bilinear', choices=['bilinear', 'repeat'],
+                   help="'bilinear': association logits resampled to the image in superpixel perspective, as the "
+                        "SPFormer authors draw superpixels; 'repeat': the pixel stream's argmax repeated "
+                        "(default: %(default)s)")
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random init of untrained models')
     return p
@@ -279,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ImageReadError(f'IMAGE: {e}', e.path, e.reason) from e
     loaded = load_model(args.model, argument='--model', seed=args.seed, device=args.device)
     segmenter = ModelSuperpixels(loaded.model.eval(), args.model, level=args.level, weights=loaded.weights,
-                                 device=args.device, trained=loaded.trained)
+                                 device=args.device, trained=loaded.trained, label_upsampling=args.label_upsampling)
     resized = resize_image(image, segmenter.input_size)
     stages = segmenter.stages(resized[None])
     level = LEVELS[args.level]
@@ -293,7 +286,7 @@ def _run(args: argparse.Namespace) -> int:
         used = [int(stage['merged'][0].unique().numel())] + [int(x[0].unique().numel()) for x in stage['heads']]
         print(f'stage {stage.get("stage", i + 1)} : {used[0]} of {h * w} {level.noun} (merged heads); per head: '
               f'{", ".join(str(u) for u in used[1:])}')
-    title = f'{args.model} ({loaded.title})'
+    title = f'{args.model}: {loaded.title}'
     make_parent(out)
     save_stages_figure(resized, stages, out, title=title, noun=level.noun)
     print(f'wrote   : {out}')

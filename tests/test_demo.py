@@ -9,7 +9,7 @@ import torch
 
 from spformer.demo import main
 from spformer.hub.checkpoint import weights_source
-from spformer.visualize import stage_labels, superpixel_boundaries
+from spformer.visualize import superpixel_boundaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,19 +63,6 @@ def test_superpixel_boundaries_marks_label_edges():
     red = (drawn[..., 0] == 255) & (drawn[..., 1] == 0)
     assert red[:, 3:5].any(axis=1).all()  # a boundary in every row, between the two labels
     assert not red[:, :3].any() and not red[:, 5:].any()
-
-
-def test_stage_labels_per_head_matches_own_cell_on_ties():
-    # Uniform association: every argmax is a tie, so every pixel stays in its own cell and the
-    # per-head maps equal the regular grid (cell 2 on a 4x4 pixel stream, upsampled x4 to 16x16).
-    B, M, h, w, cell, up = 1, 2, 2, 2, 2, 4
-    assoc = torch.full((B, M, 9, h * cell, w * cell), 1 / 9)
-    grid = (torch.arange(16)[:, None] // (cell * up)) * w + torch.arange(16)[None, :] // (cell * up)
-    stage = dict(association=assoc, labels=grid[None], grid=torch.tensor([h, w]))
-    merged, heads = stage_labels(stage)
-    assert len(heads) == M
-    for head in heads:
-        assert torch.equal(head[0], grid)
 
 
 def test_readme_table_replacement():

@@ -28,12 +28,29 @@ EXPECTED_PARAMS = {
     'spformer_base_sp16_224': 87.581e6,
     'spformer_small_sp56_224': 22.217e6,
 }
+# The authors' code counts exactly this for S/56 (its stem: three 3x3 stride-2 convs, 3 -> 16 -> 32 -> 64).
+AUTHORS_SP56_PARAMS = 22_216_632
+SP56_STEM = ((16, 3, 2), (32, 3, 2), (64, 3, 2))  # (out_channels, kernel, stride) per conv
+# Every variant's exact count (docs/design.md §1.1; the hierarchical ones from the formula): a stem change
+# must not move any of them but the one it is meant for.
+EXACT_PARAMS = {
+    'spformer_tiny_sp16_224': 5_740_488,
+    'spformer_small_sp16_224': 22_334_376,
+    'spformer_base_sp16_224': 87_581_320,
+    'spformer_small_sp32_224': 22_230_696,
+    'spformer_small_sp56_224': AUTHORS_SP56_PARAMS,
+    'spformer_small_sp32_448': 22_343_592,
+    'spformer_hier_tiny_sp16_224': 5_927_112,
+    'spformer_hier_small_sp16_224': 23_076_264,
+    'spformer_hier_small_local_sp16_224': 23_380_392,
+}
 
 
 def spformer_params(Cp, C, depths, stem_stride=4, cell=4, img=224, sca_iters=2, num_classes=1000,
-                    grouping=None, group_depth=1):
+                    grouping=None, group_depth=1, stem_layers=None):
     """Parameters of an SPFormer counted from docs/design.md §1.2-1.3 and 2, layer by layer (independent of
-    the code: it gives the author's 22.334M for SPFormer-S, see test_param_formula_matches_the_authors)."""
+    the code: it gives the author's 22.334M for SPFormer-S, see test_param_formula_matches_the_authors).
+    ``stem_layers``: (out_channels, kernel, stride) per stem conv; default one patchify conv."""
     block = 12 * C * C + 13 * C  # 2 LayerNorms, qkv (bias), proj, fc1, fc2 (biases)
 
     def sca(Cp, C, update_pixels):  # position convs (with bias), projections (no bias), norms, LayerScales
@@ -44,7 +61,9 @@ def spformer_params(Cp, C, depths, stem_stride=4, cell=4, img=224, sca_iters=2, 
         return C * Cp + 2 * Cp + Cp
 
     tokens = (img // (stem_stride * cell)) ** 2
-    n = 3 * Cp * stem_stride ** 2 + 2 * Cp  # stem conv (no bias) + BatchNorm
+    n, cin = 0, 3
+    for cout, k, _ in stem_layers or ((Cp, stem_stride, stem_stride),):
+        n, cin = n + cin * cout * k * k + 2 * cout, cout  # stem convs (no bias) + BatchNorms
     n += Cp * C + 2 * C  # superpixel init: 1x1 conv (no bias) + LayerNorm
     for i, depth in enumerate(depths):
         n += sum(sca(Cp, C, it < sca_iters - 1) for it in range(sca_iters)) + tokens * C + depth * block
@@ -287,9 +306,16 @@ def test_param_formula_matches_the_authors():
     assert spformer_params(32, 192, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_tiny_sp16_224'], rel=1e-3)
     assert spformer_params(64, 384, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_small_sp16_224'], rel=1e-4)
     assert spformer_params(96, 768, (2, 10)) == pytest.approx(EXPECTED_PARAMS['spformer_base_sp16_224'], rel=1e-4)
-    # S/56: 0.05% (11.6K) below the author's count, which docs/design.md does not break down.
-    assert spformer_params(64, 384, (2, 10), stem_stride=8, cell=7) == pytest.approx(
-        EXPECTED_PARAMS['spformer_small_sp56_224'], rel=1e-3)
+    # S/56, exactly: its stem is three 3x3 convs (with one 8x8 conv it was 11,280 below the authors' count).
+    assert spformer_params(64, 384, (2, 10), stem_stride=8, cell=7, stem_layers=SP56_STEM) == AUTHORS_SP56_PARAMS
+    assert AUTHORS_SP56_PARAMS - spformer_params(64, 384, (2, 10), stem_stride=8, cell=7) == 11_280
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_exact_param_counts(model_name):
+    """S/56 has the authors' exact count; every other variant keeps its count."""
+    model = timm.create_model(model_name, device='meta')
+    assert sum(p.numel() for p in model.parameters()) == EXACT_PARAMS[model_name]
 
 
 @pytest.mark.parametrize('model_name', sorted(HIER_PARAMS))
@@ -311,6 +337,156 @@ def test_flops_match_paper(model_name):
     low, high = PAPER_GFLOPS[model_name]
     lower = 0.9 if model.grid_size == (14, 14) else 0.75
     assert lower * low <= gmacs <= 1.1 * high, f'{gmacs:.3f} GMACs vs paper {low}-{high}'
+
+
+# --- the stem: one patchify conv, or S/56's three 3x3 stride-2 convs with TensorFlow 'same' padding ------
+
+def _reference_stem(pads, channels=(3, 16, 32, 64), symmetric=False):
+    """S/56's stem written out with torch layers: per conv an explicit zero pad (left, right, top, bottom),
+    a 3x3 stride-2 conv without bias, BatchNorm (eps 1e-5), ReLU. ``symmetric``: PyTorch's padding=1
+    instead (what TF-same is not), to show the comparison tells them apart."""
+    layers = []
+    for pad, cin, cout in zip(pads, channels[:-1], channels[1:]):
+        layers += [torch.nn.Identity() if symmetric else torch.nn.ZeroPad2d(pad),
+                   torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1 if symmetric else 0, bias=False),
+                   torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
+    ref = torch.nn.Sequential(*layers).double()
+    torch.manual_seed(0)
+    with torch.no_grad():  # every tensor off its init, so that a BatchNorm or a conv mixed up would show
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, 0.3)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1, 0.2), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2)
+    return ref
+
+
+def _authors_layout(ref):
+    """The reference stem's tensors as a state dict laid out like the authors' S/56 stem: three convs, each
+    followed by its BatchNorm (stem.conv1, stem.bn1, stem.conv2, ...)."""
+    convs = [m for m in ref if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in ref if isinstance(m, torch.nn.BatchNorm2d)]
+    out = {}
+    for i, (conv, norm) in enumerate(zip(convs, norms), 1):
+        out[f'stem.conv{i}.weight'] = conv.weight.detach().clone()
+        out.update({f'stem.bn{i}.{k}': v.clone() for k, v in norm.state_dict().items()})
+    return out
+
+
+EVEN = (0, 1, 0, 1)  # TF 'same' for a 3x3 stride-2 conv on even sides: 0 before, 1 after
+
+
+@pytest.mark.parametrize('size, pads', [
+    ((224, 224), [EVEN] * 3),  # 224 -> 112 -> 56 -> 28
+    ((280, 168), [EVEN] * 3),  # non-square, a size dynamic_img_size takes
+    # odd sides pad 1 before and 1 after: H 225 -> 113 -> 57 -> 29, W 226 (even) -> 113 (odd) -> 57 -> 29
+    ((225, 226), [(0, 1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1)]),
+])
+def test_sp56_stem_is_three_tf_same_convs(size, pads):
+    """S/56's stem equals three 3x3 stride-2 torch convs (+ BatchNorm + ReLU) with the zero padding TF's 'same'
+    gives, written out by hand, in float64, eval and train mode; PyTorch's symmetric padding=1 does not."""
+    model = timm.create_model('spformer_small_sp56_224', dynamic_img_size=True).double()
+    assert model.stem_stride == 8
+    ref = _reference_stem(pads)
+    model.load_state_dict(_authors_layout(ref), strict=False)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        for mode in (False, True):
+            model.train(mode), ref.train(mode)
+            want = ref(x)
+            assert want.shape == (2, 64, -(-size[0] // 8), -(-size[1] // 8))
+            torch.testing.assert_close(model.stem(x), want, rtol=1e-12, atol=1e-12)
+        if size[0] % 56 == 0 and size[1] % 56 == 0:  # the model's own path: channels-last pixels
+            model.eval(), ref.eval()
+            torch.testing.assert_close(model._stem(x)[0], ref(x).permute(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+        if pads[0] == EVEN:
+            symmetric = _reference_stem(pads, symmetric=True).eval()
+            assert symmetric(x).shape == want.shape and not torch.allclose(model.eval().stem(x), symmetric(x))
+
+
+def test_sp56_loads_the_authors_stem_layout(tmp_path):
+    """A checkpoint whose stem is laid out like the authors' (three convs, each followed by its BatchNorm) loads
+    through timm's pretrained path, and the model's pixels are the hand-built stem's output; a checkpoint with
+    S/56's earlier stem (one 8x8 conv) is refused, saying how to build that stem."""
+    from safetensors.torch import save_file
+    ref = _reference_stem([EVEN] * 3).float().eval()
+    state = {k: v for k, v in timm.create_model('spformer_small_sp56_224').state_dict().items()
+             if not k.startswith('stem.')}
+    state.update(_authors_layout(ref))
+    path = tmp_path / 'authors.safetensors'
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = timm.create_model('spformer_small_sp56_224', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model._stem(x)[0], ref(x).permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+    old = tmp_path / 'old.safetensors'
+    save_file(timm.create_model('spformer_small_sp56_224', stem_layers=((64, 8, 8),)).state_dict(), str(old))
+    with pytest.raises(ValueError, match=r'stem\.conv1\.weight: missing.*stem\.bn\.\w+: not in the model.*'
+                                         r'Its stem is one patchify conv, stem_layers=\(\(64, 8, 8\),\)'):
+        timm.create_model('spformer_small_sp56_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(old)))
+    loaded = timm.create_model('spformer_small_sp56_224', stem_layers=((64, 8, 8),), pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(old)))
+    assert loaded.stem.conv.weight.shape == (64, 3, 8, 8)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_stem_layout_and_first_conv(model_name):
+    """S/56's stem is conv1/bn1/act1 ... conv3 (3 -> 16 -> 32 -> 64), every other stem one patchify conv with
+    the names its checkpoints have (stem.conv, stem.bn) and no padding copy (a plain nn.Conv2d); the cfg's
+    first_conv names the stem's first conv (timm adapts it for in_chans != 3)."""
+    model = timm.create_model(model_name, device='meta')
+    stem = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith('stem.') and v.dim() > 1}
+    if '_sp56_' in model_name:
+        assert stem == {'stem.conv1.weight': (16, 3, 3, 3), 'stem.conv2.weight': (32, 16, 3, 3),
+                        'stem.conv3.weight': (64, 32, 3, 3)}
+        assert [type(m).__name__ for m in model.stem] == ['Conv2dSame', 'BatchNorm2d', 'ReLU'] * 3
+    else:
+        s, Cp = model.stem_stride, model.pixel_dim
+        assert stem == {'stem.conv.weight': (Cp, 3, s, s)}
+        assert [type(m) for m in model.stem] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert all(m.eps == 1e-5 for m in model.stem if isinstance(m, torch.nn.BatchNorm2d))
+    first = model.pretrained_cfg['first_conv']
+    assert model.get_submodule(first) is model.stem[0]
+    assert first == ('stem.conv1' if '_sp56_' in model_name else 'stem.conv')
+    # the model tells timm its own first conv, whatever stem_layers built it
+    other = timm.create_model(model_name, device='meta', stem_layers=(
+        (model.pixel_dim, model.stem_stride, model.stem_stride),) if '_sp56_' in model_name else (
+        (16, 3, 2), (model.pixel_dim, model.stem_stride // 2, model.stem_stride // 2)))
+    want = 'stem.conv' if '_sp56_' in model_name else 'stem.conv1'
+    assert timm.models.get_model_traits(other)['first_conv'] == want
+
+
+@pytest.mark.parametrize('model_name', ['spformer_tiny_sp16_224', 'spformer_small_sp56_224'])
+def test_in_chans_adapts_first_conv(tmp_path, model_name):
+    """pretrained=True with in_chans=1 from RGB weights: timm sums the RGB filters of the stem's first conv
+    (stem.conv, or S/56's stem.conv1), and the rest loads as it is."""
+    from safetensors.torch import save_file
+    src = timm.create_model(model_name)
+    path = tmp_path / 'w.safetensors'
+    save_file(src.state_dict(), str(path))
+    model = timm.create_model(model_name, pretrained=True, in_chans=1,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    first = model.pretrained_cfg['first_conv'] + '.weight'
+    got, want = model.state_dict(), src.state_dict()
+    torch.testing.assert_close(got[first], want[first].sum(1, keepdim=True))
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k != first)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 224, 224)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('model_name, stem_layers, match', [
+    ('spformer_small_sp56_224', ((64, 4, 4),), r'strides that multiply to stem_stride=8'),
+    ('spformer_small_sp32_224', ((32, 8, 8),), r'end with pixel_dim=64 channels'),
+    ('spformer_small_sp32_224', ((64, 8),), r'\(out_channels, kernel, stride\) triples'),
+    ('spformer_small_sp32_224', (), r'non-empty sequence'),
+])
+def test_bad_stem_layers(model_name, stem_layers, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model(model_name, stem_layers=stem_layers)
 
 
 def test_token_grids():
@@ -531,7 +707,8 @@ def test_meta_device_builds(model_name):
     assert all(t.is_meta for t in full.state_dict().values())
     n = sum(p.numel() for p in full.parameters())
     assert n == spformer_params(full.pixel_dim, full.embed_dim, full.depths, full.stem_stride, full.cell_size,
-                                full.img_size[0], grouping=full.grouping, group_depth=full.group_depth or 1)
+                                full.img_size[0], grouping=full.grouping, group_depth=full.group_depth or 1,
+                                stem_layers=SP56_STEM if '_sp56_' in model_name else None)
 
     cpu = _narrow(model_name)
     want = {k: (v.shape, v.dtype) for k, v in cpu.state_dict().items()}
@@ -853,8 +1030,8 @@ def test_forward_superpixels_consistent():
     x = torch.randn(2, 3, 96, 96)
     captured = []
     hook = model.stages[-1].sca[-1].register_forward_hook(lambda m, i, o: captured.append(i))
-    with torch.no_grad():
-        outs = model.forward_superpixels(x)
+    with torch.no_grad():  # the stride-4 argmax, repeated (tests/test_association_labels.py: the default)
+        outs = model.forward_superpixels(x, label_upsampling='repeat')
     hook.remove()
     assert len(outs) == len(model.stages)
     h, w = model.grid_size

@@ -555,3 +555,16 @@ def test_console_script_prints_one_line_or_with_spformer_debug_the_traceback(tmp
     assert debug.returncode == 1
     assert debug.stderr.startswith('Traceback (most recent call last)') and '\nOSError: ' in debug.stderr  # PIL's
     assert debug.stderr.rstrip().splitlines()[-1].startswith('spformer.images.ImageReadError: IMAGE: cannot read image')
+
+
+def test_label_upsampling_choice_reaches_the_model(tiny):
+    # 'repeat': constant over every 4x4 block of the stride-4 pixel stream; the default resamples the
+    # logits, so some blocks hold a boundary; bad values are named.
+    images = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    repeat = ModelSuperpixels(tiny, TINY, label_upsampling='repeat')(images).labels[0]
+    blocks = repeat.reshape(56, 4, 56, 4)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+    default = ModelSuperpixels(tiny, TINY)(images).labels[0].reshape(56, 4, 56, 4)
+    assert not (default == default[:, :1, :, :1]).all()
+    with pytest.raises(InputError, match="--label-upsampling 'nearest': expected 'bilinear' or 'repeat'"):
+        ModelSuperpixels(tiny, TINY, label_upsampling='nearest')

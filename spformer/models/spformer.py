@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, resample_abs_pos_embed, trunc_normal_
+from timm.layers import LayerScale, create_conv2d, resample_abs_pos_embed, trunc_normal_
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -45,8 +45,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
 from spformer.allocator import prime_glibc_heap
-from spformer.kernels import cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
-    superpixel_association, superpixel_attention
+from spformer.kernels import OWN_CELL_MARGIN, cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
+    superpixel_association, superpixel_attention, superpixel_labels, upsample_association
 from spformer.kernels import cpu_backend
 from spformer.kernels.functional import backend_module, check_backend
 
@@ -853,6 +853,57 @@ def check_image_input(
             f'pass img_size=... or dynamic_img_size=True to timm.create_model for other sizes')
 
 
+StemLayers = Tuple[Tuple[int, int, int], ...]
+
+
+class Stem(nn.Sequential):
+    """The pixel stem: convolutions without bias, each followed by BatchNorm and ReLU, given as
+    ``layers``, one (out_channels, kernel, stride) per convolution. Its stride is the product of the
+    strides.
+
+    Padding is TensorFlow's 'same', as the authors' models have it: a 3x3 stride-2 convolution pads
+    0 before and 1 after an even side, 1 and 1 an odd one (timm's ``Conv2dSame`` pads each input as TF
+    computes it). A patchify layer (kernel = stride, or smaller) pads nothing on the sides the model
+    takes (multiples of the stem's stride, ``check_image_input``, so of every layer's): it is a plain
+    convolution, without ``Conv2dSame``'s copy of its input.
+
+    One layer (the patchify stems: kernel = stride = 4 for sp16, 8 for sp32 and 448 px) is named
+    ``conv``, ``bn``, ``act``; several (the S/56 stem, three 3x3 stride-2 convolutions 3 -> 16 -> 32 ->
+    64) ``conv1``, ``bn1``, ``act1``, ``conv2``, ... ``first_conv`` names the first convolution. BatchNorm
+    eps is torch's 1e-5 in every layer, as in the patchify stems that match the authors' code.
+    """
+
+    def __init__(self, in_chans: int, layers: StemLayers, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.layers = layers = self.check_layers(layers)
+        self.stride = math.prod(stride for _, _, stride in layers)
+        suffix = [''] if len(layers) == 1 else [str(i + 1) for i in range(len(layers))]
+        self.first_conv = f'conv{suffix[0]}'
+        for i, (out_chans, kernel, stride) in enumerate(layers):
+            padding = 'valid' if kernel <= stride else 'same'
+            self.add_module(f'conv{suffix[i]}', create_conv2d(
+                in_chans, out_chans, kernel, stride=stride, padding=padding, bias=False, **dd))
+            self.add_module(f'bn{suffix[i]}', nn.BatchNorm2d(out_chans, **dd))
+            self.add_module(f'act{suffix[i]}', nn.ReLU(inplace=True))
+            in_chans = out_chans
+
+    @staticmethod
+    def check_layers(layers) -> StemLayers:
+        """``layers`` as a tuple of (out_channels, kernel, stride) int triples (lists, e.g. from a JSON
+        config, are fine), or a ValueError naming what is wrong."""
+        try:
+            out = tuple(tuple(layer) for layer in layers)
+        except TypeError:
+            out = None
+        if not out or any(len(layer) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                 for v in layer) for layer in out):
+            raise ValueError(
+                f'stem_layers must be a non-empty sequence of (out_channels, kernel, stride) triples of ints >= 1, '
+                f'got {layers!r}')
+        return out
+
+
 class SPFormer(nn.Module):
     """ SPFormer: pixel stem -> superpixel tokens -> stages of (SCA, ViT blocks) -> mean-pool head.
 
@@ -873,6 +924,7 @@ class SPFormer(nn.Module):
             sca_heads: int = 2,
             sca_iters: int = 2,
             stem_stride: int = 4,
+            stem_layers: Optional[StemLayers] = None,
             cell_size: int = 4,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
@@ -904,6 +956,10 @@ class SPFormer(nn.Module):
             sca_heads: Superpixel cross-attention heads M (one association each).
             sca_iters: SCA iterations at the start of every stage.
             stem_stride: Stride of the pixel stream (4, or 8 for the coarse /32, /56 and 448-px models).
+            stem_layers: The stem's convolutions (each + BatchNorm + ReLU, TF 'same' padding, see
+                :class:`Stem`) as (out_channels, kernel, stride) triples; their strides must multiply to
+                ``stem_stride`` and the last must give ``pixel_dim`` channels. Default: one patchify
+                convolution, ``((pixel_dim, stem_stride, stem_stride),)``; S/56 has three 3x3 stride-2 ones.
             cell_size: Pixels per superpixel cell side; token stride = stem_stride * cell_size.
             init_values: LayerScale init of the SCA and pixel updates.
             dynamic_img_size: Accept any input whose sides are multiples of the token stride
@@ -934,6 +990,13 @@ class SPFormer(nn.Module):
         prime_glibc_heap()
         assert global_pool in ('', 'avg'), f"global_pool must be 'avg' or '', got {global_pool!r}"
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if stem_layers is None:  # one patchify conv
+            stem_layers = ((pixel_dim, stem_stride, stem_stride),)
+        stem_layers = Stem.check_layers(stem_layers)
+        if math.prod(stride for _, _, stride in stem_layers) != stem_stride or stem_layers[-1][0] != pixel_dim:
+            raise ValueError(
+                f'stem_layers={stem_layers} must have strides that multiply to stem_stride={stem_stride} and end '
+                f'with pixel_dim={pixel_dim} channels')
         token_stride = stem_stride * cell_size
         if img_size[0] % token_stride or img_size[1] % token_stride:
             raise ValueError(f'img_size={img_size} must be a multiple of the token stride {token_stride}')
@@ -968,6 +1031,7 @@ class SPFormer(nn.Module):
         self.pixel_dim = pixel_dim
         self.sca_heads = sca_heads
         self.stem_stride = stem_stride
+        self.stem_layers = stem_layers
         self.cell_size = cell_size
         self.token_stride = token_stride
         self.grid_size = (img_size[0] // token_stride, img_size[1] // token_stride)
@@ -982,11 +1046,10 @@ class SPFormer(nn.Module):
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
 
-        self.stem = nn.Sequential()
-        self.stem.add_module(
-            'conv', nn.Conv2d(in_chans, pixel_dim, stem_stride, stride=stem_stride, bias=False, **dd))
-        self.stem.add_module('bn', nn.BatchNorm2d(pixel_dim, **dd))
-        self.stem.add_module('act', nn.ReLU(inplace=True))
+        self.stem = Stem(in_chans, stem_layers, **dd)
+        # timm reads the conv it adapts to in_chans != 3 (pretrained weights) from the model's traits before its
+        # cfg's first_conv: the first conv of the stem built here, whatever stem_layers it was given.
+        self._traits = {'first_conv': f'stem.{self.stem.first_conv}'}
         self.sp_init = SuperpixelInit(pixel_dim, embed_dim, cell_size, norm_layer, attn_backend, **dd)
 
         # Stochastic depth rises over all ViT blocks in execution order, the group blocks included:
@@ -1117,12 +1180,13 @@ class SPFormer(nn.Module):
         check_image_input(
             x, self.in_chans, self.group_stride, self.img_size, self.dynamic_img_size,
             f'the group stride (superpixel token stride {self.token_stride} x group_size={self.group_size}):'
-            if self.grouping else 'the superpixel token stride', self.stem.conv.weight.dtype)
+            if self.grouping else 'the superpixel token stride', self.stem[0].weight.dtype)
         # Channels-last from here on: a strided view would make every later pixel op slower (the
         # depthwise convs fall back to their NCHW kernels, ~7x slower on CPU). The stem runs in
         # channels_last memory already, so that its output needs no layout copy and the backward's
         # gradients match the saved activations' layout (mixed layouts made the stem's ReLU and
-        # BatchNorm backward ~10x slower on CPU: stem forward+backward 51 -> 26 ms at batch 8).
+        # BatchNorm backward ~10x slower on CPU: stem forward+backward 51 -> 26 ms at batch 8). The
+        # 'same' padding of S/56's stride-2 convs (F.pad) keeps channels_last too.
         pixels = self.stem(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1).contiguous()
         return pixels, self.sp_init(pixels)
 
@@ -1301,8 +1365,17 @@ class SPFormer(nn.Module):
         return take_indices
 
     @torch.jit.ignore
-    def forward_superpixels(self, x: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    def forward_superpixels(self, x: torch.Tensor, label_upsampling: str = 'bilinear') -> List[Dict[str, torch.Tensor]]:
         """The learned superpixels of every stage (from its last SCA iteration).
+
+        Args:
+            x: Input image tensor.
+            label_upsampling: How the hard maps reach input resolution. ``'bilinear'`` (default, as the
+                SPFormer authors draw them): the association logits are resampled to the input in
+                superpixel perspective (:func:`spformer.kernels.upsample_association`), then the argmax
+                with the own-cell margin; boundaries follow the image to the pixel. ``'repeat'``: the
+                argmax on the pixel stream, each label repeated over its s x s input pixels (faster;
+                boundaries step by s pixels).
 
         Returns one dict per stage:
             ``association``: (B, sca_heads, 9, H/s, W/s) soft assignment of every pixel of the pixel
@@ -1310,27 +1383,44 @@ class SPFormer(nn.Module):
             ``association_merged``: (B, 9, H/s, W/s), the softmax of the head-merged logits
                 sum_m a_m / sqrt(M) (docs/design.md §1.3);
             ``labels``: (B, H, W) int64 hard superpixel map at input resolution: the token index
-                (raster order on the h x w grid) of the argmax of ``association_merged`` (ties go to
-                the pixel's own cell; neighbours outside the image are never chosen);
+                (raster order on the h x w grid) of the argmax of the head-merged logits, the own cell's
+                raised by ``spformer.kernels.OWN_CELL_MARGIN`` (1e-5; near-ties go to the pixel's own
+                cell); neighbours outside the image are never chosen;
+            ``head_labels``: (B, sca_heads, H, W) the same per association head;
             ``grid``: (h, w) of the token grid as a tensor.
         Neighbour k is the cell at offset (k // 3 - 1, k % 3 - 1) from the pixel's own cell.
         """
+        _check_label_upsampling(label_upsampling)
         out = self._forward_stages(x)
         h, w = out.grid
-        return [self._superpixels(assoc, (h, w)) for assoc in out.associations]
+        return [self._superpixels(assoc, (h, w), label_upsampling) for assoc in out.associations]
 
-    def _superpixels(self, assoc: Association, grid: Tuple[int, int]) -> Dict[str, torch.Tensor]:
-        per_head = association_probabilities(assoc, self.cell_size).permute(0, 1, 4, 2, 3)
-        merged = association_probabilities(assoc, self.cell_size, merge_heads=True)[:, 0].permute(0, 3, 1, 2)
+    def _superpixels(self, assoc: Association, grid: Tuple[int, int],
+                     label_upsampling: str = 'bilinear') -> Dict[str, torch.Tensor]:
+        # One logit computation for the probabilities and the hard maps; the merged heads' logits are
+        # linear in the queries (association_logits).
+        logits = association_logits(assoc, self.cell_size)  # (B, M, H/s, W/s, 9)
+        merged = association_logits(assoc, self.cell_size, merge_heads=True)[:, 0]
+        labels = self._hard_labels(torch.cat([merged[:, None], logits], dim=1), label_upsampling)
         return dict(
-            association=per_head,
-            association_merged=merged,
-            labels=association_to_labels(merged, self.cell_size, self.stem_stride),
+            association=softmax_fp32(logits, -1).permute(0, 1, 4, 2, 3),
+            association_merged=softmax_fp32(merged, -1).permute(0, 3, 1, 2),
+            labels=labels[:, 0],
+            head_labels=labels[:, 1:],
             grid=torch.tensor(grid),
         )
 
+    def _hard_labels(self, logits: torch.Tensor, label_upsampling: str) -> torch.Tensor:
+        """(..., H/s, W/s, 9) association logits on the pixel stream -> (..., H, W) token ids at input resolution."""
+        s = self.stem_stride
+        if label_upsampling == 'bilinear':
+            return superpixel_labels(upsample_association(logits, self.cell_size, s), self.cell_size * s,
+                                     OWN_CELL_MARGIN)
+        labels = superpixel_labels(logits, self.cell_size, OWN_CELL_MARGIN)
+        return labels.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+
     @torch.jit.ignore
-    def forward_groups(self, x: torch.Tensor) -> List[Dict[str, Any]]:
+    def forward_groups(self, x: torch.Tensor, label_upsampling: str = 'bilinear') -> List[Dict[str, Any]]:
         """The learned groups of a hierarchical model: pixel -> superpixel -> group (docs/design.md §2).
 
         Returns one dict per group block (the hierarchical variants have one, in their last stage),
@@ -1346,7 +1436,7 @@ class SPFormer(nn.Module):
             ``superpixel_groups``: (B, h, w) int64 hard group of every superpixel token: argmax of the
                 merged P(s -> g), ties to the group the token was pooled into;
             ``superpixel_labels``: (B, H, W) the stage's hard superpixel map (``forward_superpixels``'s
-                ``labels``);
+                ``labels``, made with ``label_upsampling`` as there);
             ``labels``: (B, H, W) int64 hard group map: every pixel takes the group of its hard
                 superpixel (the composition of the two hard assignments; not the argmax of
                 ``association_merged``, which may differ);
@@ -1360,10 +1450,11 @@ class SPFormer(nn.Module):
             raise ValueError(
                 f'forward_groups: {name or "this SPFormer"} has no group level (grouping=None); use a hierarchical '
                 "model (timm.list_models('spformer_hier*')) or forward_superpixels")
+        _check_label_upsampling(label_upsampling)
         out = self._forward_stages(x)
         results = []
         for group in out.groups:
-            superpixels = self._superpixels(out.associations[group.stage], out.grid)
+            superpixels = self._superpixels(out.associations[group.stage], out.grid, label_upsampling)
             gh, gw = group.groups.shape[1:3]
             per_head = self._superpixel_to_group(group.association, out.grid, (gh, gw))
             merged = self._superpixel_to_group(group.association, out.grid, (gh, gw), merge_heads=True)
@@ -1401,6 +1492,26 @@ class SPFormer(nn.Module):
         return dense.scatter_add_(-1, ids.expand(B, K, h * w, 9), probs.reshape(B, K, h * w, 9))
 
 
+LABEL_UPSAMPLING = ('bilinear', 'repeat')
+
+
+def _check_label_upsampling(label_upsampling) -> None:
+    if label_upsampling not in LABEL_UPSAMPLING:
+        raise ValueError(f'label_upsampling must be one of {LABEL_UPSAMPLING}, got {label_upsampling!r}')
+
+
+def association_logits(association: Association, cell_size: int, merge_heads: bool = False) -> torch.Tensor:
+    """(B, M or 1, H, W, 9) logits of an SCA association over the 9 neighbouring cells, image layout (-inf for
+    neighbours outside the image); ``merge_heads``: of the head-merged logits sum_m a_m / sqrt(M) as one head."""
+    queries, bias = association.queries, association.bias
+    if merge_heads:  # the logits are linear in the queries and biases: one head with their sums
+        norm = queries.shape[1] ** -0.5
+        queries, bias = queries.sum(1, keepdim=True) * norm, bias.sum(1, keepdim=True) * norm
+    logits = superpixel_association(association.pixels, queries, cell_size, scale=1.0, bias=bias,
+                                    pixel_layout=association.pixel_layout, logits=True)
+    return cells_to_image(logits, cell_size) if association.pixel_layout == 'cells' else logits
+
+
 def association_probabilities(
         association: Union[Association, DenseAssociation], cell_size: int, merge_heads: bool = False,
 ) -> torch.Tensor:
@@ -1415,13 +1526,7 @@ def association_probabilities(
         if merge_heads:
             logits = logits.sum(1, keepdim=True) * logits.shape[1] ** -0.5
         return logits.softmax(dim=-1)
-    queries, bias = association.queries, association.bias
-    if merge_heads:  # the logits are linear in the queries and biases: one head with their sums
-        norm = queries.shape[1] ** -0.5
-        queries, bias = queries.sum(1, keepdim=True) * norm, bias.sum(1, keepdim=True) * norm
-    probs = superpixel_association(
-        association.pixels, queries, cell_size, scale=1.0, bias=bias, pixel_layout=association.pixel_layout)
-    return cells_to_image(probs, cell_size) if association.pixel_layout == 'cells' else probs
+    return softmax_fp32(association_logits(association, cell_size, merge_heads), -1)
 
 
 def neighbour_ids(H: int, W: int, cell_size: int, grid: Tuple[int, int], device=None) -> torch.Tensor:
@@ -1480,27 +1585,6 @@ def compose_labels(superpixel_labels: torch.Tensor, superpixel_groups: torch.Ten
     return superpixel_groups.reshape(B, K, S).gather(-1, ids).reshape(B, K, *superpixel_labels.shape[1:])
 
 
-def association_to_labels(association: torch.Tensor, cell_size: int, upsample: int = 1) -> torch.Tensor:
-    """(B, 9, H, W) neighbour probabilities -> (B, H*upsample, W*upsample) int64 token ids.
-
-    Ties go to the own cell (neighbour 4); a neighbour with probability 0 (outside the image)
-    is never chosen because every pixel's own cell has positive probability.
-    """
-    B, _, H, W = association.shape
-    h, w = H // cell_size, W // cell_size
-    # Put the own cell first so argmax (which returns the first maximum) prefers it on ties.
-    order = torch.tensor([4, 0, 1, 2, 3, 5, 6, 7, 8], device=association.device)
-    k = order[association.index_select(1, order).argmax(dim=1)]  # (B, H, W)
-    cy = torch.arange(H, device=k.device)[:, None] // cell_size
-    cx = torch.arange(W, device=k.device)[None, :] // cell_size
-    ny = (cy + k // 3 - 1).clamp(0, h - 1)
-    nx = (cx + k % 3 - 1).clamp(0, w - 1)
-    labels = ny * w + nx
-    if upsample > 1:
-        labels = labels.repeat_interleave(upsample, dim=1).repeat_interleave(upsample, dim=2)
-    return labels
-
-
 # SCA layers, pixel updates and the superpixel init index tensors by runtime shapes: FX feature extraction keeps
 # them as leaves (the ViT blocks around them trace normally).
 register_notrace_module(SuperpixelCrossAttention)
@@ -1530,10 +1614,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
             side = int(math.sqrt(n))
             if side * side == n and v.shape[-1] == expected[k].shape[-1]:  # another image size: resample
                 out[k] = resample_abs_pos_embed(v, new_size=model.grid_size, old_size=(side, side), num_prefix_tokens=0)
+    # The first conv's input channels may differ (in_chans=1 from RGB weights): timm adapts it after this filter.
+    first_conv = f'stem.{model.stem.first_conv}.weight'
     mismatched = [  # in model order, so the first named tensor is the first that differs
         f'{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(t.shape)}'
         for k, t in expected.items()
-        if k in out and out[k].shape != t.shape and not k.startswith('head.')]
+        if k in out and out[k].shape != t.shape and not k.startswith('head.') and not (
+            k == first_conv and out[k].dim() == 4 and out[k].shape[:1] + out[k].shape[2:] == t.shape[:1] + t.shape[2:])]
     missing = [k for k in expected if k not in out and not k.startswith('head.')]
     unexpected = [k for k in out if k not in expected and not k.startswith('head.')]
     if mismatched or missing or unexpected:
@@ -1547,8 +1634,23 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
             f'are those of '
             f'{_describe_checkpoint(out)}. '
             f'{len(mismatched)} tensors differ in shape, {len(missing)} are missing, {len(unexpected)} unexpected: '
-            + '; '.join(problems))
+            + '; '.join(problems) + _describe_stem_change(out, model))
     return out
+
+
+def _describe_stem_change(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> str:
+    """A hint when a checkpoint's stem is one patchify conv and the model's is not (or the other way round):
+    S/56 checkpoints made before its stem became the authors' three 3x3 convs hold one 8x8 conv."""
+    ours = getattr(model, 'stem_layers', None)
+    weight = state_dict.get('stem.conv.weight')
+    if ours is None or (weight is not None) == (len(ours) == 1) or (weight is not None and weight.dim() != 4) or (
+            weight is None and 'stem.conv1.weight' not in state_dict):
+        return ''
+    theirs = (
+        f'one patchify conv, stem_layers={((weight.shape[0], weight.shape[-1], weight.shape[-1]),)}'
+        if weight is not None else 'several convs (stem.conv1, stem.conv2, ...)')
+    return (f'. Its stem is {theirs}; the model\'s is stem_layers={ours}: pass stem_layers=... to '
+            f'timm.create_model to build the stem the checkpoint was made with')
 
 
 def _architecture(model: nn.Module) -> Optional[str]:
@@ -1647,7 +1749,8 @@ def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     overlay['num_classes'] = info.num_classes  # what the file holds, whatever a cfg says
     if made_for is not None:
-        overlay['input_size'] = (kwargs.get('in_chans', 3), *made_for)
+        # the file's channels (timm adapts the first conv from them to in_chans), not the model's
+        overlay['input_size'] = ((cfg.get('input_size') or (3,))[0], *made_for)
     if info.label_names is not None and len(info.label_names) == info.num_classes:
         overlay.setdefault('label_names', info.label_names)
     kwargs['pretrained_cfg_overlay'] = overlay
@@ -1738,7 +1841,7 @@ default_cfgs = generate_default_cfgs({
         'spformer_small_sp16_224.in1k': {},
         'spformer_base_sp16_224.in1k': {},
         'spformer_small_sp32_224.in1k': {},
-        'spformer_small_sp56_224.in1k': {},
+        'spformer_small_sp56_224.in1k': dict(first_conv='stem.conv1'),  # its stem has 3 convs (_sp56_stem)
         'spformer_small_sp32_448.in1k': dict(input_size=(3, 448, 448), crop_pct=1.0),
         'spformer_hier_tiny_sp16_224.in1k': {},
         'spformer_hier_small_sp16_224.in1k': {},
@@ -1753,6 +1856,12 @@ _BASE = dict(pixel_dim=96, embed_dim=768, depths=(2, 10), num_heads=12, sca_head
 # 1 over the 7x7 groups), after the 5th: 7 blocks shape the superpixel tokens before they are grouped,
 # 4 use what the groups gave back.
 _HIER = dict(depths=(2, 9), group_size=2, group_depth=1, group_index=5)
+
+
+def _sp56_stem(pixel_dim: int) -> StemLayers:
+    """S/56 is the authors' one model whose stem is not a patchify conv: three 3x3 stride-2 convs, 3 -> 16 -> 32
+    -> pixel_dim (64) channels, each + BatchNorm + ReLU, TF 'same' padding; stride 8 as the 8x8 conv of S/32."""
+    return (16, 3, 2), (32, 3, 2), (pixel_dim, 3, 2)
 
 
 @register_model
@@ -1785,8 +1894,9 @@ def spformer_small_sp32_224(pretrained: bool = False, **kwargs) -> SPFormer:
 
 @register_model
 def spformer_small_sp56_224(pretrained: bool = False, **kwargs) -> SPFormer:
-    """SPFormer-S/56: 4x4 tokens (stride-8 pixels, 7x7 cells) at 224 px."""
-    model_args = dict(stem_stride=8, cell_size=7, **_SMALL)
+    """SPFormer-S/56: 4x4 tokens (stride-8 pixels, 7x7 cells) at 224 px; a stem of three 3x3 stride-2 convs."""
+    stem_layers = _sp56_stem(kwargs.get('pixel_dim', _SMALL['pixel_dim']))  # a narrower pixel_dim: its last conv's
+    model_args = dict(stem_stride=8, stem_layers=stem_layers, cell_size=7, **_SMALL)
     return _create_spformer('spformer_small_sp56_224', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
