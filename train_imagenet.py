@@ -15,7 +15,8 @@ file given with ``--config`` (flags win).
 Everything goes under ``--output`` (default ``out/<model>``):
 
     train_config.yaml     the effective configuration (reusable with --config)
-    metrics.jsonl         one JSON row per logged update ("train") and per epoch ("val")
+    metrics.jsonl         one JSON row per logged update ("train": its loss and the lr it used, the largest
+                          of the parameter groups') and per epoch ("val")
     checkpoints/step_N/   the state after N optimizer updates: Accelerate's (model.safetensors, optimizer.bin,
                           scaler.pt with fp16, random_states_<process>.pkl), this script's
                           (training_state.json: position in the data and lr schedule; model_ema.safetensors)
@@ -50,8 +51,10 @@ Test-only hooks (environment variables, for tests/test_train.py; never needed in
     SPFORMER_TRAIN_TEST_KILL_AT=N   SIGKILL this process while it writes the checkpoint of update N
                                     (after the state files and the manifest are in the temporary folder,
                                     before the rename).
-    SPFORMER_TRAIN_TEST_DUMP=DIR    every process writes DIR/rank<i>.json (sample indices seen per epoch,
-                                    sha256 of its final weights); the main one also DIR/final_logits.pt.
+    SPFORMER_TRAIN_TEST_DUMP=DIR    every process writes DIR/rank<i>.json (sample indices seen per epoch, the
+                                    sha256 of each one's augmented image, the targets (after Mixup), logits and
+                                    loss of each batch, sha256 of its final weights); the main one also
+                                    DIR/final_logits.pt.
 """
 import argparse
 import contextlib
@@ -388,11 +391,17 @@ def initial_weights(args) -> Optional[Tuple[str, str]]:
 # Data: a sample is drawn by (epoch, index); its augmentation is seeded by (seed, epoch, index).
 # ----------------------------------------------------------------------------------------------------------
 
+def key_seed(*key: int) -> int:
+    """One 32-bit seed from a key such as (seed, epoch, index), through numpy's SeedSequence: distinct keys
+    give unrelated seeds (a sum would give (seed 43, epoch 0) the stream of (seed 42, epoch 1))."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+
+
 @contextlib.contextmanager
 def seeded_rngs(*key: int):
     """Seed the python, numpy and torch CPU RNGs (timm's transforms draw from all three) from `key` inside
     the block; restore them afterwards, so that loading data never moves the training loop's RNGs."""
-    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    seed = key_seed(*key)
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
@@ -415,7 +424,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(key_seed(self.seed, self.epoch)))
         return iter([(self.epoch, i) for i in order.tolist()])
 
     def __len__(self) -> int:
@@ -641,6 +650,25 @@ def posterize_zero_bits_as_black() -> None:
     for name, op in auto_augment.NAME_TO_OP.items():
         if op is auto_augment.posterize:
             auto_augment.NAME_TO_OP[name] = posterize
+
+
+def build_transforms(args: argparse.Namespace, model: nn.Module) -> Tuple[Dict[str, Any], Callable, Callable]:
+    """(data config, training transform, evaluation transform) of `model` under the flags: timm's
+    create_transform, the DeiT recipe (RandAugment, random erasing, bicubic). The training transform draws
+    from the process-wide RNGs: TransformedDataset runs it inside seeded_rngs(seed, epoch, index)."""
+    data_config = resolve_model_data_config(model, args=dict(
+        img_size=args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct))
+    posterize_zero_bits_as_black()
+    train_transform = create_transform(
+        data_config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
+        hflip=args.hflip, color_jitter=args.color_jitter,
+        auto_augment=None if args.aa in (None, 'none', '') else args.aa,
+        interpolation=args.interpolation, mean=data_config['mean'], std=data_config['std'],
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    eval_transform = create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+    return data_config, train_transform, eval_transform
 
 
 def rng_isolated(loader):
@@ -1107,6 +1135,14 @@ def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3],
     os.rename(tmp, folder)
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (the test dump's record of an augmented image)."""
+    tensor = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f'{tensor.dtype} {tuple(tensor.shape)} '.encode())
+    h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def state_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in module.state_dict().items():
@@ -1231,20 +1267,9 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
         raise
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
-    data_config = resolve_model_data_config(model, args=dict(
-        img_size=args.img_size, interpolation=args.interpolation, crop_pct=args.crop_pct))
+    data_config, train_transform, eval_transform = build_transforms(args, model)
 
-    # Transforms and loaders. Accelerate shards these plain loaders over the processes.
-    posterize_zero_bits_as_black()
-    train_transform = create_transform(
-        data_config['input_size'], is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
-        hflip=args.hflip, color_jitter=args.color_jitter,
-        auto_augment=None if args.aa in (None, 'none', '') else args.aa,
-        interpolation=args.interpolation, mean=data_config['mean'], std=data_config['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    eval_transform = create_transform(
-        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
-        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'])
+    # Loaders. Accelerate shards these plain loaders over the processes.
     loader_kwargs = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available())
     epoch_ref = {'epoch': 0}
     if args.streaming:
@@ -1343,6 +1368,8 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     checkpoint_root = output / 'checkpoints'
     test_dump = os.environ.get('SPFORMER_TRAIN_TEST_DUMP')
     samples_seen: Dict[int, List[int]] = {}
+    images_seen: Dict[int, List[str]] = {}
+    batches_seen: List[Dict[str, Any]] = []
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     broadcast_buffers = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
                                                          DistributedType.MULTI_XPU, DistributedType.MULTI_NPU) \
@@ -1370,12 +1397,17 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
             if state.batch_in_epoch >= batches_per_epoch:  # a stream longer than its recorded size
                 break
             images, targets = batch['image'], batch['label']
-            if test_dump:
+            if test_dump:  # (before Mixup, which mixes the images in place)
                 samples_seen.setdefault(epoch, []).extend(batch['index'].tolist())
+                images_seen.setdefault(epoch, []).extend(tensor_digest(image) for image in images)
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, targets)
             with accelerator.accumulate(model):
-                loss = criterion(model(images), targets)
+                logits = model(images)
+                loss = criterion(logits, targets)
+                if test_dump:
+                    batches_seen.append(dict(targets=targets.float().cpu().tolist(), loss=loss.item(),
+                                             logits=logits.detach().float().cpu().tolist()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.clip_grad is not None:
                     accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -1389,6 +1421,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                 continue
 
             state.update += 1
+            update_lr = max(group['lr'] for group in optimizer.param_groups)  # the lr this update used
             scheduler.step_update(num_updates=state.update)
             if broadcast_buffers:  # BatchNorm statistics of the last forward are per process; take rank 0's, as
                 for buffer in unwrapped.buffers():  # DDP does before each forward, so all ranks hold equal models
@@ -1401,7 +1434,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                 mean_loss = accelerator.reduce(loss_sum / loss_count, reduction='mean').item()
                 elapsed = time.perf_counter() - interval_start
                 row = dict(kind='train', epoch=epoch, update=state.update, loss=mean_loss,
-                           lr=max(group['lr'] for group in optimizer.param_groups),
+                           lr=update_lr,
                            img_per_s=interval_batches * args.batch_size * accelerator.num_processes / elapsed)
                 metrics.log(row)
                 progress.set_postfix(loss=f'{mean_loss:.4f}', lr=f'{row["lr"]:.3g}', img_s=f'{row["img_per_s"]:.1f}')
@@ -1436,7 +1469,9 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     if test_dump:
         Path(test_dump).mkdir(parents=True, exist_ok=True)
         record = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-                      samples={str(k): v for k, v in samples_seen.items()}, weights_sha256=state_digest(unwrapped),
+                      samples={str(k): v for k, v in samples_seen.items()},
+                      images={str(k): v for k, v in images_seen.items()}, batches=batches_seen,
+                      weights_sha256=state_digest(unwrapped),
                       ema_sha256=state_digest(model_ema.module) if model_ema is not None else None)
         (Path(test_dump) / f'rank{accelerator.process_index}.json').write_text(json.dumps(record))
     if stopped:

@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from spformer.models.spformer import unwrapped_key
+
 __all__ = [
     'CheckpointFolder', 'read_checkpoint_folder', 'load_checkpoint_folder', 'load_safetensors_checkpoint',
     'spformer_variant', 'CONFIG_NAME', 'WEIGHTS_NAME', 'EMA_WEIGHTS_NAME', 'TRAIN_CONFIG_NAME', 'RESULTS_NAME',
@@ -217,13 +219,7 @@ def _safetensors_shapes(path: pathlib.Path) -> Dict[str, tuple]:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # SafetensorError: a pickle renamed, a truncated file, ...
         raise ValueError(f'{path} is not a readable safetensors file: {e}') from e
-    out = {}
-    for k, shape in shapes.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k.replace('._orig_mod.', '.')] = shape
-    return out
+    return {unwrapped_key(k): shape for k, shape in shapes.items()}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from spformer.models.spformer import unwrapped_key
+
 from .card import PICTURE_NAME, _load_image, model_card, resolve_datasets, save_superpixel_picture
 from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder, spformer_variant
 
@@ -44,10 +46,7 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.
     contiguous CPU tensors, as safetensors wants them."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        k = k.replace('._orig_mod.', '.')
+        k = unwrapped_key(k)
         if k in out:
             raise ValueError(f'state_dict key {k!r} appears twice once wrapper prefixes are removed')
         out[k] = v.detach().to('cpu').contiguous()

@@ -415,3 +415,25 @@ def test_checkpoint_of_another_variant_names_both(tmp_path):
     with pytest.raises(ValueError,
                        match=r'does not fit spformer_small_sp16_224 .*those of spformer_hier_small_sp16_224\b'):
         checkpoint_filter_fn(hier.state_dict(), timm.create_model('spformer_small_sp16_224'))
+
+
+def test_hard_groups_ties_go_to_the_pooled_group():
+    """forward_groups' ``superpixel_groups``: the argmax of P(s -> g), a tie going to the group the token was
+    pooled into (docs/design.md §2), so that a uniform association gives the regular group grid. Hand values
+    on a 4 x 6 token grid with 2 x 2 groups (a 2 x 3 group grid)."""
+    from spformer.models.spformer import hard_groups
+    h, w, g = 4, 6, 2
+    pooled = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]])
+    uniform = torch.full((1, 1, h * w, 6), 1 / 6)
+    assert torch.equal(hard_groups(uniform, (h, w), g)[0, 0], pooled)
+    # Token 9 (row 1, column 3; pooled into group 1) ties between groups 4 and 1: its own wins. Token 14
+    # (row 2, column 2; pooled into group 4) prefers group 0 strictly: group 0 wins. A tie between two
+    # groups that are both not its own goes to the first of them (token 0 between 2 and 5).
+    p = torch.full((1, 1, h * w, 6), 0.1)
+    p[0, 0, 9, [1, 4]] = 0.3
+    p[0, 0, 14, 0] = 0.5
+    p[0, 0, 0, [2, 5]] = 0.3
+    expected = pooled.clone()
+    expected[2, 2] = 0
+    expected[0, 0] = 2
+    assert torch.equal(hard_groups(p, (h, w), g)[0, 0], expected)

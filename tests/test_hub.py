@@ -295,6 +295,67 @@ def test_tensors_of_another_variant_are_refused_naming_both(train_folder, tmp_pa
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'extra.safetensors'), num_classes=5))
 
 
+# ------------------------------------------------------------------------------------------ wrapped checkpoints
+
+# Key names of wrapped models' state dicts: DistributedDataParallel / DataParallel ('module.'),
+# torch.compile ('_orig_mod.'), DDP around a compiled model, that with a compiled submodule, and
+# torch.compile around DDP.
+WRAPPED_KEYS = {
+    'plain': lambda k: k,
+    'ddp': lambda k: 'module.' + k,
+    'compile': lambda k: '_orig_mod.' + k,
+    'ddp_compile': lambda k: 'module._orig_mod.' + k,
+    'ddp_compile_nested': lambda k: 'module._orig_mod.' + k.replace('stages.0.', 'stages.0._orig_mod.', 1),
+    'compile_ddp': lambda k: '_orig_mod.module.' + k,
+}
+
+
+def _save_wrapped(model, wrap, file):
+    state = {WRAPPED_KEYS[wrap](k): v.contiguous() for k, v in model.state_dict().items()}
+    assert wrap == 'plain' or not state.keys() & model.state_dict().keys()  # every key is wrapped
+    file.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(file))
+    return file
+
+
+@pytest.mark.parametrize('wrap', list(WRAPPED_KEYS))
+def test_wrapped_safetensors_header_gives_head_grid_and_config(wrap, trained, train_folder, tmp_path):
+    """A weights file saved from a wrapped model describes the model itself: the head size and token grid
+    read from its keys are those of the in-memory model it was saved from (6 classes, 64 px with 16 px
+    tokens: 4x4, not the registered 1000 / 14x14), and the run's config.json beside it is recognised."""
+    from spformer.hub.checkpoint import checkpoint_tensor_info
+    model, _ = trained
+    file = _save_wrapped(model, wrap, tmp_path / 'bare' / 'w.safetensors')
+    info = checkpoint_tensor_info(file)
+    assert info.num_classes == len(LABELS) and info.grid == (IMG // 16, IMG // 16)
+    assert info.shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert info.config is None  # no config.json beside it
+    # Beside the run's config.json (6 classes): taken as describing the file only when the head size read
+    # from the keys matches it; the file then names its own model.
+    beside = _save_wrapped(model, wrap, tmp_path / 'with_config' / 'w.safetensors')
+    (beside.parent / 'config.json').write_text((train_folder / 'config.json').read_text())
+    info = checkpoint_tensor_info(beside)
+    assert info.architecture == TINY and info.label_names == LABELS
+    # A config of a 10-class run beside these 6-class weights does not describe them.
+    other = _save_wrapped(model, wrap, tmp_path / 'other_config' / 'w.safetensors')
+    config = json.loads((train_folder / 'config.json').read_text())
+    (other.parent / 'config.json').write_text(json.dumps(dict(config, num_classes=10)))
+    info = checkpoint_tensor_info(other)
+    assert info.num_classes == len(LABELS) and info.config is None and info.architecture is None
+
+
+@pytest.mark.parametrize('wrap', ['ddp', 'compile', 'ddp_compile_nested', 'compile_ddp'])
+def test_wrapped_safetensors_load_with_the_logits_of_the_model_saved(wrap, trained, x, tmp_path):
+    # NAME=FILE: the model is built with the file's head and input size, and computes what the in-memory
+    # model it was saved from computes (an unstripped head would leave num_classes 0 and 224 px).
+    from spformer.hub.checkpoint import load_model
+    model, _ = trained
+    file = _save_wrapped(model, wrap, tmp_path / 'w.safetensors')
+    loaded = load_model(f'{TINY}={file}', argument='--model').model
+    assert loaded.num_classes == len(LABELS) and tuple(loaded.img_size) == (IMG, IMG)
+    assert torch.equal(_logits(loaded, x), _logits(model, x))
+
+
 def test_registered_cfgs_name_hub_repos_when_published_and_readme_says_unpublished():
     readme = (ROOT / 'README.md').read_text()
     for name in timm.list_models('spformer_*'):

@@ -154,6 +154,32 @@ def test_palette_transparency_is_composited_onto_white(tmp_path):
     assert out.tolist() == [[[255, 255, 255], [200, 100, 50]], [[200, 100, 50], [255, 255, 255]]]
 
 
+@pytest.mark.parametrize('bits', [1, 2, 4])
+def test_low_bit_depth_palette_png_goes_through_its_palette(tmp_path, bits):
+    # 1/2/4-bit palette PNGs (what label-like masks and GIF conversions are often stored as), with a
+    # palette written here whose grey levels are not the indices: the numpy look-up is the oracle.
+    indices = np.arange(6 * 8).reshape(6, 8) % (1 << bits)
+    palette = np.array([[(37 * i + 11) % 256, (255 - 60 * i) % 256, (90 + 20 * i) % 256]
+                        for i in range(1 << bits)], np.uint8)
+    image = Image.fromarray(indices.astype(np.uint8), 'P')
+    image.putpalette(palette.ravel().tolist())
+    image.save(tmp_path / 'p.png', bits=bits)
+    with Image.open(tmp_path / 'p.png') as im:
+        assert im.mode == 'P' and np.array_equal(np.asarray(im), indices)
+    for read in (read_rgb, read_image):
+        np.testing.assert_array_equal(read(str(tmp_path / 'p.png')), palette[indices])
+
+
+def test_16bit_grey_tiff_file_is_scaled_and_rounded(tmp_path):
+    # A 16-bit unsigned grey TIFF on disk (microscopy): round(x * 255 / 65535), half a level is 128.5.
+    Image.fromarray(np.array([[0, 128, 129, 257 * 100, 65406, 65535]], np.uint16)).save(tmp_path / 'g.tif')
+    with Image.open(tmp_path / 'g.tif') as im:
+        assert im.mode.startswith('I;16')
+    out = read_image(str(tmp_path / 'g.tif'))
+    assert out.shape == (1, 6, 3) and (out == out[..., :1]).all()
+    assert out[0, :, 0].tolist() == [0, 0, 1, 100, 254, 255]
+
+
 def _on_white(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.float64)[..., None] / 255
     return colour.astype(np.float64) * a + 255 * (1 - a)

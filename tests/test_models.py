@@ -137,6 +137,28 @@ def test_model_backward(model_name):
 
 
 @pytest.mark.parametrize('model_name, kwargs', [
+    ('spformer_tiny_sp16_224', {}), ('spformer_hier_tiny_sp16_224', {}),
+    ('spformer_hier_tiny_sp16_224', dict(group_index=1))])
+def test_stochastic_depth_rises_linearly_in_execution_order(model_name, kwargs):
+    """docs/design.md §1.2: the drop-path rate rises linearly over all ViT blocks in the order they run,
+    0 for the first and drop_path_rate for the last; a hierarchical model's group-level blocks take their
+    place in that order (after the first group_index blocks of the last stage)."""
+    rate = 0.3
+    model = timm.create_model(model_name, drop_path_rate=rate, **kwargs)
+    blocks = []  # the timm Blocks in execution order, written out from the design, not from units()
+    for stage in model.stages:
+        if stage.group_block is None:
+            blocks += list(stage.blocks)
+        else:
+            k = stage.group_index
+            blocks += list(stage.blocks[:k]) + list(stage.group_block.blocks) + list(stage.blocks[k:])
+    rates = [getattr(b.drop_path1, 'drop_prob', 0.0) for b in blocks]
+    assert all(getattr(b.drop_path2, 'drop_prob', 0.0) == r for b, r in zip(blocks, rates))
+    expected = [rate * i / (len(blocks) - 1) for i in range(len(blocks))]
+    assert rates == pytest.approx(expected, abs=1e-12), rates
+
+
+@pytest.mark.parametrize('model_name, kwargs', [
     ('spformer_tiny_sp16_224', {}), ('spformer_small_sp56_224', {}), ('spformer_hier_tiny_sp16_224', {}),
     ('spformer_hier_tiny_sp16_224', dict(grouping='local'))])
 def test_model_bf16_autocast(model_name, kwargs):

@@ -1593,6 +1593,15 @@ register_notrace_module(SuperpixelInit)
 register_notrace_module(GroupBlock)
 
 
+def unwrapped_key(key: str) -> str:
+    """A state-dict key without the wrappers' prefixes: DDP's ``module.`` and torch.compile's ``_orig_mod.``,
+    leading in any order and number (``torch.compile(DDP(m))`` saves ``_orig_mod.module.``), and the
+    ``._orig_mod.`` of a compiled submodule inside the key."""
+    while key.startswith(('module.', '_orig_mod.')):
+        key = key.split('.', 1)[1]
+    return key.replace('._orig_mod.', '.')
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
     """Unwrap training checkpoints, strip DDP / torch.compile prefixes, resample position embeddings,
     and refuse (naming both) a state dict made for another SPFormer variant."""
@@ -1600,12 +1609,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k.replace('._orig_mod.', '.')] = v  # torch.compile'd submodules
+    out = {unwrapped_key(k): v for k, v in state_dict.items()}
 
     expected = model.state_dict()
     for k, v in out.items():
