@@ -53,7 +53,8 @@ Test-only hooks (environment variables, for tests/test_train.py; never needed in
                                     before the rename).
     SPFORMER_TRAIN_TEST_DUMP=DIR    every process writes DIR/rank<i>.json (sample indices seen per epoch, the
                                     sha256 of each one's augmented image, the targets (after Mixup), logits and
-                                    loss of each batch, sha256 of its final weights); the main one also
+                                    loss of each batch, with --clip-grad the gradient norm of each update
+                                    before and after clipping, sha256 of its final weights); the main one also
                                     DIR/final_logits.pt.
 """
 import argparse
@@ -1370,6 +1371,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     samples_seen: Dict[int, List[int]] = {}
     images_seen: Dict[int, List[str]] = {}
     batches_seen: List[Dict[str, Any]] = []
+    grads_seen: List[Dict[str, Any]] = []
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     broadcast_buffers = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU,
                                                          DistributedType.MULTI_XPU, DistributedType.MULTI_NPU) \
@@ -1410,7 +1412,11 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                                              logits=logits.detach().float().cpu().tolist()))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.clip_grad is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    if test_dump:  # the norm before clipping and after
+                        grads_seen.append(dict(update=state.update + 1, norm=float(norm), clipped=float(
+                            torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm()
+                                                                  for p in model.parameters() if p.grad is not None])))))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batch_in_epoch += 1
@@ -1470,7 +1476,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
         Path(test_dump).mkdir(parents=True, exist_ok=True)
         record = dict(process_index=accelerator.process_index, num_processes=accelerator.num_processes,
                       samples={str(k): v for k, v in samples_seen.items()},
-                      images={str(k): v for k, v in images_seen.items()}, batches=batches_seen,
+                      images={str(k): v for k, v in images_seen.items()}, batches=batches_seen, grads=grads_seen,
                       weights_sha256=state_digest(unwrapped),
                       ema_sha256=state_digest(model_ema.module) if model_ema is not None else None)
         (Path(test_dump) / f'rank{accelerator.process_index}.json').write_text(json.dumps(record))

@@ -293,6 +293,38 @@ MUTATIONS: List[Mutation] = [
              '                True:',
              "a config.json describing another head size is trusted for the file next to it"),
 
+    Mutation('hub-pretrained-tag-kept', 'hub', CHECKPOINT,
+             "    variant = name.split('.')[0]",
+             '    variant = name',
+             "a model name with a pretrained tag (spformer_small_sp16_224.TAG) is not recognised as its variant"),
+    Mutation('hub-recorded-choice-inverted', 'hub', CHECKPOINT,
+             "                return WeightsChoice(recorded == 'ema', reason",
+             "                return WeightsChoice(recorded != 'ema', reason",
+             "a folder's recorded selected_weights is read the wrong way round"),
+    Mutation('hub-only-weights-file-wrong', 'hub', CHECKPOINT,
+             '                ema = self.weights is None\n',
+             '                ema = self.ema_weights is None\n',
+             'a folder with only one weights file chooses the missing one'),
+    Mutation('hub-explicit-choice-ignored', 'hub', CHECKPOINT,
+             "        return WeightsChoice(bool(ema), f'{\"EMA\" if ema else \"model\"} weights, as asked')",
+             "        return WeightsChoice(not ema, f'{\"EMA\" if ema else \"model\"} weights, as asked')",
+             '--weights ema / ema=True loads the other file'),
+    Mutation('hub-timm-head-from-in-features', 'hub', CHECKPOINT,
+             "        kwargs['num_classes'] = overlay['num_classes'] = info.shapes[f'{classifier}.weight'][0]",
+             "        kwargs['num_classes'] = overlay['num_classes'] = info.shapes[f'{classifier}.weight'][1]",
+             "a non-SPFormer timm model's head size is read from the classifier's input width"),
+    Mutation('hub-config-keeps-runtime-args', 'hub', 'hub/publish.py',
+             "        config.get('model_args', {}).pop(key, None)",
+             '        pass',
+             "config.json keeps run-time arguments (attn_backend) of the model that was saved"),
+    Mutation('hub-in1k-tag-for-any-1000-classes', 'hub', 'hub/publish.py',
+             "    if config.get('num_classes') == 1000 and list(datasets)[:1] == ['imagenet-1k']:",
+             "    if config.get('num_classes') == 1000:",
+             'a 1000-class model trained on other data is tagged in1k'),
+    Mutation('hub-label-names-length-unchecked', 'hub', 'hub/publish.py',
+             '    if len(label_names) != num_classes:',
+             '    if False:',
+             'label names of another length than the head are published'),
     # ---- training ------------------------------------------------------------------------------------------
     Mutation('training-issue20-lr-per-epoch', 'training', TRAIN,
              '            scheduler.step_update(num_updates=state.update)',
@@ -380,15 +412,15 @@ def check_copy_is_imported(copy: Path) -> None:
         sys.exit(f'the copy in {copy} is not what gets imported ({outside}): the mutations would not be tested')
 
 
-def apply(mutation: Mutation, copy: Path, undo: bool = False) -> bool:
-    """Plant (or ``undo``) one mutation in the copy; False if its text no longer matches exactly once."""
+def plant(mutation: Mutation, copy: Path) -> Optional[str]:
+    """Plant one mutation in the copy; returns the file's original text (to restore), or None if the
+    mutation's text no longer occurs exactly once."""
     path = copy / mutation.path
-    text = path.read_text()
-    old, new = (mutation.new, mutation.old) if undo else (mutation.old, mutation.new)
-    if text.count(old) != 1:
-        return False
-    path.write_text(text.replace(old, new))
-    return True
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return None
+    path.write_text(original.replace(mutation.old, mutation.new))
+    return original
 
 
 def run_tests(copy: Path, tests: List[str], timeout: float) -> Dict[str, object]:
@@ -442,7 +474,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     sys.exit(f'the unmutated tests fail ({base["detail"]}): fix them before checking mutations')
                 baselines[key] = base
             for m in (m for m in chosen if m.area == area):
-                if not apply(m, copy):
+                original = plant(m, copy)
+                if original is None:
                     results.append(dict(id=m.id, area=m.area, outcome='stale', seconds=0.0,
                                         detail=f'text not found exactly once in {m.path}', why=m.why))
                     print(f'  stale   {m.id}', flush=True)
@@ -450,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 try:
                     r = run_tests(copy, list(key), args.timeout)
                 finally:
-                    apply(m, copy, undo=True)
+                    (copy / m.path).write_text(original)
                 outcome = 'caught' if r['failed'] else 'MISSED'
                 results.append(dict(id=m.id, area=m.area, outcome=outcome, seconds=round(r['seconds'], 1),
                                     detail=r['detail'], why=m.why))

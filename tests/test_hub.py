@@ -636,3 +636,72 @@ def test_card_picture_of_a_16bit_sample_image_is_that_of_its_8bit_original(tmp_p
     with Image.open(tmp_path / 'grey16.png') as image:
         as_pil = _load_image(image)  # a PIL image goes through spformer.images.to_rgb
     assert as_pil.mode == 'RGB' and as_pil.tobytes() == Image.fromarray(grey).convert('RGB').tobytes()
+
+
+@pytest.mark.parametrize('results, ema, words', [
+    # Higher top-1 wins, whichever way round.
+    (dict(top1=60.0, top1_ema=70.0, loss=1.0, loss_ema=2.0), True, 'top-1 70.00 vs 60.00'),
+    (dict(top1=70.0, top1_ema=60.0, loss=2.0, loss_ema=1.0), False, 'top-1 70.00 vs 60.00'),
+    # Equal top-1: the lower validation loss wins.
+    (dict(top1=50.0, top1_ema=50.0, loss=1.5, loss_ema=1.25), True, 'loss 1.2500 vs 1.5000'),
+    (dict(top1=50.0, top1_ema=50.0, loss=1.25, loss_ema=1.5), False, 'loss 1.2500 vs 1.5000'),
+    # A full tie, or a tie without losses: the weights themselves (the EMA adds nothing).
+    (dict(top1=50.0, top1_ema=50.0, loss=1.5, loss_ema=1.5), False, 'equally'),
+    (dict(top1=50.0, top1_ema=50.0), False, 'equally'),
+])
+def test_choose_weights_by_hand(results, ema, words):
+    """spformer.hub.choose_weights, the one rule for which of a run's weights are published and loaded:
+    higher top-1, then lower loss, then the model weights; the reason names the deciding numbers."""
+    from spformer.hub import choose_weights
+    choice = choose_weights(dict(results, samples=36))
+    assert choice.ema is ema
+    assert choice.file_name == ('model_ema.safetensors' if ema else 'model.safetensors')
+    assert words in choice.reason and 'on 36 validation images' in choice.reason
+    if words == 'equally':
+        assert choice.reason.endswith('the model weights')
+
+
+@pytest.mark.parametrize('results', [None, {}, dict(top1=50.0), dict(top1=50.0, top1_ema=float('nan')),
+                                     dict(top1=True, top1_ema=50.0), dict(top1='50', top1_ema=50.0)])
+def test_choose_weights_needs_both_top1_numbers(results):
+    from spformer.hub import choose_weights
+    assert choose_weights(results) is None
+
+
+def test_spformer_variant_strips_the_pretrained_tag_and_refuses_other_models():
+    from spformer.hub.checkpoint import spformer_variant
+    assert spformer_variant('spformer_small_sp16_224') == 'spformer_small_sp16_224'
+    assert spformer_variant('spformer_small_sp16_224.in1k_ft') == 'spformer_small_sp16_224'
+    with pytest.raises(ValueError, match=r"--model='resnet18' is not an SPFormer variant"):
+        spformer_variant('resnet18', argument='--model')
+
+
+def test_another_timm_model_loads_from_name_and_file_with_its_head(tmp_path):
+    """NAME=FILE works for any timm model: a non-SPFormer model is built with the head size of the file (7
+    classes here, from the classifier's rows, not its 1000 default nor its input width) and computes what
+    the model it was saved from computes."""
+    from spformer.hub.checkpoint import load_model
+    torch.manual_seed(0)
+    model = timm.create_model('test_vit', num_classes=7).eval()
+    file = tmp_path / 'w.safetensors'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    loaded = load_model(f'test_vit={file}', argument='--model').model.eval()
+    assert loaded.num_classes == 7
+    x = torch.randn(2, 3, *model.pretrained_cfg['input_size'][1:])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize('num_classes, datasets, tag', [
+    (1000, ['imagenet-1k'], 'in1k'), (1000, ['my-photos'], None), (1000, [], None), (6, ['imagenet-1k'], None)])
+def test_config_json_names_the_model_not_the_run(num_classes, datasets, tag, tmp_path):
+    """config.json (spformer.hub.publish.save_config) describes weights that are not the registered ones: the
+    pretrained tag 'in1k' only for a 1000-class model trained on ImageNet-1k, and no run-time argument
+    (attn_backend: a property of the machine, not of the weights) among the model_args."""
+    from spformer.hub.publish import save_config
+    model = timm.create_model(TINY, num_classes=num_classes, img_size=IMG, attn_backend='torch')
+    config = save_config(model, tmp_path / 'config.json', datasets=datasets)
+    assert json.loads((tmp_path / 'config.json').read_text()) == config
+    assert config['architecture'] == TINY and config['num_classes'] == num_classes
+    assert 'attn_backend' not in config.get('model_args', {})
+    assert config['pretrained_cfg'].get('tag') == tag

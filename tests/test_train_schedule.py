@@ -57,16 +57,17 @@ UPDATES_PER_EPOCH = math.ceil(IMAGES // BATCH / ACCUM)  # 4: updates of 2, 2, 2 
 LR, WARMUP_LR, MIN_LR, WARMUP_EPOCHS = 1e-3, 2e-5, 2e-4, 0.75
 LAYER_DECAY, WEIGHT_DECAY = 0.65, 0.03
 SMOOTHING, MIXUP_PROB = 0.2, 0.5
+CLIP_GRAD = 0.5  # below the tiny model's gradient norms at the start: most updates are clipped
 EMA_DECAY = 0.7  # below the EMA warm-up's 1 - 9^(-2/3) = 0.77 at update 9, above its 0.60 at update 4
 CHECKPOINT_EVERY = 3  # with the epoch ends: updates 3, 4, 6, 8, 9, 12; the pairs (3, 4) and (8, 9)
 
 
-def recipe(data: Path, output: Path, *extra) -> list:
+def recipe(data: Path, output: Path, *extra, lr_flags=('--lr', LR)) -> list:
     """The DeiT recipe of the script (RandAugment, random erasing, Mixup/CutMix, drop path, EMA), with layer
-    decay and every schedule value set apart from the others."""
+    decay, gradient clipping and every schedule value set apart from the others."""
     return ['--data-dir', data, '--model', MODEL, '--img-size', 32, '--batch-size', BATCH,
-            '--grad-accum-steps', ACCUM, '--epochs', EPOCHS, '--lr', LR, '--warmup-lr', WARMUP_LR,
-            '--min-lr', MIN_LR, '--warmup-epochs', WARMUP_EPOCHS, '--layer-decay', LAYER_DECAY,
+            '--grad-accum-steps', ACCUM, '--epochs', EPOCHS, *lr_flags, '--warmup-lr', WARMUP_LR,
+            '--clip-grad', CLIP_GRAD, '--min-lr', MIN_LR, '--warmup-epochs', WARMUP_EPOCHS, '--layer-decay', LAYER_DECAY,
             '--weight-decay', WEIGHT_DECAY, '--smoothing', SMOOTHING, '--mixup-prob', MIXUP_PROB,
             '--model-ema-decay', EMA_DECAY, '--workers', 0, '--log-interval', 1, '--no-plot',
             '--checkpoint-every', CHECKPOINT_EVERY, '--keep-checkpoints', 0, '--output', output, *extra]
@@ -128,12 +129,14 @@ def resumed(tmp_path_factory, data) -> dict:
 @pytest.fixture(scope='module')
 def two_processes(tmp_path_factory, data) -> dict:
     """2 processes x batch 2 x 2 accumulation steps: the same global batch, 7 batches per process per epoch;
-    without Mixup (so the loss is LabelSmoothingCrossEntropy's), a loader worker process each."""
+    without Mixup (so the loss is LabelSmoothingCrossEntropy's), a loader worker process each. The lr is not
+    given but follows the global batch: --lr-base x (2 x 2 x 2) / --lr-base-size = LR."""
     root = tmp_path_factory.mktemp('two_processes')
     run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', 2, '--master_addr', '127.0.0.1',
          '--master_port', free_port(), SCRIPT,
          *recipe(data, root / 'run', '--batch-size', 2, '--epochs', 2, '--checkpoint-every', 0,
-                 '--keep-checkpoints', 1, '--no-model-ema', '--mixup', 0, '--cutmix', 0, '--workers', 1)],
+                 '--keep-checkpoints', 1, '--no-model-ema', '--mixup', 0, '--cutmix', 0, '--workers', 1,
+                 lr_flags=('--lr-base', LR * 64 / (2 * 2 * ACCUM), '--lr-base-size', 64))],
         env=run_env(ACCELERATE_USE_CPU=1, SPFORMER_TRAIN_TEST_DUMP=root / 'dump'))
     return dict(out=root / 'run', dumps=rank_dumps(root / 'dump', 2))
 
@@ -353,3 +356,13 @@ def test_two_processes_split_each_epoch_and_augment_as_one_process(uninterrupted
     assert [r['lr'] for r in rows] == pytest.approx([expected_lr(n - 1, epochs=2) for n in range(1, 9)],
                                                     rel=1e-9, abs=0)
 
+
+
+def test_gradients_are_clipped_to_the_flag(uninterrupted):
+    """--clip-grad: the total gradient norm of every update is at most the flag's value after clipping, and
+    unchanged where it was already below (the norms are those the run's process computed, dumped by it)."""
+    grads = uninterrupted['dump']['grads']
+    assert [g['update'] for g in grads] == list(range(1, EPOCHS * UPDATES_PER_EPOCH + 1))
+    assert any(g['norm'] > CLIP_GRAD * 1.01 for g in grads)  # the flag had something to do
+    for g in grads:
+        assert g['clipped'] == pytest.approx(min(g['norm'], CLIP_GRAD), rel=1e-4), g
