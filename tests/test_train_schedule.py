@@ -366,3 +366,27 @@ def test_gradients_are_clipped_to_the_flag(uninterrupted):
     assert any(g['norm'] > CLIP_GRAD * 1.01 for g in grads)  # the flag had something to do
     for g in grads:
         assert g['clipped'] == pytest.approx(min(g['norm'], CLIP_GRAD), rel=1e-4), g
+
+
+@pytest.mark.parametrize('num_classes', [6, 4])
+def test_validation_top1_top5_and_loss_by_hand(script, num_classes):
+    """evaluate(): top-1 and top-5 (percent, top-5 only with more than 5 classes) and the mean unsmoothed
+    cross-entropy over the whole validation set, checked on logits chosen by hand. The 'model' returns its
+    input, so each batch's 'image' is its logits."""
+    from accelerate import Accelerator
+    logits = torch.tensor([[5., 4, 3, 2, 1, 0], [0, 9, 8, 7, 6, 5], [1, 2, 3, 4, 5, 6], [3, 3.5, 0, 0, 0, 0],
+                           [0.1, 0.2, 3, 2, 0.3, 0.4]])[:, :num_classes]
+    labels = torch.tensor([0, 2, 0, 0, 3])
+    # By hand (no ties around a label): row 0's label ranks 1st; rows 1, 3 and 4 rank 2nd; row 2's label is
+    # the smallest logit (6th of 6, 4th of 4).
+    top1 = 100 * 1 / 5
+    top5 = 100 * 4 / 5
+    loss = float(sum(torch.logsumexp(row.double(), 0) - row[y].double() for row, y in zip(logits, labels)) / 5)
+    loader = [dict(image=logits[:3], label=labels[:3]), dict(image=logits[3:], label=labels[3:])]
+    results = script.evaluate(torch.nn.Identity(), loader, Accelerator(cpu=True), num_classes)
+    assert results['top1'] == pytest.approx(top1) and results['samples'] == 5
+    assert results['loss'] == pytest.approx(loss, rel=1e-6)
+    if num_classes > 5:
+        assert results['top5'] == pytest.approx(top5)
+    else:
+        assert 'top5' not in results
