@@ -179,8 +179,8 @@ def test_checkpointed_groups_hold_the_scheduled_lr_layer_scales_and_weight_decay
     steps = sorted(int(p.name.split('_')[1]) for p in (uninterrupted['out'] / 'checkpoints').iterdir())
     assert steps == [3, 4, 6, 8, 9, 12]
     for step in steps:
-        saved = torch.load(uninterrupted['out'] / 'checkpoints' / f'step_{step:08d}' / 'optimizer.bin',
-                           weights_only=True, map_location='cpu')
+        optimizer_file = uninterrupted['out'] / 'checkpoints' / f'step_{step:08d}' / 'optimizer.bin'
+        saved = torch.load(optimizer_file, weights_only=True, map_location='cpu')
         groups, state = saved['param_groups'], saved['state']
         # The scheduler has been stepped to `step`: every group at lr(step) x its layer-decay scale.
         scales = sorted({g['lr_scale'] for g in groups})
