@@ -272,9 +272,11 @@ def test_b_more_processes_than_wrote_the_checkpoint_is_refused_and_says_what_it_
                 '--master_port', free_port(), SCRIPT, *fault_args(data, out, '--resume', ckpt)],
                env=run_env(ACCELERATE_USE_CPU=1), expect_rc=None)
     assert proc.returncode != 0
-    lines = {line for line in proc.stderr.splitlines() if line.startswith(ERROR)}  # the same from both processes
+    # The same line from both processes. Each is written by the interpreter as it exits (message, then the
+    # newline: two writes), so the two may interleave on the shared pipe: split at the prefix, not at newlines.
+    lines = {chunk.split('\n')[0] for chunk in proc.stderr.split(ERROR)[1:]}
     assert len(lines) == 1, proc.stderr[-3000:]
-    line = lines.pop()[len(ERROR):]
+    line = lines.pop()
     assert line == (f"--resume: '{ckpt}' was written by 1 process(es) and this run has 2: process(es) 1 have no RNG "
                     'state (random_states_<process>.pkl) to restore for drop path and Mixup, so this run would not '
                     'repeat an uninterrupted one; expected 1 process(es), or --resume-without-rng to continue anyway')
