@@ -155,19 +155,8 @@ def _naive_global_grouping(layer, superpixels, groups):
 def _naive_local_grouping(layer, superpixels, groups):
     """The SCA of docs/design.md §1.3 with tokens as pixels; per-head logits <k_p, q_s> / sqrt(d), masked to
     the 3x3 cells of 2x2 tokens around each group, as a dense (B, M, h*w, G) matrix (-inf elsewhere)."""
-    B, h, w, C = superpixels.shape
-    gh, gw = groups.shape[1:3]
-    M, cell = layer.num_heads, layer.cell_size
-    d = C // M
-    _, new_groups, k_p, q_s = _naive_sca(layer, superpixels, groups)  # k_p (B, C, h*w), q_s (B, C, G)
-    ty, tx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-    gy, gx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing='ij')
-    near = ((ty.reshape(-1, 1) // cell - gy.reshape(1, -1)).abs() <= 1) & \
-        ((tx.reshape(-1, 1) // cell - gx.reshape(1, -1)).abs() <= 1)
-    logits = torch.stack([
-        torch.einsum('bcs,bcg->bsg', k_p[:, m * d:(m + 1) * d], q_s[:, m * d:(m + 1) * d]) / math.sqrt(d)
-        for m in range(M)], 1)
-    return new_groups, logits.masked_fill(~near, float('-inf'))
+    _, new_groups, logits = _naive_sca(layer, superpixels, groups)
+    return new_groups, logits
 
 
 def _naive_ungroup(layer, superpixels, groups, logits):
