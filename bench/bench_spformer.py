@@ -11,6 +11,7 @@ state, activations and temporaries), from torch's MemTracker: exact and independ
     python bench/bench_spformer.py --only op       # just the op (CPU backends)
     python bench/bench_spformer.py --only models   # just SPFormer-S vs DeiT-S (CPU)
     python bench/bench_spformer.py --only cuda     # Triton kernels' achieved bandwidth (needs a GPU)
+    python bench/bench_spformer.py --repeats 9 --doc   # also rewrite the CPU tables of docs/performance.md
 
 On a machine with CUDA, the default run adds the GPU section: forward and forward+backward time of
 the fused Triton kernels (and the torch backend) at SPFormer-S shapes (batch 128) and the bandwidth
@@ -292,11 +293,12 @@ def _run_child(kind: str, *args, env: dict = None) -> dict:
 
 # glibc returns freed heap memory to the OS once more than its trim threshold sits free at the top
 # of the heap, and the next allocations fault the pages back in. Both models are also measured with
-# that off (read at process start, hence a child process), the setting README "Performance" describes.
+# that off (read at process start, hence a child process), the setting docs/performance.md ("The allocator") describes.
 NO_TRIM_ENV = {'MALLOC_TRIM_THRESHOLD_': '1000000000', 'MALLOC_MMAP_THRESHOLD_': '1000000000'}
 
 
 README_START, README_END = '<!-- bench:start -->', '<!-- bench:end -->'
+DOC_PAGE = 'docs/performance.md'  # where the CPU tables live, relative to the repository root (--doc)
 
 
 def main(argv=None):
@@ -304,8 +306,10 @@ def main(argv=None):
     parser.add_argument('--only', choices=['op', 'models', 'cuda'], default=None)
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--readme', default=None,
-                        help=f'also write the CPU tables between {README_START} and {README_END} of this file')
+    parser.add_argument('--doc', '--readme', nargs='?', default=None, metavar='PATH',
+                        const=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DOC_PAGE),
+                        help=f'also write the CPU tables between {README_START} and {README_END} of PATH '
+                             f'(default: {DOC_PAGE}, where they live)')
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -373,12 +377,12 @@ def main(argv=None):
         emit(f"With glibc's heap trimming off for both models (`{env}`): inference throughput "
              f"{no_trim['infer'][spf]['ratio']:.2f}x, train-step throughput {no_trim['train'][spf]['ratio']:.2f}x "
              f"(interleaved, two threads); inference {cpu_no_trim[spf]['ratio']:.2f}x on one thread in CPU time")
-    if args.readme:
-        with open(args.readme) as f:
+    if args.doc:
+        with open(args.doc) as f:
             text = f.read()
-        with open(args.readme, 'w') as f:
+        with open(args.doc, 'w') as f:
             f.write(replace_between_markers(text, '\n'.join(lines) + '\n', README_START, README_END))
-        print(f'updated {args.readme}')
+        print(f'updated {args.doc}')
     if args.only == 'cuda' or (args.only is None and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise SystemExit('--only cuda needs a CUDA device; torch.cuda.is_available() is False here')

@@ -4,8 +4,8 @@ torch.compile (default, and mode='reduce-overhead' = CUDA graphs). Prints img/s 
     python bench/cuda_compile.py [eager,default,reduce-overhead]
 
 Eager SPFormer-S inference is bound by the host launching its many small kernels (see
-bench/cuda_host_overhead.py); CUDA graphs remove most of that. Needs a GPU; results in the README
-("On a GPU")."""
+bench/cuda_host_overhead.py); CUDA graphs remove most of that. Needs a GPU; results in
+docs/performance.md ("CUDA graphs and torch.compile")."""
 import sys, time
 import torch, timm
 import spformer  # noqa

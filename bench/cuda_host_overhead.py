@@ -4,7 +4,7 @@ launches per forward, and SPFormer-S's GPU time per aten op and input shapes.
 
     python bench/cuda_host_overhead.py
 
-Needs a GPU; results in the README ("On a GPU")."""
+Needs a GPU; results in docs/performance.md ("Host overhead")."""
 import time
 import torch, timm
 import spformer  # noqa

@@ -24,7 +24,7 @@ independent) of one forward + backward of the attention op alone and of the whol
 
     python bench/denoise_sna.py                      # ~10 min on 2 CPU cores
     python bench/denoise_sna.py --steps 3000 --per-sigma --crop 96   # longer, closer to the paper
-    python bench/denoise_sna.py --readme README.md   # also write the table into the README
+    python bench/denoise_sna.py --doc                # also write the table into docs/sna.md (DOC_PAGE)
 """
 import argparse
 import os
@@ -41,6 +41,7 @@ from model_table import machine_info, replace_between_markers  # noqa: E402
 from spformer.kernels import superpixel_labels  # noqa: E402
 from spformer.sna import SimpleDenoiser  # noqa: E402
 
+DOC_PAGE = 'docs/sna.md'  # where the tables live, relative to the repository root (--doc writes there)
 TRAIN_IMAGES = ('astronaut', 'rocket', 'hubble_deep_field', 'immunohistochemistry', 'retina', 'stereo_motorcycle')
 TEST_IMAGES = ('chelsea', 'coffee')
 LABELS = {'sna-deep': 'SNA (deep probabilities)', 'sna-slic': 'SNA (SLIC probabilities)', 'hsna': 'H-SNA (SLIC labels)',
@@ -192,8 +193,11 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=1,
                    help='intra-op threads (default 1: with other jobs on the cores, more threads spin and stall)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--readme', help='write the table between the <!-- MARKER:start/end --> lines of this file')
-    p.add_argument('--marker', default='denoise-sna', help='README marker name (a second table: another name)')
+    p.add_argument('--doc', '--readme', nargs='?', default=None, metavar='PATH',
+                   const=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DOC_PAGE),
+                   help=f'write the table between the <!-- MARKER:start/end --> lines of PATH (default: {DOC_PAGE}, '
+                        f'where it lives)')
+    p.add_argument('--marker', default='denoise-sna', help='marker name in the page (a second table: another name)')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = 'python bench/denoise_sna.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
@@ -256,13 +260,13 @@ def main(argv=None):
     table = '\n'.join(lines) + '\n\n' + '\n'.join(f'- {n}' for n in notes)
     print()
     print(table)
-    if args.readme:
-        with open(args.readme) as f:
+    if args.doc:
+        with open(args.doc) as f:
             text = f.read()
-        with open(args.readme, 'w') as f:
+        with open(args.doc, 'w') as f:
             f.write(replace_between_markers(text, table, f'<!-- {args.marker}:start -->',
                                             f'<!-- {args.marker}:end -->'))
-        print(f'\nwrote the table into {args.readme}')
+        print(f'\nwrote the table into {args.doc}')
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ import torch
 from skimage.data import astronaut
 
 import spformer  # noqa: F401  (registers the models)
-from spformer.superpixel_eval import boundary_recall, num_segments, resize_image
+from spformer.eval import boundary_recall, num_segments, resize_image
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The model table of the README: size, cost and CPU speed of every SPFormer (and DeiT baselines).
 
     python bench/model_table.py                         # print the table and the machine
-    python bench/model_table.py --readme README.md      # also rewrite the README's table
+    python bench/model_table.py --doc                   # also rewrite the table in README.md (DOC_PAGE)
     python bench/model_table.py --models spformer_tiny_sp16_224 --runs 3
 
 Per model: token grid, parameters, GMACs (batch 1, default input size; FLOPs / 2 from
@@ -31,6 +31,7 @@ from spformer.hub.checkpoint import weights_source
 
 START = '<!-- model-table:start -->'
 END = '<!-- model-table:end -->'
+DOC_PAGE = 'README.md'  # where the table lives, relative to the repository root (--doc writes it there)
 
 BASELINES = ['deit_tiny_patch16_224', 'deit_small_patch16_224']
 REFERENCE = 'deit_small_patch16_224'  # the speed column is relative to this model
@@ -174,7 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--runs', type=int, default=7, help='timed runs per model (rounds over all models, at most)')
     p.add_argument('--budget-s', type=float, default=120.0,
                    help='stop starting new rounds after this many timed seconds in all, once 3 rounds are done')
-    p.add_argument('--readme', default=None, metavar='PATH', help='rewrite the table between the markers of this file')
+    p.add_argument('--doc', '--readme', nargs='?', const=os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), DOC_PAGE), default=None, metavar='PATH',
+        help=f'rewrite the table between the markers of PATH (default: {DOC_PAGE}, where it lives)')
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -219,12 +222,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ])
     print(block)
     print(f'({time.perf_counter() - start:.0f} s)', file=sys.stderr)
-    if args.readme:
-        with open(args.readme) as f:
+    if args.doc:
+        with open(args.doc) as f:
             text = f.read()
-        with open(args.readme, 'w') as f:
+        with open(args.doc, 'w') as f:
             f.write(replace_between_markers(text, block))
-        print(f'updated {args.readme}', file=sys.stderr)
+        print(f'updated {args.doc}', file=sys.stderr)
     return 0
 
 

@@ -5,7 +5,7 @@ SPFormer-S shapes, against the configuration the backends pick. Needs a CUDA GPU
     python bench/triton_launch_sweep.py --cell 7 --grid 4 --dtype bfloat16
 
 How the warp rule in kernels/triton_backend.py (``_config``) and the superpixel-init kernel's warps
-in kernels/pixel_maps_triton.py were chosen (H100, see the README's "On a GPU").
+in kernels/pixel_maps_triton.py were chosen (H100, see docs/performance.md, "Triton kernels").
 """
 import argparse
 import itertools

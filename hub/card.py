@@ -291,7 +291,7 @@ def save_superpixel_picture(model: torch.nn.Module, path, image=None, title: Opt
     eval mode and put back into the mode it was in.
     """
     import timm
-    from spformer.visualize import save_superpixel_figure, tensor_to_image
+    from spformer.pictures import save_superpixel_figure, tensor_to_image
 
     data_config = timm.data.resolve_model_data_config(model)
     data_config['input_size'] = (3, *model.img_size)  # the size the model was built for, not its source cfg's

@@ -23,11 +23,14 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
-from spformer.models.spformer import unwrapped_key
+from spformer.errors import UserError
+from spformer.models.pretrained import (
+    CONFIG_NAME, CheckpointTensors, PretrainedWeightsUnavailable, checkpoint_tensor_info, hub_http_client,
+)
 
 __all__ = [
     'CheckpointFolder', 'read_checkpoint_folder', 'load_checkpoint_folder', 'load_safetensors_checkpoint',
@@ -36,7 +39,6 @@ __all__ = [
     'ModelReferenceError', 'checkpoint_tensor_info', 'CheckpointTensors', 'weights_source',
 ]
 
-CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
 EMA_WEIGHTS_NAME = 'model_ema.safetensors'
 TRAIN_CONFIG_NAME = 'train_config.yaml'
@@ -45,13 +47,6 @@ RESULTS_NAME = 'results.json'
 PICKLE_PATTERNS = ('*.bin', '*.pth', '*.pt', '*.pth.tar', '*.ckpt', '*.pkl', '*.pickle')
 
 PathLike = Union[str, pathlib.Path]
-
-
-def hub_http_client():
-    """The HTTP client module huggingface_hub runs on (httpx2 from huggingface_hub 2 on, httpx before):
-    where its network errors (``TransportError``) and, for tests, its transports come from."""
-    from huggingface_hub.utils import _http
-    return getattr(_http, 'httpx2', None) or _http.httpx
 
 
 def spformer_variant(name: str, argument: str = 'model_name') -> str:
@@ -212,59 +207,6 @@ def load_checkpoint_folder(
     return load_model(f'local-dir:{folder}', model_name=model_name, ema=ema, argument='folder', **kwargs).model
 
 
-def _safetensors_shapes(path: pathlib.Path) -> Dict[str, tuple]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # SafetensorError: a pickle renamed, a truncated file, ...
-        raise ValueError(f'{path} is not a readable safetensors file: {e}') from e
-    return {unwrapped_key(k): shape for k, shape in shapes.items()}
-
-
-@dataclass(frozen=True)
-class CheckpointTensors:
-    """What a ``.safetensors`` file tells about the model it was saved from, read from its header alone."""
-    path: pathlib.Path
-    shapes: Dict[str, Tuple[int, ...]]  # keys without DDP / torch.compile prefixes
-    num_classes: int  # rows of the classifier (0: saved without one)
-    grid: Optional[Tuple[int, int]]  # SPFormer token grid of its position embeddings (square), or None
-    config: Optional[Dict[str, Any]]  # the timm config.json next to it, when it describes this file
-
-    @property
-    def architecture(self) -> Optional[str]:
-        return (self.config or {}).get('architecture')
-
-    @property
-    def label_names(self) -> Optional[List[str]]:
-        names = (self.config or {}).get('label_names') or (self.config or {}).get('pretrained_cfg', {}).get('label_names')
-        return list(names) if isinstance(names, list) and len(names) == self.num_classes else None
-
-
-def checkpoint_tensor_info(path: PathLike, classifier: str = 'head') -> CheckpointTensors:
-    """Head size and SPFormer token grid of a ``.safetensors`` file (from its header: no tensor is read),
-    and the ``config.json`` beside it when that names a timm architecture with this head size."""
-    path = pathlib.Path(path)
-    shapes = _safetensors_shapes(path)
-    head = shapes.get(f'{classifier}.weight')
-    num_classes = head[0] if head is not None and len(head) == 2 else 0
-    grid = None
-    pos = shapes.get('stages.0.pos_embed')
-    if pos is not None and len(pos) == 3 and math.isqrt(pos[1]) ** 2 == pos[1]:
-        grid = (math.isqrt(pos[1]),) * 2
-    config = None
-    config_file = path.parent / CONFIG_NAME
-    if config_file.is_file():
-        try:
-            found = json.loads(config_file.read_text())
-        except ValueError:
-            found = None
-        if isinstance(found, dict) and isinstance(found.get('architecture'), str) and \
-                found.get('num_classes', num_classes) == num_classes:
-            config = found
-    return CheckpointTensors(path, shapes, num_classes, grid, config)
-
-
 def load_safetensors_checkpoint(
         path: PathLike,
         model_name: str,
@@ -298,7 +240,7 @@ def load_safetensors_checkpoint(
 # One way from a model reference to a model
 # --------------------------------------------------------------------------------------------------
 
-class ModelReferenceError(ValueError):
+class ModelReferenceError(UserError):
     """A model reference that cannot be loaded: the message names the argument, what it got and what it expects."""
 
 
@@ -353,7 +295,6 @@ def _create(argument: str, reference: str, name: str, **kwargs) -> torch.nn.Modu
     turned into one line that names the argument."""
     import timm
     from huggingface_hub.errors import HfHubHTTPError
-    from spformer.models.spformer import PretrainedWeightsUnavailable
     try:
         return timm.create_model(name, **kwargs)
     except (PretrainedWeightsUnavailable, FileNotFoundError, ConnectionError, HfHubHTTPError) as e:  # incl. offline

@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from spformer.models.spformer import unwrapped_key
+from spformer.models.pretrained import unwrapped_key
 
 from .card import PICTURE_NAME, _load_image, model_card, resolve_datasets, save_superpixel_picture
 from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder, spformer_variant

@@ -20,7 +20,7 @@ library binds to the libgomp torch has loaded), ``torch.set_num_threads()`` of t
 Besides the attention, two forward-only kernels for SPFormer's per-pixel maps, registered as custom
 ops (FLOP counting and fake tensors see them): :func:`conv_rescale` (an SCA iteration's pixel
 features) and :func:`cell_pooled_projection` (the superpixel init); the model calls them where no
-autograd graph is recorded (spformer/models/spformer.py, ``fused_inference_kernel``).
+autograd graph is recorded (``spformer.kernels.functional.fused_inference_kernel``).
 """
 import contextlib
 import ctypes

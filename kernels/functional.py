@@ -45,6 +45,26 @@ def backend_module(backend: str, device: torch.device, triton_module: str, torch
     return torch_module
 
 
+def records_autograd(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether an op on ``x`` and ``params`` records an autograd graph (then the forward-only kernels must not run)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+def fused_inference_kernel(backend: str, name: str, x: torch.Tensor, *params: Optional[torch.Tensor]):
+    """The forward-only fused kernel ``name`` where one applies, else None: for the Triton backend
+    (CUDA under 'auto'; CPU only when asked for, under the interpreter) from
+    kernels/pixel_maps_triton.py, for the C kernels (CPU under 'auto' or 'cpu', outside autocast)
+    from kernels/cpu_backend.py (the SPFormer layers' fused inference paths ask for them by name); never under torch.compile or with an autograd graph recorded
+    through ``x`` or ``params``. The kernels return None for inputs they do not take (dtypes)."""
+    if torch.compiler.is_compiling() or records_autograd(x, *params) or x.device.type == 'meta':
+        return None
+    if x.device.type == 'cpu' and backend != 'triton':
+        if backend not in ('auto', 'cpu') or torch.is_autocast_enabled('cpu'):
+            return None
+        return getattr(cpu_backend, name, None)
+    return getattr(backend_module(backend, x.device, 'pixel_maps_triton', None), name, None)
+
+
 def _impl(backend: str, device: torch.device):
     if backend == 'cpu' or (backend == 'auto' and device.type == 'cpu'):
         if backend == 'cpu' and (device.type != 'cpu' or not cpu_backend.available()):

@@ -14,6 +14,8 @@ bug and always shows its traceback.
 import os
 from typing import Callable, Optional, Sequence, Tuple, Type
 
+from spformer.errors import UserError
+
 __all__ = ['run_main', 'debug_enabled', 'check_output_file', 'check_output_dir', 'make_parent', 'ArgumentError',
            'OutputPathError', 'DEBUG_ENV', 'DEBUG_HELP']
 
@@ -27,7 +29,7 @@ DEBUG_HELP = (f'Errors you can fix (an unreadable image, a bad argument, dataset
 _PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
-class ArgumentError(ValueError):
+class ArgumentError(UserError):
     """A command-line argument that cannot be used: the message names it (printed as it is)."""
 
 
@@ -43,16 +45,8 @@ def debug_enabled() -> bool:
     return False
 
 
-def _own_errors() -> Tuple[Type[BaseException], ...]:
-    """spformer's own error classes, whose messages already name the file or argument."""
-    from spformer.datasets import DatasetError
-    from spformer.hub.checkpoint import ModelReferenceError
-    from spformer.images import ImageReadError
-    return ImageReadError, ArgumentError, DatasetError, ModelReferenceError  # ArgumentError: also InputError
-
-
 def _message(error: BaseException) -> str:
-    if isinstance(error, _own_errors()):
+    if isinstance(error, UserError):
         return str(error)
     if isinstance(error, OSError) and error.filename is not None:
         names = f"'{error.filename}'" + (f" -> '{error.filename2}'" if error.filename2 is not None else '')
@@ -65,9 +59,10 @@ def run_main(prog: str, fn: Callable[..., int], *args, expected: Sequence[Type[B
 
     Expected, printed as ``PROG: message``:
 
-    - spformer's own errors, whose messages name the file or argument: ``ImageReadError``,
-      :class:`ArgumentError` (and its subclasses :class:`OutputPathError` and the evaluation's
-      ``InputError``), ``DatasetError``, ``ModelReferenceError``;
+    - spformer's own errors, whose messages name the file or argument: every
+      :class:`spformer.errors.UserError` (``ImageReadError``, :class:`ArgumentError` and its subclasses
+      :class:`OutputPathError` and the evaluation's ``InputError``, ``DatasetError``,
+      ``ModelReferenceError``);
     - errors of the file system about a path: FileNotFoundError, PermissionError, NotADirectoryError,
       IsADirectoryError, FileExistsError, or any OSError that names a file (printed as ``'path': reason``);
     - the classes in ``expected`` (spformer-hub: ValueError, TypeError and the Hub's HTTP errors), printed
@@ -84,7 +79,7 @@ def run_main(prog: str, fn: Callable[..., int], *args, expected: Sequence[Type[B
 
 
 def _is_expected(error: BaseException, expected: Tuple[Type[BaseException], ...]) -> bool:
-    if isinstance(error, _own_errors() + _PATH_ERRORS + expected):
+    if isinstance(error, (UserError,) + _PATH_ERRORS + expected):
         return True
     return isinstance(error, OSError) and error.filename is not None
 

@@ -31,7 +31,7 @@ import spformer  # noqa: F401  (registers the spformer_* models with timm)
 from spformer.cli import DEBUG_HELP, check_output_file, make_parent, run_main
 from spformer.hub.checkpoint import load_model
 from spformer.images import ImageReadError, open_rgb
-from spformer.visualize import save_superpixel_figure, tensor_to_image
+from spformer.pictures import save_superpixel_figure, tensor_to_image
 
 __all__ = ['main', 'count_macs']
 

@@ -1,10 +1,10 @@
 """Reading images: the one place in spformer where an image file becomes RGB pixels.
 
 Every tool reads its images here: the superpixel evaluation and ``spformer-visualize``
-(:func:`spformer.datasets.read_image`), ``spformer-demo``, the Hub card's sample image, and the
+(:func:`spformer.eval.datasets.read_image`), ``spformer-demo``, the Hub card's sample image, and the
 training script (:func:`open_rgb` as the ImageFolder loader, :func:`to_rgb` on decoded Hugging Face
 dataset images). Label maps are *not* read here: their pixel values are class ids, not colours
-(:mod:`spformer.datasets` reads them as they are).
+(:mod:`spformer.eval.datasets` reads them as they are).
 
     from spformer.images import open_rgb, read_rgb, to_rgb, ImageReadError
 
@@ -73,6 +73,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spformer.errors import UserError
+
 __all__ = ['ImageReadError', 'open_rgb', 'read_rgb', 'to_rgb']
 
 PathLike = Union[str, 'os.PathLike[str]']
@@ -83,7 +85,7 @@ _ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
 _KEYED_MODES = ('1', 'L', 'P', 'RGB')
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image file that cannot be read: the message names the file and why.
 
     Attributes:

@@ -1,4 +1,4 @@
-"""spformer.datasets: every reader against files this test writes itself, with known contents.
+"""spformer.eval.datasets: every reader against files this test writes itself, with known contents.
 
 Oracles are independent of the code under test:
 - the label arrays a test wrote (with PIL or scipy.io.savemat, in the structures the real datasets
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spformer.datasets import (
+from spformer.eval.datasets import (
     BSDS500, DatasetError, LabelFolder, VOCSegmentation, open_dataset, voc_palette, write_shapes_dataset)
-from spformer.superpixel_eval import Segmentation, Segmenter, evaluate
+from spformer.eval import Segmentation, Segmenter, evaluate
 from test_metrics import (
     ref_asa, ref_boundary_map, ref_boundary_recall, ref_miou_macc, ref_oracle_confusion, ref_ue)
 

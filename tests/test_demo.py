@@ -9,7 +9,7 @@ import torch
 
 from spformer.demo import main
 from spformer.hub.checkpoint import weights_source
-from spformer.visualize import superpixel_boundaries
+from spformer.pictures import superpixel_boundaries
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,8 @@ import spformer  # noqa: F401  (registers the models)
 from spformer.hub import load_checkpoint_folder, push_to_hub, save_pretrained
 from spformer.hub.cli import main as hub_cli
 from spformer.hub.testing import FakeHub
-from spformer.models import spformer as spformer_models
-from spformer.models.spformer import HF_HUB_ORG, PUBLISHED_WEIGHTS, PretrainedWeightsUnavailable
+from spformer.models import pretrained as pretrained_module
+from spformer.models.pretrained import HF_HUB_ORG, PUBLISHED_WEIGHTS, PretrainedWeightsUnavailable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = 'spformer_tiny_sp16_224'
@@ -224,9 +224,9 @@ def test_tags_name_a_hub_repo_only_when_published(monkeypatch):
     assert timm.list_models('spformer*', pretrained=True) == sorted(
         n for n in timm.list_models('spformer*', pretrained=True, include_tags=True) if n in PUBLISHED_WEIGHTS)
     assert timm.models.get_pretrained_cfg(f'{TINY}.in1k').hf_hub_id is None
-    assert spformer_models._default_cfg(f'{TINY}.in1k').get('hf_hub_id') is None
-    monkeypatch.setattr(spformer_models, 'PUBLISHED_WEIGHTS', (f'{TINY}.in1k',))
-    assert spformer_models._default_cfg(f'{TINY}.in1k')['hf_hub_id'] == f'{HF_HUB_ORG}/{TINY}.in1k'
+    assert pretrained_module.published_source(f'{TINY}.in1k') == {}
+    monkeypatch.setattr(pretrained_module, 'PUBLISHED_WEIGHTS', (f'{TINY}.in1k',))
+    assert pretrained_module.published_source(f'{TINY}.in1k') == dict(hf_hub_id=f'{HF_HUB_ORG}/{TINY}.in1k')
 
 
 @pytest.mark.parametrize('name', [TINY, 'spformer_small_sp32_448'])  # one path for all; every cfg's id is checked below

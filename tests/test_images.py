@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from spformer.datasets import read_image
+from spformer.eval.datasets import read_image
 from spformer.images import ImageReadError, open_rgb, read_rgb, to_rgb
 
 
@@ -81,7 +81,7 @@ def test_16bit_grey_png_reads_as_its_8bit_original(rgb8, tmp_path):
 
 
 def test_slic_segments_a_16bit_file_as_its_8bit_original(rgb8, tmp_path):
-    from spformer.superpixel_eval import Slic, achievable_segmentation_accuracy
+    from spformer.eval import Slic, achievable_segmentation_accuracy
     grey = _grey(rgb8)
     Image.fromarray(grey).save(tmp_path / 'grey8.png')
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')

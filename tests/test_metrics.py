@@ -1,4 +1,4 @@
-"""spformer.superpixel_eval metrics, against two independent oracles.
+"""spformer.eval.metrics, against two independent oracles.
 
 1. Hand-computed values on tiny label maps written out in each test (the arithmetic is in the comments),
    with boundaries in both orientations (rows and columns), diagonals and corners, every tolerance
@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from spformer.superpixel_eval import (
+from spformer.eval.metrics import (
     InputError, achievable_segmentation_accuracy, boundary_map, boundary_recall, compactness,
     mean_iou_and_accuracy, num_segments, oracle_confusion, score_segmentation, undersegmentation_error)
 

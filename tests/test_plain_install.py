@@ -147,7 +147,7 @@ def test_every_console_script_runs_on_a_plain_install(plain_env):
     assert 'UNTRAINED' in out and 'wrote       : demo.png' in out
 
     # A dataset and an image from the package itself, then the evaluation with its pictures.
-    _run(plain_env, python, '-c', "from spformer.datasets import write_shapes_dataset; "
+    _run(plain_env, python, '-c', "from spformer.eval.datasets import write_shapes_dataset; "
                                   "write_shapes_dataset('shapes', 'folder', num_images=1, size=(96, 128), seed=0)")
     out = _run(plain_env, bin_ / 'spformer-eval-superpixels', 'shapes', '--model', tiny, '--pictures', '1',
                '--out-dir', 'eval', '--no-progress')

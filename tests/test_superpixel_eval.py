@@ -1,4 +1,4 @@
-"""spformer.superpixel_eval and spformer.datasets: the metrics against values worked out by hand on
+"""spformer.eval (metrics, datasets, segmenters, evaluation, cli): the metrics against values worked out by hand on
 tiny label maps, the resolution policy, the three dataset layouts end to end through the CLI, the
 errors for bad input, and spformer-visualize.
 
@@ -16,12 +16,14 @@ import torch
 import timm
 
 import spformer  # noqa: F401  (registers the models)
-from spformer.datasets import DatasetError, Sample, SegmentationDataset, open_dataset, write_shapes_dataset
-from spformer.superpixel_eval import (
+from spformer.eval.datasets import DatasetError, Sample, SegmentationDataset, open_dataset, write_shapes_dataset
+from spformer.eval import (
     InputError, ModelSuperpixels, PatchGrid, Segmentation, Segmenter, achievable_segmentation_accuracy,
-    boundary_recall, compactness, evaluate, main, mean_iou_and_accuracy, num_segments, oracle_confusion,
+    boundary_recall, compactness, evaluate, mean_iou_and_accuracy, num_segments, oracle_confusion,
     resize_nearest, undersegmentation_error)
-from spformer.visualize import main as visualize_main, stage_labels
+from spformer.eval.cli import main
+from spformer.pictures import stage_labels
+from spformer.visualize import main as visualize_main
 
 TINY = 'spformer_tiny_sp16_224'
 
@@ -262,9 +264,9 @@ def test_checkpoints_load_and_models_without_superpixels_are_refused(tmp_path, t
 
 def test_pictures_mark_untrained_models(tmp_path, tiny, monkeypatch):
     # The comparison figure's panels of a random-init model say UNTRAINED; a loaded model's do not.
-    import spformer.visualize
+    import spformer.pictures
     drawn = []
-    monkeypatch.setattr(spformer.visualize, 'save_comparison_figure',
+    monkeypatch.setattr(spformer.pictures, 'save_comparison_figure',
                         lambda image, gt, panels, path, **kw: drawn.append([title for title, _ in panels]))
     root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(64, 64), seed=0)
     methods = [ModelSuperpixels(tiny, 'random', trained=False), ModelSuperpixels(tiny, 'loaded', trained=True)]
@@ -482,12 +484,12 @@ def test_eval_names_a_truncated_dataset_image(tmp_path):
 
 
 def test_eval_names_an_out_dir_it_cannot_write_before_loading_models(tmp_path, monkeypatch):
-    import spformer.superpixel_eval
+    import spformer.eval.cli
     root = write_shapes_dataset(str(tmp_path / 'd'), 'folder', num_images=1, size=(16, 16))
 
     def refuse(*args, **kwargs):
         raise AssertionError('a model was loaded before the output folder was checked')
-    monkeypatch.setattr(spformer.superpixel_eval, 'load_model', refuse)
+    monkeypatch.setattr(spformer.eval.cli, 'load_model', refuse)
     (tmp_path / 'results.txt').write_text('x')
     for out_dir, problem in ((tmp_path / 'results.txt', f"'{tmp_path / 'results.txt'}' is a file, not a folder"),
                              (tmp_path / 'results.txt' / 'run1',

@@ -161,7 +161,7 @@ def test_demo_on_the_fine_tuned_file_and_folder(walk):
 
 def test_eval_and_visualize_on_the_fine_tuned_model(walk):
     work = walk['work']
-    subprocess.run([sys.executable, '-c', "from spformer.datasets import write_shapes_dataset; "
+    subprocess.run([sys.executable, '-c', "from spformer.eval.datasets import write_shapes_dataset; "
                     "write_shapes_dataset('eval_data', 'folder', num_images=2, size=(96, 128), seed=0)"],
                    cwd=work, check=True, env=run_env())
     spec = f'{MODEL}={walk["final"] / "model.safetensors"}'

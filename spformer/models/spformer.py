@@ -27,7 +27,6 @@ are the hierarchical variants (global groups, or ``_local`` ones).
 """
 import contextlib
 import math
-import os
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
@@ -39,7 +38,7 @@ import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, create_conv2d, resample_abs_pos_embed, trunc_normal_
 from timm.layers import register_notrace_function, register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
@@ -48,7 +47,8 @@ from spformer.allocator import prime_glibc_heap
 from spformer.kernels import OWN_CELL_MARGIN, cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_association, superpixel_attention, superpixel_labels, upsample_association
 from spformer.kernels import cpu_backend
-from spformer.kernels.functional import backend_module, check_backend
+from spformer.kernels.functional import check_backend, fused_inference_kernel, records_autograd
+from spformer.models.pretrained import build_model_with_weights, published_source, unwrapped_key
 
 __all__ = ['SPFormer']
 
@@ -244,30 +244,11 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     factor = gram_factor(wc, gram) if x.device.type == 'cpu' else None
     # image layout is the cell-major one of cells of one pixel
     group = cell if cells else 1
-    if _records_autograd(x, gram):
+    if records_autograd(x, gram):
         out = _RescaleByProjectionStd.apply(x, gram, factor, eps, group)
     else:
         out = _scaled_cells(x, _projection_rstd(x, gram, factor, eps), group)
     return out if cells else out.view(x.shape[0], 1, *x.shape[1:])
-
-
-def _records_autograd(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
-
-
-def fused_inference_kernel(backend: str, name: str, x: torch.Tensor, *params: Optional[torch.Tensor]):
-    """The forward-only fused kernel ``name`` where one applies, else None: for the Triton backend
-    (CUDA under 'auto'; CPU only when asked for, under the interpreter) from
-    kernels/pixel_maps_triton.py, for the C kernels (CPU under 'auto' or 'cpu', outside autocast)
-    from kernels/cpu_backend.py; never under torch.compile or with an autograd graph recorded
-    through ``x`` or ``params``. The kernels return None for inputs they do not take (dtypes)."""
-    if torch.compiler.is_compiling() or _records_autograd(x, *params) or x.device.type == 'meta':
-        return None
-    if x.device.type == 'cpu' and backend != 'triton':
-        if backend not in ('auto', 'cpu') or torch.is_autocast_enabled('cpu'):
-            return None
-        return getattr(cpu_backend, name, None)
-    return getattr(backend_module(backend, x.device, 'pixel_maps_triton', None), name, None)
 
 
 def pixel_features(conv: nn.Conv2d, pixels: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps: float,
@@ -904,6 +885,34 @@ class Stem(nn.Sequential):
         return out
 
 
+def _check_grouping(grouping, group_size, group_depth, group_index, group_heads, sca_heads, depths, embed_dim,
+                    img_size, token_stride) -> Tuple[int, int, int, int]:
+    """The hierarchical level's arguments checked, defaults filled in: (group_stride, group_depth,
+    group_index, group_heads); a plain SPFormer (``grouping=None``) has none: (token_stride, 0, 0, 0)."""
+    if grouping not in (None, 'global', 'local'):
+        raise ValueError(f"grouping must be None, 'global' or 'local', got {grouping!r}")
+    if grouping is None:
+        return token_stride, 0, 0, 0
+    group_heads = sca_heads if group_heads is None else group_heads
+    group_index = depths[-1] - depths[-1] // 2 if group_index is None else group_index
+    for arg, value, low in (('group_size', group_size, 1), ('group_depth', group_depth, 1),
+                            ('group_heads', group_heads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f'{arg} must be an int >= {low}, got {value!r}')
+    if isinstance(group_index, bool) or not isinstance(group_index, int) or not 0 <= group_index <= depths[-1]:
+        raise ValueError(
+            f'group_index must be an int in 0..{depths[-1]} (ViT blocks of the last stage before the '
+            f'group block), got {group_index!r}')
+    if embed_dim % group_heads:
+        raise ValueError(f'group_heads={group_heads} must divide embed_dim={embed_dim}')
+    group_stride = token_stride * group_size
+    if img_size[0] % group_stride or img_size[1] % group_stride:
+        raise ValueError(
+            f'img_size={img_size} must be a multiple of the group stride {group_stride} '
+            f'(token stride {token_stride} x group_size={group_size})')
+    return group_stride, group_depth, group_index, group_heads
+
+
 class SPFormer(nn.Module):
     """ SPFormer: pixel stem -> superpixel tokens -> stages of (SCA, ViT blocks) -> mean-pool head.
 
@@ -1000,28 +1009,9 @@ class SPFormer(nn.Module):
         token_stride = stem_stride * cell_size
         if img_size[0] % token_stride or img_size[1] % token_stride:
             raise ValueError(f'img_size={img_size} must be a multiple of the token stride {token_stride}')
-        if grouping not in (None, 'global', 'local'):
-            raise ValueError(f"grouping must be None, 'global' or 'local', got {grouping!r}")
-        if grouping is not None:
-            group_heads = sca_heads if group_heads is None else group_heads
-            group_index = depths[-1] - depths[-1] // 2 if group_index is None else group_index
-            for arg, value, low in (('group_size', group_size, 1), ('group_depth', group_depth, 1),
-                                    ('group_heads', group_heads, 1)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise ValueError(f'{arg} must be an int >= {low}, got {value!r}')
-            if isinstance(group_index, bool) or not isinstance(group_index, int) or not 0 <= group_index <= depths[-1]:
-                raise ValueError(
-                    f'group_index must be an int in 0..{depths[-1]} (ViT blocks of the last stage before the '
-                    f'group block), got {group_index!r}')
-            if embed_dim % group_heads:
-                raise ValueError(f'group_heads={group_heads} must divide embed_dim={embed_dim}')
-            group_stride = token_stride * group_size
-            if img_size[0] % group_stride or img_size[1] % group_stride:
-                raise ValueError(
-                    f'img_size={img_size} must be a multiple of the group stride {group_stride} '
-                    f'(token stride {token_stride} x group_size={group_size})')
-        else:
-            group_stride, group_depth, group_index, group_heads = token_stride, 0, 0, 0
+        group_stride, group_depth, group_index, group_heads = _check_grouping(
+            grouping, group_size, group_depth, group_index, group_heads, sca_heads, depths, embed_dim, img_size,
+            token_stride)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -1593,15 +1583,6 @@ register_notrace_module(SuperpixelInit)
 register_notrace_module(GroupBlock)
 
 
-def unwrapped_key(key: str) -> str:
-    """A state-dict key without the wrappers' prefixes: DDP's ``module.`` and torch.compile's ``_orig_mod.``,
-    leading in any order and number (``torch.compile(DDP(m))`` saves ``_orig_mod.module.``), and the
-    ``._orig_mod.`` of a compiled submodule inside the key."""
-    while key.startswith(('module.', '_orig_mod.')):
-        key = key.split('.', 1)[1]
-    return key.replace('._orig_mod.', '.')
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
     """Unwrap training checkpoints, strip DDP / torch.compile prefixes, resample position embeddings,
     and refuse (naming both) a state dict made for another SPFormer variant."""
@@ -1698,115 +1679,11 @@ def _describe_checkpoint(state_dict: Dict[str, torch.Tensor]) -> str:
     return ' or '.join(exact or resized) or 'no registered SPFormer variant'
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    """``pretrained=True`` could not get the weights: none published for the tag, offline and not cached, a
-    missing file."""
-
-
-def _how_to_load_your_own(variant: str) -> str:
-    return ("To load your own: timm.create_model('hf-hub:ORG/NAME', pretrained=True) for weights pushed with "
-            f"spformer-hub, or timm.create_model('{variant}', pretrained=True, "
-            "pretrained_cfg_overlay=dict(file='model.safetensors')) for a local file; or pretrained=False for a "
-            'random init.')
-
-
-def _weights_unavailable(variant: str, cfg: Dict[str, Any], error: BaseException) -> PretrainedWeightsUnavailable:
-    from timm.models._builder import _resolve_pretrained_source
-    name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
-    load_from, location = _resolve_pretrained_source(cfg)
-    where = f'the Hugging Face Hub repo {location}' if load_from == 'hf-hub' else f'{load_from} {location}'
-    cause = type(error).__name__ + (f': {str(error).splitlines()[0]}' if str(error).strip() else '')
-    return PretrainedWeightsUnavailable(
-        f'pretrained=True: could not load the weights of {name} from {where} ({cause}). '
-        + _how_to_load_your_own(variant))
-
-
-def _checkpoint_file(cfg: Dict[str, Any]) -> Optional[str]:
-    """The local weights file a pretrained cfg points at (timm's ``local-dir:`` cfgs name the folder)."""
-    file = cfg.get('file')
-    if not file:
-        return None
-    if cfg.get('source') == 'local-dir' and os.path.isdir(file):
-        return os.path.join(file, 'model.safetensors')
-    return file
-
-
-def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """kwargs for a model that takes a local ``.safetensors`` file as it is: its head size (``num_classes``
-    unless given: the head is then re-initialised, as timm does) and the image size its position
-    embeddings were made for (``img_size`` unless given: they are then resampled), and the cfg that
-    tells timm the checkpoint's head size (else timm loads a head of another size and fails)."""
-    from spformer.hub.checkpoint import checkpoint_tensor_info
-    file = _checkpoint_file(cfg)
-    if file is None or not file.endswith('.safetensors'):
-        return kwargs
-    if not os.path.isfile(file):
-        missing = FileNotFoundError(f'no file {file}')
-        raise _weights_unavailable(variant, cfg, missing) from missing
-    info = checkpoint_tensor_info(file, classifier=cfg.get('classifier') or 'head')
-    kwargs = dict(kwargs)
-    kwargs.setdefault('num_classes', info.num_classes)
-    stride = kwargs.get('stem_stride', 4) * kwargs.get('cell_size', 4)
-    made_for = None if info.grid is None else (info.grid[0] * stride, info.grid[1] * stride)
-    if made_for is not None:
-        kwargs.setdefault('img_size', made_for)
-    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-    overlay['num_classes'] = info.num_classes  # what the file holds, whatever a cfg says
-    if made_for is not None:
-        # the file's channels (timm adapts the first conv from them to in_chans), not the model's
-        overlay['input_size'] = ((cfg.get('input_size') or (3,))[0], *made_for)
-    if info.label_names is not None and len(info.label_names) == info.num_classes:
-        overlay.setdefault('label_names', info.label_names)
-    kwargs['pretrained_cfg_overlay'] = overlay
-    return kwargs
-
-
-def _describe_built_model(model: nn.Module) -> None:
-    """Make ``pretrained_cfg`` describe the model as built: its input size (a fixed-size model rejects any
-    other, and timm's ``resolve_data_config`` reads it from here), its class count, and label names
-    only when there is one per class."""
-    cfg = getattr(model, 'pretrained_cfg', None)
-    img_size, num_classes = getattr(model, 'img_size', None), getattr(model, 'num_classes', None)
-    if not isinstance(cfg, dict) or img_size is None or num_classes is None:  # e.g. a features_only wrapper
-        return
-    cfg['input_size'] = (getattr(model, 'in_chans', 3), *img_size)
-    cfg['num_classes'] = num_classes
-    for key in ('label_names', 'label_descriptions'):
-        if cfg.get(key) is not None and len(cfg[key]) != num_classes:
-            cfg.pop(key)
-
-
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
-    from timm.models._builder import resolve_pretrained_cfg
-    from spformer.hub.checkpoint import hub_http_client
     out_indices = kwargs.pop('out_indices', 3)
-    cfg = None
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
-        if not any(cfg.get(k) for k in ('file', 'url', 'hf_hub_id', 'state_dict')):
-            # timm would log a warning and return a random init; say it, and how to get weights.
-            name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
-            raise PretrainedWeightsUnavailable(
-                f'pretrained=True: no weights are published for {name} yet (see the README model table). '
-                + _how_to_load_your_own(variant))
-        kwargs = _fit_to_checkpoint(variant, cfg, kwargs)
-    try:
-        model = build_model_with_cfg(
-            SPFormer,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
-    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, ConnectionError, FileNotFoundError,
-            hub_http_client().TransportError) as e:
-        if not pretrained:
-            raise
-        raise _weights_unavailable(variant, cfg, e) from e
-    _describe_built_model(model)
-    return model
+    return build_model_with_weights(
+        SPFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -1827,20 +1704,10 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-# A tag names its Hub repo (hf_hub_id='spformer/<model>.<tag>') only once weights are published there, so
-# that timm (list_models(pretrained=True), pretrained=True) never advertises weights that do not exist.
-# None is published yet: pretrained=True on a registered name raises PretrainedWeightsUnavailable with how
-# to load your own (hf-hub: ids and local files work for every model).
-HF_HUB_ORG = 'spformer'
-PUBLISHED_WEIGHTS: Tuple[str, ...] = ()  # e.g. ('spformer_small_sp16_224.in1k',) once pushed to HF_HUB_ORG
-
-
-def _default_cfg(name: str, **kwargs) -> Dict[str, Any]:
-    return _cfg(**kwargs, **(dict(hf_hub_id=f'{HF_HUB_ORG}/{name}') if name in PUBLISHED_WEIGHTS else {}))
-
-
+# Where a tag's weights are published (spformer.models.pretrained.PUBLISHED_WEIGHTS: none yet; pretrained=True
+# then says how to load your own).
 default_cfgs = generate_default_cfgs({
-    name: _default_cfg(name, **cfg) for name, cfg in {
+    name: _cfg(**cfg, **published_source(name)) for name, cfg in {
         'spformer_tiny_sp16_224.in1k': {},
         'spformer_small_sp16_224.in1k': {},
         'spformer_base_sp16_224.in1k': {},

@@ -104,7 +104,7 @@ EXCLUDE_JIT_FILTERS = [
     # gemma4_vit shares NaFlex's ``Union[Tensor, Dict[str, Tensor]]`` forward signature,
     # which TorchScript cannot narrow (``Unknown type name 'dict'``).
     'gemma4_vit*',
-    'spformer*',  # spformer: TorchScript is not supported (README)
+    'spformer*',  # spformer: TorchScript is not supported (docs/models.md)
 ]
 
 TARGET_FWD_SIZE = MAX_FWD_SIZE = 384

@@ -1,0 +1,218 @@
+"""Pictures of superpixels: a leaf that draws what it is given (numpy label maps, images, tensors).
+
+:func:`superpixel_boundaries` draws a hard superpixel map onto an image;
+:func:`save_superpixel_figure` writes one PNG with the photo and, for every stage of
+``model.forward_superpixels(x)``, the superpixels of the merged heads (large) and of each
+association head (small panels); :func:`save_stages_figure` draws per-stage label dicts (as
+:meth:`spformer.eval.ModelSuperpixels.stages` returns them); :func:`save_comparison_figure` puts several
+segmentations of one image side by side with its ground truth (``spformer-eval-superpixels`` pictures).
+
+Nothing here loads models, reads datasets or parses arguments; matplotlib is imported only when a
+figure is drawn. The ``spformer-visualize`` command is :mod:`spformer.visualize`.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from skimage.segmentation import mark_boundaries
+
+
+__all__ = ['superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure', 'save_stages_figure',
+           'save_comparison_figure']
+
+
+def superpixel_boundaries(
+        image: np.ndarray,
+        labels: np.ndarray,
+        color: Tuple[float, float, float] = (1.0, 1.0, 0.0),
+        mode: str = 'inner',
+) -> np.ndarray:
+    """Draw the boundaries of a label map onto an image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image.
+        labels: (H, W) integer label map (e.g. ``forward_superpixels(x)[i]['labels'][b]``).
+        color: RGB boundary colour in [0, 1].
+        mode: boundary mode of :func:`skimage.segmentation.find_boundaries`.
+
+    Returns:
+        (H, W, 3) uint8 image with the boundaries drawn.
+    """
+    image = np.asarray(image)
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f'image must be (H, W, 3) RGB, got shape {image.shape}')
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f'labels {labels.shape} must have the image size {image.shape[:2]}')
+    drawn = mark_boundaries(image, labels, color=color, mode=mode)  # float in [0, 1]
+    return (drawn * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def tensor_to_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the model's input normalization: (3, H, W) float tensor -> (H, W, 3) uint8 image.
+
+    This is exactly the crop the model saw, so it lines up with the superpixel labels.
+    """
+    x = x.detach().float().cpu()
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    img = (x * s + m).clamp(0, 1).permute(1, 2, 0)
+    return (img * 255).round().to(torch.uint8).numpy()
+
+
+def stage_labels(stage: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Hard superpixel maps of one ``forward_superpixels`` stage, at input resolution: the merged-heads
+    labels (B, H, W) and one (B, H, W) map per association head (``head_labels``), made the same way."""
+    return stage['labels'], list(stage['head_labels'].unbind(1))
+
+
+def save_superpixel_figure(
+        image: np.ndarray,
+        superpixel_outputs: List[Dict[str, torch.Tensor]],
+        path: str,
+        title: Optional[str] = None,
+        index: int = 0,
+        dpi: int = 100,
+        scale: int = 2,
+) -> str:
+    """Write one PNG: the photo, then per stage the merged-heads superpixels and one small panel per head.
+
+    Args:
+        image: (H, W, 3) uint8 image at the model's input resolution (see :func:`tensor_to_image`).
+        superpixel_outputs: ``model.forward_superpixels(x)``.
+        path: Output PNG path.
+        title: Figure title.
+        index: Which image of the batch to draw.
+        dpi: Resolution of the PNG.
+        scale: Upsampling of the panels with boundaries (thinner lines).
+
+    Returns:
+        ``path``.
+    """
+    stages = []
+    for stage in superpixel_outputs:
+        merged, heads = stage_labels(stage)
+        stages.append(dict(merged=merged, heads=heads, grid=tuple(int(v) for v in stage['grid'])))
+    return save_stages_figure(image, stages, path, title=title, noun='superpixels', index=index, dpi=dpi, scale=scale)
+
+
+def save_stages_figure(
+        image: np.ndarray,
+        stages: List[Dict[str, Any]],
+        path: str,
+        title: Optional[str] = None,
+        noun: str = 'superpixels',
+        index: int = 0,
+        dpi: int = 100,
+        scale: int = 2,
+) -> str:
+    """:func:`save_superpixel_figure` for any level of hard labels (superpixels, groups).
+
+    Args:
+        image: (H, W, 3) uint8 image at the model's input resolution.
+        stages: One dict per stage: ``merged`` (B, H, W) labels, ``heads`` (list of (B, H, W) labels)
+            and ``grid`` (h, w), optionally ``stage`` (the model's 1-based stage, default the position
+            + 1), as :data:`spformer.eval.LEVELS` produce them.
+        noun: What the segments are called in the panel titles.
+        Others: as :func:`save_superpixel_figure`.
+    """
+    num_stages = len(stages)
+    num_heads = len(stages[0]['heads'])
+    # Columns: the photo (spanning all rows), the merged heads, then the heads stacked in one column.
+    fig, _ = _figure((7.6, 3.3 * num_stages + (0.3 if title else 0.0)))
+    from matplotlib.gridspec import GridSpec, GridSpecFromSubplotSpec
+    gs = GridSpec(num_stages, 3, figure=fig, width_ratios=[1.0, 1.0, 1.0 / num_heads], wspace=0.04, hspace=0.12)
+
+    def draw(labels):
+        # Upsampled before drawing so the 1-px boundaries stay thin next to the photo.
+        lab = labels.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        return superpixel_boundaries(big, lab)
+
+    big = np.asarray(image).repeat(scale, 0).repeat(scale, 1)
+    _show(fig.add_subplot(gs[:, 0]), image, 'input', fontsize=10)
+    for i, stage in enumerate(stages):
+        merged, heads = stage['merged'], stage['heads']
+        h, w = stage['grid']
+        n = int(merged[index].unique().numel())
+        number = stage.get('stage', i + 1)
+        _show(fig.add_subplot(gs[i, 1]), draw(merged[index]), f'stage {number}: {n} of {h * w} {noun}', 10)
+        head_gs = GridSpecFromSubplotSpec(num_heads, 1, subplot_spec=gs[i, 2], hspace=0.25)
+        for m, head in enumerate(heads):
+            n = int(head[index].unique().numel())
+            _show(fig.add_subplot(head_gs[m]), draw(head[index]), f'head {m + 1}: {n}', 8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight')
+    return path
+
+
+def save_comparison_figure(
+        image: np.ndarray,
+        ground_truth: np.ndarray,
+        panels: Sequence[Tuple[str, np.ndarray]],
+        path: str,
+        title: Optional[str] = None,
+        ignore_index: Optional[int] = 255,
+        columns: int = 4,
+        panel_inches: float = 3.2,
+        dpi: Optional[float] = None,
+        min_width: int = 320,
+) -> str:
+    """Write one PNG comparing segmentations of one image side by side.
+
+    Panels, row by row: the image, its ground truth (region boundaries in red, ignored pixels
+    greyed), then every (title, (H, W) labels) of ``panels`` as yellow boundaries on the image.
+
+    Args:
+        image: (H, W, 3) uint8 image.
+        ground_truth: (H, W) label map of the image.
+        panels: (title, labels) pairs, labels of the image's size.
+        path: Output PNG path.
+        title: Figure title.
+        ignore_index: Ground-truth label drawn greyed (None: none).
+        columns: Panels per row.
+        panel_inches: Width of one panel.
+        dpi: Resolution of the PNG (default: one figure pixel per image pixel, at least 100).
+        min_width: Smaller images are upsampled (nearest, by an integer factor) to at least this
+            width before the 1-pixel boundaries are drawn, so the lines stay thin.
+
+    Returns:
+        ``path``.
+    """
+    scale = max(1, -(-min_width // np.asarray(image).shape[1]))
+
+    def up(a):
+        return np.asarray(a).repeat(scale, 0).repeat(scale, 1)
+
+    image, gt = up(image), up(ground_truth)
+    shown = image.copy()
+    if ignore_index is not None:
+        void = gt == ignore_index
+        shown[void] = (shown[void] * 0.4 + 128 * 0.6).astype(np.uint8)
+    items = [('input', image), ('ground truth', superpixel_boundaries(shown, gt, color=(1.0, 0.0, 0.0)))]
+    items += [(text, superpixel_boundaries(image, up(labels))) for text, labels in panels]
+    cols = min(columns, len(items))
+    rows = -(-len(items) // cols)
+    aspect = image.shape[0] / image.shape[1]
+    fig, _ = _figure((panel_inches * cols, (panel_inches * aspect + 0.45) * rows + (0.35 if title else 0.0)))
+    for k, (text, img) in enumerate(items):
+        _show(fig.add_subplot(rows, cols, k + 1), img, text, fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.03, hspace=0.12)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.0, va='bottom')  # above the panels' titles (tight bbox keeps it)
+    fig.savefig(path, dpi=dpi or max(100.0, image.shape[1] / panel_inches), bbox_inches='tight')
+    return path
+
+
+def _figure(size: Tuple[float, float]):
+    # Agg canvas on a bare Figure: no pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size)
+    return fig, FigureCanvasAgg(fig)
+
+
+def _show(ax, img, text, fontsize=9):
+    ax.imshow(img, interpolation='nearest')
+    ax.set_title(text, fontsize=fontsize, pad=3)
+    ax.set_axis_off()
