@@ -344,3 +344,84 @@ def test_shapes_dataset_layouts_agree(tmp_path):
         assert len(pairs) == len(np.unique(label)) == len(np.unique(first))  # a one-to-one relabelling
         assert np.array_equal(second, np.where(first == first.max(), 1, first))
         assert len(np.unique(second)) == len(np.unique(first)) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Cityscapes and ADE20K: the training layouts of the segmentation models
+# ---------------------------------------------------------------------------------------------
+
+def _write_png(path, array, mode):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8), mode=mode).save(path)
+
+
+def _cityscapes(root, split='val', train_ids=True):
+    """Two cities, one image each; the image's colour encodes its id. Label ids -> train ids by hand from
+    cityscapesscripts' table: 0 (unlabeled) -> 255, 7 road -> 0, 8 sidewalk -> 1, 9 parking -> 255,
+    26 car -> 13, 33 bicycle -> 18."""
+    label_ids = np.array([[0, 7, 8, 9, 26, 33, 7, 7, 7]] * H)
+    train = np.array([[255, 0, 1, 255, 13, 18, 0, 0, 0]] * H)
+    for k, (city, frame) in enumerate((('aachen', 'aachen_000000_000019'), ('bremen', 'bremen_000001_000019'))):
+        _write_png(os.path.join(root, 'leftImg8bit', split, city, f'{frame}_leftImg8bit.png'),
+                   _flat_image((10 * k, 0, 0)), 'RGB')
+        gt = os.path.join(root, 'gtFine', split, city, f'{frame}_gtFine_')
+        _write_png(gt + 'labelIds.png', label_ids, 'L')
+        if train_ids:
+            _write_png(gt + 'labelTrainIds.png', train, 'L')
+    return train
+
+
+def test_cityscapes_reads_train_ids_or_maps_label_ids(tmp_path):
+    for train_ids in (True, False):
+        root = tmp_path / f'cs_{train_ids}'
+        expected = _cityscapes(str(root), train_ids=train_ids)
+        ds = open_dataset(str(root))  # detected
+        assert ds.layout == 'cityscapes' and ds.split == 'val' and len(ds) == 2
+        assert ds.names == ['aachen/aachen_000000_000019', 'bremen/bremen_000001_000019']
+        for k, sample in enumerate(ds):
+            assert sample.image[0, 0, 0] == 10 * k
+            [gt] = sample.ground_truths
+            np.testing.assert_array_equal(gt, expected)
+        assert ds.label_path(ds.names[0]).endswith('labelTrainIds.png' if train_ids else 'labelIds.png')
+    assert len(ds.class_names) == 19 and ds.class_names[0] == 'road' and ds.class_names[18] == 'bicycle'
+
+
+def test_cityscapes_train_ids_file_is_read_as_written(tmp_path):
+    # a labelTrainIds file wins over the labelIds file, even where they disagree
+    _cityscapes(str(tmp_path))
+    odd = np.arange(H * W).reshape(H, W) % 19
+    _write_png(str(tmp_path / 'gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png'), odd, 'L')
+    np.testing.assert_array_equal(open_dataset(str(tmp_path), 'cityscapes')[0].ground_truths[0], odd)
+
+
+def test_cityscapes_errors_name_the_split_and_the_missing_label(tmp_path):
+    _cityscapes(str(tmp_path), split='train')
+    with pytest.raises(DatasetError, match=r"split 'val'\); splits in this folder: train"):
+        open_dataset(str(tmp_path))
+    os.remove(tmp_path / 'gtFine/train/bremen/bremen_000001_000019_gtFine_labelIds.png')
+    os.remove(tmp_path / 'gtFine/train/bremen/bremen_000001_000019_gtFine_labelTrainIds.png')
+    with pytest.raises(DatasetError, match='1 of 2 images .* have no gtFine labelTrainIds or labelIds PNG: expected '
+                                           '.*bremen_000001_000019_gtFine_labelIds.png'):
+        open_dataset(str(tmp_path), split='train')
+
+
+def test_ade20k_shifts_classes_and_ignores_other(tmp_path):
+    # annotation 0 ("other objects") -> 255; v -> v - 1: 1 wall -> 0, 150 flag -> 149
+    root = tmp_path / 'ADEChallengeData2016'
+    ann = np.array([[0, 1, 2, 150, 5, 0, 1, 1, 1]] * H)
+    for split in ('training', 'validation'):
+        Image.fromarray(_flat_image((7, 7, 7))).save(_mkdir(root / 'images' / split) / 'ADE_x_00000001.jpg')
+        _write_png(str(root / 'annotations' / split / 'ADE_x_00000001.png'), ann, 'L')
+    ds = open_dataset(str(tmp_path))  # the folder holding ADEChallengeData2016/
+    assert (ds.layout, ds.split, ds.root) == ('ade20k', 'validation', str(root))
+    np.testing.assert_array_equal(ds[0].ground_truths[0], np.array([[255, 0, 1, 149, 4, 255, 0, 0, 0]] * H))
+    assert open_dataset(str(root), split='train').split == 'training'
+    assert len(ds.class_names) == 150 and ds.class_names[0] == 'wall' and ds.class_names[149] == 'flag'
+    assert open_dataset(str(root), ignore_index=100)[0].ground_truths[0][0, 0] == 100
+    with pytest.raises(DatasetError, match='ignore_index=None'):
+        open_dataset(str(root), 'ade20k', ignore_index=None)
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

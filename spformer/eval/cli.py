@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from spformer.cli import DEBUG_HELP, check_output_dir, run_main
-from spformer.eval.datasets import open_dataset
+from spformer.eval.datasets import LAYOUTS, open_dataset
 from spformer.eval.evaluation import evaluate, format_table, write_results
 from spformer.eval.metrics import InputError
 from spformer.eval.segmenters import LEVELS, ModelSuperpixels, PatchGrid, Segmenter, Slic
@@ -34,10 +34,11 @@ def _parser() -> argparse.ArgumentParser:
                     'undersegmentation error, compactness). Images are read by spformer.images (16-bit PNG/TIFF '
                     'scaled by their full range, not clipped).',
         epilog=DEBUG_HELP)
-    p.add_argument('dataset', help='dataset folder: Pascal VOC 2012, BSDS500, or images/ + labels/')
-    p.add_argument('--layout', default='auto', choices=['auto', 'voc', 'bsds', 'folder'],
+    p.add_argument('dataset', help='dataset folder: Pascal VOC 2012, BSDS500, Cityscapes, ADE20K, or images/ + labels/')
+    p.add_argument('--layout', default='auto', choices=['auto', *LAYOUTS],
                    help='dataset layout (default: detect)')
-    p.add_argument('--split', default=None, help="split: VOC 'val' (default), 'train'; BSDS500 'test' (default), 'val'")
+    p.add_argument('--split', default=None, help="split: VOC 'val' (default), 'train'; BSDS500 'test' (default), 'val'; Cityscapes 'val' "
+                        "(default), 'train'; ADE20K 'validation' (default), 'training'")
     p.add_argument('--model', action='append', default=[], metavar='SPEC',
                    help="a model to score (repeatable): registered name, 'hf-hub:ORG/REPO', a training folder "
                         "('local-dir:FOLDER' or FOLDER), 'NAME=FILE.safetensors', or FILE.safetensors beside its "

@@ -1,6 +1,7 @@
-"""Segmentation ground truth on disk, for scoring superpixels (:mod:`spformer.eval`).
+"""Segmentation ground truth on disk, for scoring superpixels (:mod:`spformer.eval`) and training
+segmenters.
 
-Three layouts, found by :func:`open_dataset` (``layout='auto'``) or named explicitly:
+Five layouts, found by :func:`open_dataset` (``layout='auto'``) or named explicitly:
 
 ``voc``    Pascal VOC 2012::
 
@@ -20,6 +21,21 @@ Three layouts, found by :func:`open_dataset` (``layout='auto'``) or named explic
            The root may also be the folder holding ``data/`` (``BSR/BSDS500``) or ``BSDS500/data``
            (``BSR``). Every human segmentation is scored and the scores are averaged per image.
            Segment ids are not classes, and there is no ignore label.
+
+``cityscapes`` Cityscapes fine annotations::
+
+               leftImg8bit/<split>/<city>/<id>_leftImg8bit.png
+               gtFine/<split>/<city>/<id>_gtFine_labelTrainIds.png   train ids 0..18, 255 = not evaluated
+                                                 (or <id>_gtFine_labelIds.png, mapped to train ids here)
+
+           The root may also hold ``cityscapes/``. Split 'val' by default.
+
+``ade20k`` ADE20K SceneParsing (ADEChallengeData2016)::
+
+               images/<split>/<id>.jpg
+               annotations/<split>/<id>.png      1..150 = classes 0..149, 0 = other (ignored)
+
+           The root may also hold ``ADEChallengeData2016/``. Split 'validation' by default.
 
 ``folder`` a plain folder::
 
@@ -51,10 +67,42 @@ import numpy as np
 from spformer.errors import UserError
 from spformer.images import ImageReadError, read_rgb
 
-__all__ = ['Sample', 'SegmentationDataset', 'VOCSegmentation', 'BSDS500', 'LabelFolder', 'DatasetError',
-           'open_dataset', 'LAYOUTS', 'read_image', 'write_shapes_dataset', 'ImageReadError']
+__all__ = ['Sample', 'SegmentationDataset', 'VOCSegmentation', 'BSDS500', 'Cityscapes', 'ADE20K', 'LabelFolder',
+           'DatasetError', 'open_dataset', 'LAYOUTS', 'read_image', 'write_shapes_dataset', 'ImageReadError',
+           'VOC_CLASSES', 'CITYSCAPES_CLASSES', 'CITYSCAPES_TRAIN_IDS', 'ADE20K_CLASSES']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+
+
+# Class names of the layouts whose labels are classes (index = label value after the reader's mapping).
+VOC_CLASSES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+    'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+# Cityscapes' 19 evaluated classes, in train-id order (cityscapesscripts' labels.py).
+CITYSCAPES_CLASSES = (
+    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign', 'vegetation',
+    'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle', 'bicycle')
+# Cityscapes label id (gtFine_labelIds.png, 0..33) -> train id (0..18, 255 = not evaluated), as
+# cityscapesscripts' createTrainIdLabelImgs writes gtFine_labelTrainIds.png.
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+# ADE20K (SceneParsing, ADEChallengeData2016): annotation value v in 1..150 is class v - 1; 0 ("other") is ignored.
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence', 'desk',
+    'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path',
+    'stairs', 'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge', 'bookcase',
+    'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove', 'palm',
+    'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus', 'towel', 'light',
+    'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth', 'television receiver', 'airplane',
+    'dirt track', 'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster',
+    'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool', 'stool',
+    'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank',
+    'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen', 'blanket', 'sculpture',
+    'hood', 'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor',
+    'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag')
 
 
 class DatasetError(UserError):
@@ -79,7 +127,7 @@ class SegmentationDataset:
     """Base of the layouts: a list of image ids, and how to read one.
 
     Attributes:
-        layout: 'voc', 'bsds' or 'folder'.
+        layout: A key of :data:`LAYOUTS`.
         root: The folder the files were found in.
         split: The split read ('val', 'test', ...; None for a plain folder).
         names: Image ids, in the order they are evaluated.
@@ -87,9 +135,12 @@ class SegmentationDataset:
             computed over the whole dataset), 'segment' when they are per-image segment ids (BSDS500:
             oracle mIoU is computed per ground truth and averaged).
         ignore_index: Label value of pixels to skip, or None.
+        class_names: The class of each label value (``class_names[v]``) where the layout defines them
+            (VOC, Cityscapes, ADE20K), else None.
     """
     layout: str = ''
     label_kind: str = 'class'
+    class_names: Optional[Sequence[str]] = None
 
     def __init__(self, root: str, names: Sequence[str], split: Optional[str], ignore_index: Optional[int]):
         self.root = root
@@ -129,6 +180,7 @@ class VOCSegmentation(SegmentationDataset):
     """Pascal VOC 2012 segmentation (``JPEGImages``, ``SegmentationClass``, ``ImageSets/Segmentation``)."""
     layout = 'voc'
     label_kind = 'class'
+    class_names = VOC_CLASSES
 
     def __init__(self, root: str, split: str = 'val', ignore_index: Optional[int] = 255):
         split_file = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
@@ -187,6 +239,88 @@ class BSDS500(SegmentationDataset):
         return segmentations
 
 
+class Cityscapes(SegmentationDataset):
+    """Cityscapes fine annotations: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
+    ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (19 classes, 255 = not evaluated), or, where those
+    were not generated, ``*_gtFine_labelIds.png`` mapped to train ids here (:data:`CITYSCAPES_TRAIN_IDS`)."""
+    layout = 'cityscapes'
+    label_kind = 'class'
+    class_names = CITYSCAPES_CLASSES
+
+    def __init__(self, root: str, split: str = 'val', ignore_index: Optional[int] = 255):
+        image_dir = os.path.join(root, 'leftImg8bit', split)
+        if not os.path.isdir(image_dir):
+            have = sorted(d for d in _listdir(os.path.join(root, 'leftImg8bit'))
+                          if os.path.isdir(os.path.join(root, 'leftImg8bit', d)))
+            raise DatasetError(f'Cityscapes split folder {image_dir} not found (split {split!r}); '
+                               f'splits in this folder: {", ".join(have) or "none"}')
+        suffix = '_leftImg8bit.png'
+        names = sorted(f'{city}/{f[:-len(suffix)]}' for city in _listdir(image_dir)
+                       if os.path.isdir(os.path.join(image_dir, city))
+                       for f in _listdir(os.path.join(image_dir, city)) if f.endswith(suffix))
+        if not names:
+            raise DatasetError(f'Cityscapes split folder {image_dir} holds no <city>/*{suffix} images')
+        super().__init__(root, names, split, ignore_index)
+        _require_pairs(self, 'image', self.image_path, 'gtFine labelTrainIds or labelIds PNG', self.label_path)
+
+    def image_path(self, name: str) -> str:
+        return os.path.join(self.root, 'leftImg8bit', self.split, f'{name}_leftImg8bit.png')
+
+    def label_path(self, name: str) -> str:
+        """The train-id PNG where it exists, else the label-id PNG (mapped when read)."""
+        train_ids = os.path.join(self.root, 'gtFine', self.split, f'{name}_gtFine_labelTrainIds.png')
+        if os.path.isfile(train_ids):
+            return train_ids
+        return os.path.join(self.root, 'gtFine', self.split, f'{name}_gtFine_labelIds.png')
+
+    def read_ground_truths(self, name: str) -> List[np.ndarray]:
+        path = self.label_path(name)
+        label = _read_label_png(path)
+        if path.endswith('_gtFine_labelIds.png'):
+            lookup = np.full(max(256, int(label.max()) + 1), 255, np.int64)
+            for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+                lookup[label_id] = train_id
+            label = lookup[label]
+        return [label]
+
+
+class ADE20K(SegmentationDataset):
+    """ADE20K SceneParsing (``ADEChallengeData2016``): ``images/<split>/*.jpg`` with
+    ``annotations/<split>/*.png``; annotation value v in 1..150 is class v - 1, and 0 ("other objects")
+    becomes ``ignore_index`` (mmseg's ``reduce_zero_label``). Splits ``training`` and ``validation``
+    (``train`` and ``val`` accepted)."""
+    layout = 'ade20k'
+    label_kind = 'class'
+    class_names = ADE20K_CLASSES
+    SPLITS = {'train': 'training', 'val': 'validation'}
+
+    def __init__(self, root: str, split: str = 'validation', ignore_index: Optional[int] = 255):
+        split = self.SPLITS.get(split, split)
+        image_dir = os.path.join(root, 'images', split)
+        if not os.path.isdir(image_dir):
+            have = sorted(d for d in _listdir(os.path.join(root, 'images'))
+                          if os.path.isdir(os.path.join(root, 'images', d)))
+            raise DatasetError(f'ADE20K split folder {image_dir} not found (split {split!r}); '
+                               f'splits in this folder: {", ".join(have) or "none"}')
+        names = _stems(image_dir, ('.jpg',))
+        if not names:
+            raise DatasetError(f'ADE20K split folder {image_dir} holds no .jpg images')
+        if ignore_index is None:
+            raise DatasetError('ignore_index=None: ADE20K needs an ignore label for its "other objects" (value 0)')
+        super().__init__(root, names, split, ignore_index)
+        _require_pairs(self, 'image', self.image_path, 'annotation PNG', self.label_path)
+
+    def image_path(self, name: str) -> str:
+        return os.path.join(self.root, 'images', self.split, f'{name}.jpg')
+
+    def label_path(self, name: str) -> str:
+        return os.path.join(self.root, 'annotations', self.split, f'{name}.png')
+
+    def read_ground_truths(self, name: str) -> List[np.ndarray]:
+        label = _read_label_png(self.label_path(name))
+        return [np.where(label == 0, self.ignore_index, label - 1)]
+
+
 class LabelFolder(SegmentationDataset):
     """A plain folder: ``images/<name>.<ext>`` with same-named ``labels/<name>.png``."""
     layout = 'folder'
@@ -218,23 +352,32 @@ LAYOUTS = {
     'voc': ('Pascal VOC 2012', 'JPEGImages/<id>.jpg, SegmentationClass/<id>.png and '
                                'ImageSets/Segmentation/<split>.txt'),
     'bsds': ('BSDS500', 'images/<split>/<id>.jpg and groundTruth/<split>/<id>.mat'),
+    'cityscapes': ('Cityscapes', 'leftImg8bit/<split>/<city>/*_leftImg8bit.png and '
+                                 'gtFine/<split>/<city>/*_gtFine_labelTrainIds.png (or _labelIds.png)'),
+    'ade20k': ('ADE20K (ADEChallengeData2016)', 'images/<split>/*.jpg and annotations/<split>/*.png'),
     'folder': ('plain folder', 'images/<name>.<jpg|jpeg|png|bmp|tif|tiff> and labels/<name>.png'),
 }
+# The folders that identify each layout, and where under the root they may sit.
+_MARKERS = {
+    'voc': ('JPEGImages', 'SegmentationClass'),
+    'bsds': ('images', 'groundTruth'),
+    'cityscapes': ('leftImg8bit', 'gtFine'),
+    'ade20k': ('images', 'annotations'),
+    'folder': ('images', 'labels'),
+}
+_DEFAULT_SPLITS = {'voc': 'val', 'bsds': 'test', 'cityscapes': 'val', 'ade20k': 'validation'}
 
 
 def _detect(root: str) -> Optional[tuple]:
     """(layout, folder) of the first layout whose marker folders exist under root or a known sub-folder."""
-    markers = {
-        'voc': ('JPEGImages', 'SegmentationClass'),
-        'bsds': ('images', 'groundTruth'),
-        'folder': ('images', 'labels'),
-    }
     candidates = {
         'voc': (root, os.path.join(root, 'VOC2012')),
         'bsds': (root, os.path.join(root, 'data'), os.path.join(root, 'BSDS500', 'data')),
+        'cityscapes': (root, os.path.join(root, 'cityscapes')),
+        'ade20k': (root, os.path.join(root, 'ADEChallengeData2016')),
         'folder': (root,),
     }
-    for layout, dirs in markers.items():
+    for layout, dirs in _MARKERS.items():
         for folder in candidates[layout]:
             if all(os.path.isdir(os.path.join(folder, d)) for d in dirs):
                 return layout, folder
@@ -247,10 +390,12 @@ def open_dataset(root: str, layout: str = 'auto', split: Optional[str] = None,
 
     Args:
         root: The dataset folder.
-        layout: 'auto' (detect), 'voc', 'bsds' or 'folder'.
+        layout: 'auto' (detect), 'voc', 'bsds', 'cityscapes', 'ade20k' or 'folder'.
         split: Split to read: VOC 'val' (default) or 'train'/'trainval'; BSDS500 'test' (default), 'val'
-            or 'train'; must be None for a plain folder.
-        ignore_index: Label of pixels to skip for 'voc' and 'folder' (None: none). BSDS500 has none.
+            or 'train'; Cityscapes 'val' (default), 'train' or 'test'; ADE20K 'validation' (default, or
+            'val'), 'training' (or 'train'); must be None for a plain folder.
+        ignore_index: Label of pixels to skip for 'voc', 'cityscapes', 'ade20k' and 'folder' (None: none;
+            ADE20K needs one). BSDS500 has none.
 
     Raises:
         DatasetError: The folder is in none of the layouts (the message lists the files each expects),
@@ -274,16 +419,19 @@ def open_dataset(root: str, layout: str = 'auto', split: Optional[str] = None,
     else:
         folder = found[1] if found is not None and found[0] == layout else root
         name, files = LAYOUTS[layout]
-        markers = {'voc': ('JPEGImages', 'SegmentationClass'), 'bsds': ('images', 'groundTruth'),
-                   'folder': ('images', 'labels')}[layout]
+        markers = _MARKERS[layout]
         missing = [d for d in markers if not os.path.isdir(os.path.join(folder, d))]
         if missing:
             raise DatasetError(f'dataset folder {root!r} is not in the {layout} layout ({name}: {files}): '
                                f'missing {", ".join(m + "/" for m in missing)}')
     if layout == 'voc':
-        return VOCSegmentation(folder, split or 'val', ignore_index)
+        return VOCSegmentation(folder, split or _DEFAULT_SPLITS[layout], ignore_index)
     if layout == 'bsds':
-        return BSDS500(folder, split or 'test')
+        return BSDS500(folder, split or _DEFAULT_SPLITS[layout])
+    if layout == 'cityscapes':
+        return Cityscapes(folder, split or _DEFAULT_SPLITS[layout], ignore_index)
+    if layout == 'ade20k':
+        return ADE20K(folder, split or _DEFAULT_SPLITS[layout], ignore_index)
     if split is not None:
         raise DatasetError(f'split={split!r}: the plain folder layout has no splits (got folder {folder!r})')
     return LabelFolder(folder, ignore_index)
@@ -374,8 +522,8 @@ def write_shapes_dataset(root: str, layout: str = 'folder', num_images: int = 4,
     from skimage.draw import disk, ellipse, polygon, rectangle
     from spformer.eval.metrics import boundary_map
 
-    if layout not in LAYOUTS:
-        raise DatasetError(f'layout must be one of {", ".join(LAYOUTS)}; got {layout!r}')
+    if layout not in ('voc', 'bsds', 'folder'):
+        raise DatasetError(f"layout must be one of voc, bsds, folder (the layouts it writes); got {layout!r}")
     H, W = size
     rng = np.random.default_rng(seed)
     dirs = {'voc': ('JPEGImages', 'SegmentationClass', os.path.join('ImageSets', 'Segmentation')),
