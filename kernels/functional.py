@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import cpu_backend, reference, torch_backend
+from . import cpu_backend, decomposed, reference, torch_backend
 
 NEIGHBOR_OFFSETS = tuple((k // 3 - 1, k % 3 - 1) for k in range(9))
 BACKENDS = ('auto', 'torch', 'cpu', 'triton', 'reference')
@@ -45,6 +45,21 @@ def backend_module(backend: str, device: torch.device, triton_module: str, torch
     return torch_module
 
 
+def capturing_graph() -> bool:
+    """Whether the ops are being recorded into a graph rather than run: ``torch.compile``, ``torch.export``
+    (and the dynamo ONNX exporter built on it), ``torch.jit.trace`` (and the TorchScript-based ONNX
+    exporter). The models then take one path whatever the grad mode: no forward-only fused kernels, no
+    Python ``autograd.Function`` (a traced program cannot hold one), the layout the graph reads
+    (``torch.jit.trace`` checks its trace by tracing again under ``torch.no_grad()``)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or exporting_onnx()
+
+
+def exporting_onnx() -> bool:
+    """Whether ``torch.onnx.export`` is tracing: the ops then run their plain-torch form
+    (kernels/decomposed.py), which ONNX can hold, instead of the custom ops."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def records_autograd(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether an op on ``x`` and ``params`` records an autograd graph (then the forward-only kernels must not run)."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
@@ -56,7 +71,7 @@ def fused_inference_kernel(backend: str, name: str, x: torch.Tensor, *params: Op
     kernels/pixel_maps_triton.py, for the C kernels (CPU under 'auto' or 'cpu', outside autocast)
     from kernels/cpu_backend.py (the SPFormer layers' fused inference paths ask for them by name); never under torch.compile or with an autograd graph recorded
     through ``x`` or ``params``. The kernels return None for inputs they do not take (dtypes)."""
-    if torch.compiler.is_compiling() or records_autograd(x, *params) or x.device.type == 'meta':
+    if capturing_graph() or records_autograd(x, *params) or x.device.type == 'meta':
         return None
     if x.device.type == 'cpu' and backend != 'triton':
         if backend not in ('auto', 'cpu') or torch.is_autocast_enabled('cpu'):
@@ -392,6 +407,8 @@ def superpixel_attention(
         if cells:
             k_p, v_p = cells_to_image(k_p, cell), cells_to_image(v_p, cell)
         return reference.superpixel_attention(q_s, k_p, v_p, cell, scale)
+    if exporting_onnx():
+        return decomposed.superpixel_attention(q_s, k_p, v_p, cell, scale, cells)
     out, _ = _superpixel_attention_op(q_s, k_p, v_p, cell, scale, v_p is k_p, backend, cells)
     return out.permute(0, 3, 1, 2, 4)
 
@@ -441,6 +458,8 @@ def pixel_attention(
                                                  bias)
         if cells:
             out, weights = image_to_cells(out, cell), image_to_cells(weights, cell)
+    elif exporting_onnx():
+        out, weights = decomposed.pixel_attention(q_p, k_s, v_s, bias, cell, scale, cells)
     else:
         out, probs = _pixel_attention_op(q_p, k_s, v_s, bias, cell, scale, backend, cells)
         out = out.movedim(-2, 1)
@@ -482,6 +501,8 @@ def superpixel_association(
         weights = reference.superpixel_association(
             cells_to_image(q_p, cell) if cells else q_p, k_s, cell, scale, bias, logits=logits)
         return image_to_cells(weights, cell) if cells else weights
+    if exporting_onnx():
+        return decomposed.superpixel_association(q_p, k_s, bias, cell, scale, cells, logits=logits)
     return torch_backend.superpixel_association(q_p, k_s, bias, cell, scale, cells, logits=logits)
 
 

@@ -161,12 +161,13 @@ def test_no_import_cycles():
 LEAVES = ('spformer.errors', 'spformer.images', 'spformer.cli', 'spformer.allocator')
 LAYERS = {
     'spformer.kernels': ('spformer.allocator',),
-    'spformer.models': ('spformer.kernels', 'spformer.allocator'),
+    'spformer.layers': ('spformer.kernels',),
+    'spformer.models': ('spformer.layers', 'spformer.kernels', 'spformer.allocator'),
     'spformer.sna': ('spformer.kernels',),
     'spformer.pictures': (),
     'spformer.hub': ('spformer.models', 'spformer.kernels', 'spformer.pictures', *LEAVES),
     'spformer.eval': ('spformer.hub.checkpoint', 'spformer.pictures', *LEAVES),  # models only through loading
-    'spformer.training': ('spformer.models', 'spformer.kernels', 'spformer.hub', *LEAVES),
+    'spformer.training': ('spformer.models', 'spformer.kernels', 'spformer.hub', 'spformer.eval', *LEAVES),
 }
 
 

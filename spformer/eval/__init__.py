@@ -21,6 +21,7 @@ from .metrics import (
     InputError, achievable_segmentation_accuracy, boundary_map, boundary_recall, compactness, mean_iou_and_accuracy,
     num_segments, oracle_confusion, score_segmentation, undersegmentation_error,
 )
+from .segmentation_metrics import ConfusionMatrix, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from .segmenters import LEVELS, Level, ModelSuperpixels, PatchGrid, Segmentation, Segmenter, Slic, resize_image, \
     resize_nearest
 
@@ -31,4 +32,5 @@ __all__ = [
     'resize_image', 'evaluate', 'EvalResult', 'METRICS', 'format_table', 'write_results',
     'Sample', 'SegmentationDataset', 'VOCSegmentation', 'BSDS500', 'LabelFolder', 'DatasetError', 'open_dataset',
     'LAYOUTS', 'read_image', 'write_shapes_dataset',
+    'confusion_matrix', 'iou_per_class', 'mean_iou', 'pixel_accuracy', 'ConfusionMatrix',
 ]

@@ -40,6 +40,7 @@ from timm.layers import LayerScale, create_conv2d, resample_abs_pos_embed, trunc
 from timm.layers import register_notrace_function, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._features_fx import FeatureGraphNet
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 
@@ -47,7 +48,8 @@ from spformer.allocator import prime_glibc_heap
 from spformer.kernels import OWN_CELL_MARGIN, cells_to_image, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_association, superpixel_attention, superpixel_labels, upsample_association
 from spformer.kernels import cpu_backend
-from spformer.kernels.functional import check_backend, fused_inference_kernel, records_autograd
+from spformer.kernels.functional import capturing_graph, check_backend, exporting_onnx, fused_inference_kernel, \
+    records_autograd
 from spformer.models.pretrained import build_model_with_weights, published_source, unwrapped_key
 
 __all__ = ['SPFormer']
@@ -84,7 +86,11 @@ def identity_folded_weight(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x + conv(x)`` for a 'same' depthwise conv on channels-last (B, H, W, C) ``x``, as one conv."""
+    """``x + conv(x)`` for a 'same' depthwise conv on channels-last (B, H, W, C) ``x``, as one conv (two
+    ops while ``torch.onnx.export`` traces: the TorchScript-based exporter needs a convolution's weight
+    to be a parameter of known shape, not one computed in the graph)."""
+    if exporting_onnx():
+        return x + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     y = F.conv2d(x.permute(0, 3, 1, 2), identity_folded_weight(conv), conv.bias, conv.stride, conv.padding,
                  conv.dilation, conv.groups)
     return y.permute(0, 2, 3, 1)
@@ -235,7 +241,7 @@ def rescale_to_cells(x: torch.Tensor, wc: torch.Tensor, gram: torch.Tensor, eps:
     rescale_rows = None if cells else fused_inference_kernel(backend, 'rescale_rows', x, gram)
     if rescale_rows is not None:
         return rescale_rows(x, gram, eps, out_dtype).unsqueeze(1)
-    if autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+    if autocast_enabled(x.device.type) or capturing_graph():
         var = (torch.matmul(x, gram) * x).sum(dim=-1, keepdim=True)
         out = (x * torch.rsqrt(var + eps)).unsqueeze(1).to(out_dtype)
         return image_to_cells(out, cell) if cells else out
@@ -363,7 +369,7 @@ class SuperpixelCrossAttention(nn.Module):
         # r x, shared by both ops, in the layout the backend reads without a copy: image layout for
         # the fused C and Triton kernels, else cell-major (B, 1, h, w, n, C_p), the layout copy made
         # here, in the same pass as the rescaling.
-        layout = 'cells' if torch.compiler.is_compiling() else native_pixel_layout(self.attn_backend, pixels.device)
+        layout = 'cells' if capturing_graph() else native_pixel_layout(self.attn_backend, pixels.device)
         x_hat = pixel_features(self.pixel_pos, pixels, wc, gram, self.pixel_norm.eps, cell, cells=layout == 'cells',
                                backend=self.attn_backend)
 
@@ -531,7 +537,7 @@ class SuperpixelInit(nn.Module):
         self.act = nn.GELU()
 
     def _chunked(self, pixels: torch.Tensor) -> bool:
-        return not (pixels.is_cuda or torch.compiler.is_compiling() or autocast_enabled(pixels.device.type)
+        return not (pixels.is_cuda or capturing_graph() or autocast_enabled(pixels.device.type)
                     or not self._plain_norm_and_act())
 
     def _fused_forward(self, pixels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -564,7 +570,7 @@ class SuperpixelInit(nn.Module):
                 pixels.reshape(B * H // c, c, W, pixels.shape[-1]), self.proj.weight, self.norm.weight, self.norm.bias,
                 self.norm.eps, c, chunk, self.attn_backend in ('auto', 'cpu'))
             return pooled.view(B, H // c, W // c, self.proj.out_features)
-        if torch.is_grad_enabled() and pixels.requires_grad:
+        if torch.is_grad_enabled() and pixels.requires_grad and not torch.jit.is_tracing():
             return torch.utils.checkpoint.checkpoint(self._pooled, pixels, use_reentrant=False)
         return self._pooled(pixels)
 
@@ -949,6 +955,7 @@ class SPFormer(nn.Module):
             group_depth: int = 1,
             group_index: Optional[int] = None,
             group_heads: Optional[int] = None,
+            feature_pyramid: Optional[bool] = False,
             device=None,
             dtype=None,
     ):
@@ -983,6 +990,10 @@ class SPFormer(nn.Module):
                 larger half of them).
             group_heads: Heads of the grouping and ungroup attention, one superpixel -> group association
                 each (default: sca_heads).
+            feature_pyramid: The feature indices of ``forward_intermediates`` and ``features_only`` are the
+                dense-prediction pyramid (strides 4, 8, 16, 32 at sp16, :meth:`forward_pyramid`) instead of
+                one per ViT block. ``features_only=True`` without ``out_indices`` turns it on (needs an even
+                ``cell_size``).
             device: Device the parameters and buffers are created on (timm's factory kwarg; 'meta' builds
                 no storage). Default: torch's current default device.
             dtype: Floating point dtype of the parameters and buffers. Default: torch's default dtype.
@@ -1097,6 +1108,23 @@ class SPFormer(nn.Module):
                 module=f'stages.{len(depths) - 1}.group_block.blocks.{group_depth - 1}'))
             self._unit_features.insert(last_first + group_index, len(self.feature_info) - 1)
         self.depths = tuple(depths)
+        # With feature_pyramid the feature indices are the pyramid's four levels; the per-block indices
+        # above still say which units each level needs (pruning).
+        self._block_feature_info = self.feature_info
+        self.feature_pyramid = bool(feature_pyramid)
+        if self.feature_pyramid:
+            if cell_size % 2:
+                raise ValueError(
+                    f'feature_pyramid=True needs an even cell_size (its stride-{token_stride // 2} level averages the '
+                    f'association over 2x2 pixel blocks of a cell), got cell_size={cell_size}')
+            last_block = self._block_feature_info[sum(depths)]['module']
+            self.feature_info = [
+                self._block_feature_info[0],
+                dict(num_chs=embed_dim, reduction=token_stride // 2, module=last_block),
+                dict(num_chs=embed_dim, reduction=token_stride, module=last_block),
+                dict(num_chs=embed_dim, reduction=group_stride if grouping else 2 * token_stride,
+                     module=self._block_feature_info[-1]['module']),
+            ]
 
         self.norm = nn.Identity()  # the head normalizes after pooling (fc_norm), as in docs/design.md
         self.fc_norm = norm_layer(embed_dim, **dd)
@@ -1181,7 +1209,10 @@ class SPFormer(nn.Module):
         return pixels, self.sp_init(pixels)
 
     def _pos_embed(self, stage: SPFormerStage, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        if self.dynamic_img_size and tuple(grid) != self.grid_size:
+        # No Python branch on the grid here: timm's resampling returns the embedding as it is at the built
+        # size, except under torch.export, where it always resamples (the identity at the built size), so
+        # that the exported graph serves every input size.
+        if self.dynamic_img_size:
             pos = resample_abs_pos_embed(stage.pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=0)
         else:
             pos = stage.pos_embed
@@ -1282,6 +1313,8 @@ class SPFormer(nn.Module):
         """
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if self.feature_pyramid:
+            return self._pyramid_intermediates(x, take_indices, norm, output_fmt, intermediates_only)
         want_pixels = 0 in take_indices
         stop = self._last_unit(take_indices) if stop_early or intermediates_only else None
         out = self._forward_stages(x, set(take_indices), stop_after_unit=stop, need_pixels=want_pixels)
@@ -1299,6 +1332,62 @@ class SPFormer(nn.Module):
         if intermediates_only:
             return intermediates
         return out.tokens, intermediates
+
+    def forward_pyramid(self, x: torch.Tensor, norm: bool = False) -> List[torch.Tensor]:
+        """The dense-prediction pyramid, four NCHW maps (strides 4, 8, 16, 32 for the sp16 models), in the
+        superpixel way (docs/models.md, "A feature pyramid"):
+
+        0. the pixel stream as the last stage reads it, (B, pixel_dim, H/s, W/s), s = stem_stride;
+        1. the final tokens unfolded to stride token_stride / 2 through the last stage's association: each
+           position takes the association-weighted sum of its 9 candidate tokens (the softmax of the
+           head-merged logits, ``forward_superpixels``' ``association_merged``, averaged over the 2x2 pixels
+           of the stream it covers), (B, embed_dim, 2h, 2w); not an interpolation of the token grid;
+        2. the final tokens, (B, embed_dim, h, w);
+        3. the groups (hierarchical models, (B, embed_dim, h / group_size, w / group_size)), else the final
+           tokens averaged over 2x2 blocks (ceil mode: an odd grid keeps its last row and column).
+
+        ``norm``: the head's LayerNorm (fc_norm) on the tokens and groups before levels 1-3 are made.
+        What ``feature_pyramid=True`` (and ``features_only=True`` without ``out_indices``) gives.
+        """
+        return self._pyramid_intermediates(x, [0, 1, 2, 3], norm, 'NCHW', True)
+
+    def _pyramid_intermediates(self, x: torch.Tensor, take_indices: List[int], norm: bool, output_fmt: str,
+                               intermediates_only: bool):
+        tokens_wanted = any(i > 0 for i in take_indices)
+        out = self._forward_stages(
+            x, set(), stop_after_unit=None if tokens_wanted else -1, need_pixels=0 in take_indices)
+        B = x.shape[0]
+        h, w = out.grid
+        levels: Dict[int, torch.Tensor] = {}  # channels-last (B, rows, cols, C)
+        if 0 in take_indices:
+            levels[0] = out.pixels
+        if tokens_wanted:
+            tokens = self.fc_norm(out.tokens) if norm else out.tokens
+            grid = tokens.reshape(B, h, w, tokens.shape[-1])
+            levels[2] = grid
+            if 1 in take_indices:
+                # on the backend of the SCA layer that made the association
+                backend = self.stages[len(out.associations) - 1].sca[-1].attn_backend
+                levels[1] = unfold_tokens(out.associations[-1], grid, self.cell_size, backend)
+            if 3 in take_indices:
+                if out.groups:
+                    groups = out.groups[-1].groups
+                    levels[3] = self.fc_norm(groups) if norm else groups
+                else:
+                    levels[3] = F.avg_pool2d(grid.permute(0, 3, 1, 2), 2, ceil_mode=True).permute(0, 2, 3, 1)
+        intermediates = [
+            levels[i].permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else levels[i].flatten(1, 2)
+            for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return out.tokens, intermediates
+
+    def _block_indices(self, take_indices: List[int]) -> List[int]:
+        """The per-block feature indices a set of feature indices needs: themselves, or for the pyramid the
+        pixel stream (level 0) and the last index, which keeps every unit (levels 1-3: the final tokens)."""
+        if not self.feature_pyramid:
+            return list(take_indices)
+        return [0] * (0 in take_indices) + [len(self._block_feature_info) - 1] * any(i > 0 for i in take_indices)
 
     def _last_unit(self, take_indices: List[int]) -> int:
         """Execution position of the last unit (ViT or group block) a set of feature indices needs (-1: none)."""
@@ -1325,11 +1414,12 @@ class SPFormer(nn.Module):
         those blocks (and the group block's ungroup step) stay, and only ``forward_features`` reads them.
         """
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
-        num_units = self._last_unit(take_indices) + 1  # units, in execution order, up to the last wanted one
-        if len(self.feature_info) - 1 in take_indices:
+        block_indices = self._block_indices(take_indices)
+        num_units = self._last_unit(block_indices) + 1  # units, in execution order, up to the last wanted one
+        if len(self._block_feature_info) - 1 in block_indices:
             num_units = len(self._unit_features)
         # feature 0 reads the pixel updates of every stage but the last (of the model as built: depths)
-        pixel_stages = len(self.depths) - 1 if 0 in take_indices else 0
+        pixel_stages = len(self.depths) - 1 if 0 in block_indices else 0
         needed, first = [], 0
         for i, stage in enumerate(self.stages):
             if i >= pixel_stages and first >= num_units:
@@ -1482,6 +1572,23 @@ class SPFormer(nn.Module):
         return dense.scatter_add_(-1, ids.expand(B, K, h * w, 9), probs.reshape(B, K, h * w, 9))
 
 
+def unfold_tokens(association: Association, tokens: torch.Tensor, cell_size: int, backend: str = 'auto') -> torch.Tensor:
+    """Tokens (B, h, w, C) unfolded onto a grid twice as fine through an SCA association: at every pixel of
+    the stream the association-weighted sum of its 9 candidate tokens (softmax of the head-merged logits
+    sum_m a_m / sqrt(M), as ``association_merged``), averaged over each 2x2 block of pixels (their 9
+    candidates are the same: ``cell_size`` is even) -> (B, 2h, 2w, C) channels-last."""
+    queries, bias = association.queries, association.bias
+    merge = queries.shape[1] ** -0.5
+    queries, bias = queries.sum(1, keepdim=True) * merge, bias.sum(1, keepdim=True) * merge
+    values = tokens.unsqueeze(1).to(association.pixels.dtype)  # (B, 1, h, w, C): one head, whole tokens
+    out = pixel_attention(association.pixels, queries, values, cell_size, scale=1.0, bias=bias, backend=backend,
+                          pixel_layout=association.pixel_layout)
+    if association.pixel_layout == 'cells':
+        out = cells_to_image(out, cell_size)
+    B, _, H, W, C = out.shape
+    return out.reshape(B, H // 2, 2, W // 2, 2, C).mean(dim=(2, 4))
+
+
 LABEL_UPSAMPLING = ('bilinear', 'repeat')
 
 
@@ -1580,7 +1687,8 @@ def compose_labels(superpixel_labels: torch.Tensor, superpixel_groups: torch.Ten
 register_notrace_module(SuperpixelCrossAttention)
 register_notrace_module(PixelUpdate)
 register_notrace_module(SuperpixelInit)
-register_notrace_module(GroupBlock)
+# The group block traces (its SCA layer and ungroup step are leaves): the group tokens, the output of its ViT
+# blocks, are a feature (FX feature extraction returns them as a graph node).
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SPFormer) -> Dict[str, torch.Tensor]:
@@ -1680,10 +1788,51 @@ def _describe_checkpoint(state_dict: Dict[str, torch.Tensor]) -> str:
 
 
 def _create_spformer(variant: str, pretrained: bool = False, **kwargs) -> SPFormer:
+    explicit_indices = 'out_indices' in kwargs
     out_indices = kwargs.pop('out_indices', 3)
+    if kwargs.get('features_only'):
+        getter = _is_getter(kwargs.get('feature_cls', 'getter'))
+        if kwargs.get('feature_pyramid') is None:
+            # features_only=True alone gives the dense-prediction pyramid (strides 4, 8, 16, 32 at sp16), what
+            # segmentation frameworks probe for; with out_indices, the per-block indices as before.
+            kwargs['feature_pyramid'] = not explicit_indices and getter and kwargs.get('cell_size', 4) % 2 == 0
+        if isinstance(kwargs.get('feature_cls'), str) and kwargs['feature_cls'].lower() == 'fx':
+            kwargs['feature_cls'] = IndexOrderFeatureGraphNet
+        if kwargs['feature_pyramid'] and not getter:
+            raise ValueError(
+                f"feature_pyramid=True: the pyramid's levels come from forward_intermediates, not from module "
+                f"outputs; use feature_cls='getter' (the default), got feature_cls={kwargs['feature_cls']!r}")
+    if kwargs.get('feature_pyramid') and not explicit_indices:
+        out_indices = 4  # all four levels
     return build_model_with_weights(
         SPFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+class IndexOrderFeatureGraphNet(FeatureGraphNet):
+    """``features_only=True, feature_cls='fx'``: timm's FX feature extractor with the features in feature-index
+    order, as ``feature_info`` lists them. timm's returns them in execution order, and SPFormer computes
+    feature 0 (the pixel stream, made by the first stage's pixel update) after the first stage's ViT blocks
+    and a hierarchical model's groups (its last index) before the last blocks."""
+
+    def __init__(self, model: nn.Module, out_indices, out_map=None, **kwargs):
+        super().__init__(model, out_indices, out_map=out_map, **kwargs)
+        indices = self.feature_info.out_indices
+        self._keys = [out_map[i] for i in range(len(indices))] if out_map is not None else list(indices)
+
+    def forward(self, x):
+        out = self.graph_module(x)
+        if self.return_dict:
+            return out
+        return [out[str(k)] for k in self._keys]  # (torchvision names the outputs with strings)
+
+
+def _is_getter(feature_cls) -> bool:
+    """Whether a ``feature_cls`` builds timm's FeatureGetterNet (over ``forward_intermediates``)."""
+    from timm.models._features import FeatureGetterNet
+    if isinstance(feature_cls, str):
+        return feature_cls.lower() == 'getter'
+    return isinstance(feature_cls, type) and issubclass(feature_cls, FeatureGetterNet)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

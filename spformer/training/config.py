@@ -29,26 +29,34 @@ def default_workers() -> int:
     return min(8, cpus or 1)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the images come from (an ImageFolder root or a Hugging Face dataset) and how they are loaded."""
+def add_data_arguments(parser: argparse.ArgumentParser, *, data_dir_help: Optional[str] = None,
+                       label_help: str = 'integer (ClassLabel) label column of --hf-dataset',
+                       streaming: bool = True, skip_bad_images: bool = True) -> argparse._ArgumentGroup:
+    """Where the images come from (an ImageFolder root or a Hugging Face dataset) and how they are loaded.
+    Another script words --data-dir and --label-column its way, and leaves out --streaming (with
+    --train-samples, --shuffle-buffer) and --skip-bad-images where it has no such path. Returns the group."""
     g = parser.add_argument_group('data')
-    g.add_argument('--data-dir', default=None, help='ImageFolder root with <train-split>/ and <val-split>/ class folders')
+    g.add_argument('--data-dir', default=None,
+                   help=data_dir_help or 'ImageFolder root with <train-split>/ and <val-split>/ class folders')
     g.add_argument('--hf-dataset', default=None, help='Hugging Face dataset name or local path (load_dataset)')
     g.add_argument('--hf-config', default=None, help='dataset configuration name of --hf-dataset')
     g.add_argument('--train-split', default='train', help='training split: folder of --data-dir, split of --hf-dataset')
     g.add_argument('--val-split', default=None,
                    help="validation split; None: 'val' for --data-dir, 'validation' for --hf-dataset")
     g.add_argument('--image-column', default='image', help='image column of --hf-dataset')
-    g.add_argument('--label-column', default='label', help='integer (ClassLabel) label column of --hf-dataset')
-    g.add_argument('--streaming', action='store_true', help='stream the training split of --hf-dataset')
-    g.add_argument('--train-samples', type=int, default=None,
-                   help='training split size, needed with --streaming when the dataset does not record it')
-    g.add_argument('--shuffle-buffer', type=int, default=10000, help='shuffle buffer of --streaming')
+    g.add_argument('--label-column', default='label', help=label_help)
+    if streaming:
+        g.add_argument('--streaming', action='store_true', help='stream the training split of --hf-dataset')
+        g.add_argument('--train-samples', type=int, default=None,
+                       help='training split size, needed with --streaming when the dataset does not record it')
+        g.add_argument('--shuffle-buffer', type=int, default=10000, help='shuffle buffer of --streaming')
     g.add_argument('--workers', type=int, default=default_workers(),
                    help='data loader processes per training process: min(8, CPUs available) unless set')
-    g.add_argument('--skip-bad-images', action='store_true',
-                   help='replace an unreadable image by the next readable sample (the same one every epoch and '
-                        'on resume) and list it in <output>/skipped_images.txt; without it the run stops naming it')
+    if skip_bad_images:
+        g.add_argument('--skip-bad-images', action='store_true',
+                       help='replace an unreadable image by the next readable sample (the same one every epoch and '
+                            'on resume) and list it in <output>/skipped_images.txt; without it the run stops naming it')
+    return g
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,8 +146,9 @@ def add_accelerate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--compile-mode', default=None, help='torch.compile mode, e.g. max-autotune')
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """The output folder: checkpoints and resumption, metrics, the final weights and their publication."""
+def add_output_arguments(parser: argparse.ArgumentParser, *, hub: bool = True) -> argparse._ArgumentGroup:
+    """The output folder: checkpoints and resumption, metrics, the final weights and (``hub``) their publication
+    with spformer.hub (--push-to-hub, --hub-private). Returns the group."""
     g = parser.add_argument_group('outputs')
     g.add_argument('--output', default=None, help='output folder; None: out/<model>')
     g.add_argument('--checkpoint-every', type=int, default=1000, help='also checkpoint every N updates (0: epochs only)')
@@ -155,8 +164,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--log-interval', type=int, default=50, help='updates between metric rows')
     g.add_argument('--log-with', default=None, help="Accelerate tracker, e.g. 'tensorboard'")
     g.add_argument('--no-plot', action='store_true', help='skip training_curves.png')
-    g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
-    g.add_argument('--hub-private', action='store_true', help='create the --push-to-hub repo private')
+    if hub:
+        g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
+        g.add_argument('--hub-private', action='store_true', help='create the --push-to-hub repo private')
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:

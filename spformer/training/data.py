@@ -104,13 +104,15 @@ class SkippedImages:
                 sys.stderr.flush()
 
 
-def data_error_line(error: ImageReadError) -> str:
-    """The message of an ImageReadError on one line. Re-raised by a DataLoader worker, its message is the
-    worker's whole traceback text, whose last line is 'spformer.images.ImageReadError: <message>'."""
+def data_error_line(error: Exception) -> str:
+    """The message of an error raised while loading data (an ImageReadError, or another error whose class
+    takes its message alone) on one line. Re-raised by a DataLoader worker, its message is the worker's
+    whole traceback text, whose last line is e.g. 'spformer.images.ImageReadError: <message>'."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     last = lines[-1] if lines else ''
-    if len(lines) > 1 and 'ImageReadError: ' in last:
-        last = last.split('ImageReadError: ', 1)[1]
+    marker = f'{type(error).__name__}: '
+    if len(lines) > 1 and marker in last:
+        last = last.split(marker, 1)[1]
     return last.strip()
 
 

@@ -44,10 +44,11 @@ def final_results(val_results: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional
 
 def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3], folder: Path,
                  class_names: List[str], data_config: Dict[str, Any], config_text: str,
-                 results: Dict[str, Any]) -> None:
+                 results: Dict[str, Any], model_args: Optional[Dict[str, Any]] = None) -> None:
     """final/: config.json + model.safetensors (timm's save_for_hf layout), model_ema.safetensors, config, results.
     The config is spformer.hub's (save_config): no run-time arguments, and no pretrained tag that the data does
-    not earn (``in1k`` only for 1000 classes of ImageNet-1k)."""
+    not earn (``in1k`` only for 1000 classes of ImageNet-1k). `model_args` replaces factory arguments recorded
+    in config.json (e.g. a segmentation model's backbone_pretrained: the exported weights hold the backbone)."""
     import safetensors.torch
     if not accelerator.is_main_process:
         return
@@ -63,6 +64,10 @@ def export_final(accelerator, model: nn.Module, model_ema: Optional[ModelEmaV3],
             safetensors.torch.save_file(clean_state_dict(module.state_dict()), str(tmp / name), metadata={'format': 'pt'})
     save_config(unwrapped, tmp / 'config.json', label_names=label_names, datasets=datasets,
                 data_config=export_data_config)
+    if model_args:
+        config = json.loads((tmp / 'config.json').read_text())
+        config.setdefault('model_args', {}).update(model_args)
+        (tmp / 'config.json').write_text(json.dumps(config, indent=2))
     (tmp / 'train_config.yaml').write_text(config_text)
     (tmp / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
     fsync_tree(tmp)

@@ -3,7 +3,7 @@ Accelerate's trackers), and training_curves.png drawn from it (matplotlib is imp
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -99,7 +99,13 @@ def accuracy_text(results: Dict[str, Any], suffix: str = '') -> str:
     return '  '.join(f'top-{k} {results[f"top{k}{suffix}"]:.2f}' for k in (1, 5) if f'top{k}{suffix}' in results)
 
 
-def plot_curves(metrics: Path, out: Path) -> None:
+ACCURACY_CURVES = (('top1', 'top-1'), ('top5', 'top-5'), ('top1_ema', 'top-1 EMA'))
+
+
+def plot_curves(metrics: Path, out: Path, val_curves: Sequence[Tuple[str, str]] = ACCURACY_CURVES,
+                val_x: str = 'epoch', val_label: str = 'accuracy (%)') -> None:
+    """training_curves.png: training loss and lr per update, and the validation rows' `val_curves` ((key,
+    legend) pairs; the classifier's accuracies unless given) against `val_x` ('epoch' or 'update')."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -114,9 +120,9 @@ def plot_curves(metrics: Path, out: Path) -> None:
     ax_loss.set(xlabel='update', ylabel='train loss', title='training loss')
     ax_lr.plot([r['update'] for r in train], [r['lr'] for r in train])
     ax_lr.set(xlabel='update', ylabel='lr', title='learning rate')
-    for key, label in (('top1', 'top-1'), ('top5', 'top-5'), ('top1_ema', 'top-1 EMA')):
+    for key, label in val_curves:
         if any(key in r for r in val):
-            ax_acc.plot([r['epoch'] for r in val if key in r], [r[key] for r in val if key in r], 'o-', label=label)
-    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='validation')
+            ax_acc.plot([r[val_x] for r in val if key in r], [r[key] for r in val if key in r], 'o-', label=label)
+    ax_acc.set(xlabel=val_x, ylabel=val_label, title='validation')
     ax_acc.legend()
     fig.savefig(out, dpi=110)
