@@ -445,6 +445,24 @@ def test_bilinear_decoder_shares_backbone_and_neck():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_macs_are_counted_in_inference_mode():
+    # the model table's counter (inference_mode + module hooks) once failed on the expanded query parameter;
+    # it must count what a plain forward with frozen parameters counts
+    from torch.utils.flop_counter import FlopCounterMode
+    from spformer.demo import count_macs
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 128)
+    macs, out = count_macs(model, x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        want = model(x)
+    assert macs == counter.get_total_flops() // 2 > 0
+    torch.testing.assert_close(out, want)
+
+
 # --- timm registration ---------------------------------------------------------------------------
 
 def test_timm_registration_and_configs(tmp_path):

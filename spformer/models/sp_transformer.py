@@ -547,7 +547,9 @@ class SPTransformer(nn.Module):
         pixels = _to_layout(features.permute(0, 2, 3, 1), cell, layout)
         pixel_pos = _to_layout(_periodic(self.pixel_pos_periodic, Hs, Ws)[None], cell, layout)[0]
         sp_pos = (self._resized(self.sp_pos_embed, (h, w)) + _periodic(self.sp_pos_periodic, h, w)[None])[0]
-        superpixels = self._resized(self.sp_queries, (h, w)).expand(B, h, w, C).to(pixels.dtype)
+        # repeat, not expand: a view of the parameter handed to a module as its input trips module hooks
+        # under inference_mode (FlopCounterMode's), and the copy is small (B x h x w x C)
+        superpixels = self._resized(self.sp_queries, (h, w)).repeat(B, 1, 1, 1).to(pixels.dtype)
         for layer in self.tokenizer:
             pixels, superpixels = self._run(layer, pixels, superpixels, pixel_pos, sp_pos, layout)
 
