@@ -29,7 +29,9 @@ Everything goes under ``--output`` (default ``out/<model>``):
     checkpoints/step_N/   as train_imagenet.py's: Accelerate's state, training_state.json, manifest.json (written
                           last); --resume latest takes the newest intact one
     final/                config.json + model.safetensors (timm.create_model('local-dir:final', pretrained=True)),
-                          train_config.yaml, results.json (mIoU, per-class IoU, pixel accuracy)
+                          train_config.yaml, results.json (mIoU, per-class IoU, pixel accuracy); with
+                          --push-to-hub ORG/NAME [--hub-private] pushed at the end with spformer.hub (model card,
+                          picture), loadable as timm.create_model('hf-hub:ORG/NAME', pretrained=True)
     training_curves.png   loss, lr and validation mIoU (needs matplotlib)
     .lock                 held by the run that writes here
 
@@ -63,7 +65,7 @@ from spformer.training.checkpoints import TrainState, checkpoint_to_resume, clai
 from spformer.training.config import ConfigError, check_log_with, effective_config, parse_with_config
 from spformer.training.data import EpochShuffleSampler, data_error_line
 from spformer.training.dump import RunDump
-from spformer.training.export import export_final
+from spformer.training.export import export_final, import_push_to_hub
 from spformer.training.metrics import MetricsLog, plot_curves
 from spformer.training.model import broadcast_buffers
 from spformer.training.rng import rng_isolated
@@ -100,6 +102,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     from accelerate.utils import TorchDynamoPlugin, set_seed
 
     output = Path(args.output)
+    push_to_hub = import_push_to_hub(args)  # fail now rather than after training
     check_log_with(args)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -286,6 +289,9 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                 ('miou', 'mIoU'), ('pixel_accuracy', 'pixel accuracy')), val_x='update', val_label='val (%)')
         accelerator.print(f'final weights and results in {final}: ' + json.dumps(
             {k: round(v, 3) for k, v in results.items() if isinstance(v, float)}))
+        if push_to_hub is not None:
+            push_to_hub(str(final), args.push_to_hub, private=args.hub_private)
+            accelerator.print(f'pushed {final} to https://huggingface.co/{args.push_to_hub}')
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

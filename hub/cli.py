@@ -1,17 +1,18 @@
-"""spformer-hub: publish SPFormer weights to the Hugging Face Hub, and fetch them.
+"""spformer-hub: publish SPFormer classifiers and SP-Transformer segmenters to the Hugging Face Hub, and fetch them.
 
     spformer-hub push OUTPUT_FOLDER --repo-id ORG/NAME [--private] [--revision R] [--weights {best,model,ema}]
     spformer-hub push model.safetensors --model spformer_tiny_sp16_224 --repo-id ORG/NAME
+    spformer-hub push model.safetensors --model sp_transformer_r50_cityscapes --repo-id ORG/NAME
     spformer-hub export OUTPUT_FOLDER OUT_DIR           # the folder push would commit, without pushing
     spformer-hub download ORG/NAME [--revision R]       # into the Hub cache; prints the snapshot path
     python -m spformer.hub.cli --help
 
-A training output folder holds ``config.json`` + ``model.safetensors`` (timm ``save_for_hf``), and
-optionally ``model_ema.safetensors``, ``train_config.yaml`` and ``results.json`` (both go into the
-model card, without local paths). Of the weights and their EMA, the one that validated better
-(``results.json``) is published, and the command and the card say which and why; ``--weights model``
-or ``--weights ema`` choose. The token is ``--token``, else ``HF_TOKEN`` or the one saved by
-``hf auth login``.
+A training output folder (train_imagenet.py's or train_segmentation.py's ``final/``) holds
+``config.json`` and ``model.safetensors`` (timm ``save_for_hf``), and optionally ``model_ema.safetensors``,
+``train_config.yaml`` and ``results.json`` (both go into the model card, without local paths). Of the
+weights and their EMA, the one that validated better (``results.json``) is published, and the command and
+the card say which and why; ``--weights model`` or ``--weights ema`` choose. The token is ``--token``,
+else ``HF_TOKEN`` or the one saved by ``hf auth login``.
 
 Errors you can fix (a bad checkpoint, argument or --sample-image, an output folder that is a file, a
 Hub refusal) print one line ``spformer-hub COMMAND: ...`` and exit with status 1; set SPFORMER_DEBUG=1
@@ -52,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def source_args(q):
         q.add_argument('checkpoint', help='training output folder, or one .safetensors file (with --model)')
-        q.add_argument('--model', default=None, help='SPFormer variant of a .safetensors file (for a folder: '
-                                                     'the variant its config.json must name)')
+        q.add_argument('--model', default=None, help='SPFormer or SP-Transformer variant of a .safetensors file '
+                                                     '(for a folder: the variant its config.json must name)')
         q.add_argument('--weights', choices=['best', 'model', 'ema'], default='best',
                        help="for a training folder: 'best' publishes the better-validating of model.safetensors and "
                             "model_ema.safetensors (results.json), 'model' or 'ema' that file (default: best)")
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument('--dataset', action='append', default=None, metavar='ID',
                        help='Hub dataset id for the card (repeatable; default from train_config.yaml)')
         q.add_argument('--sample-image', default=None, metavar='PATH',
-                       help="image for the superpixel picture (default: scikit-image's astronaut)")
+                       help="image for the picture of superpixels (and a segmenter's classes) (default: "
+                            "scikit-image's astronaut)")
 
     from spformer.cli import DEBUG_HELP
     push = sub.add_parser('push', help='publish a checkpoint to a Hub repo (one commit)', epilog=DEBUG_HELP)
@@ -124,7 +126,8 @@ def _run(args) -> int:
     if args.command == 'export':
         ema = None if args.weights == 'best' else args.weights == 'ema'
         model, found = _load_source(args.checkpoint, ema=ema, model_name=args.model)
-        print(f'weights : {found["weights_file"]}' + (f': {found["weights_note"]}' if found.get('weights_note') else ''))
+        reason = found.get('weights_reason') or found.get('weights_note')
+        print(f'weights : {found["weights_file"]}' + (f': {reason}' if reason else ''))
         out = save_pretrained(
             model, args.out, label_names=label_names if label_names is not None else found.get('label_names'),
             train_config=found.get('train_config'), metrics=found.get('metrics'), sample_image=args.sample_image,
@@ -139,8 +142,8 @@ def _run(args) -> int:
         allow_patterns=list(PUBLISHED_FILES)))  # safetensors and metadata only: no pickles
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f'{args.repo_id} has no {" or ".join(missing)}: not a published SPFormer '
-                                f'(pickled weights are not downloaded)')
+        raise FileNotFoundError(f'{args.repo_id} has no {" or ".join(missing)}: not a published SPFormer or '
+                                f'SP-Transformer (pickled weights are not downloaded)')
     print(path)
     return 0
 

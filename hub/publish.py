@@ -1,4 +1,8 @@
-"""Publishing SPFormer weights: the timm Hub folder (:func:`save_pretrained`) and the push (:func:`push_to_hub`).
+"""Publishing weights: the timm Hub folder (:func:`save_pretrained`) and the push (:func:`push_to_hub`).
+
+What is published: the families of :data:`spformer.hub.card.FAMILIES`, SPFormer image classifiers
+(``spformer_*``) and SP-Transformer semantic segmenters (``sp_transformer_*``); any other model is refused
+naming both. The same code publishes both; the family decides the card and the picture.
 
 The folder is what timm's ``save_for_hf`` writes (``config.json`` through
 ``timm.models._hub.save_config_for_hf``, weights as ``model.safetensors`` only) plus a model card
@@ -16,16 +20,20 @@ import torch.nn as nn
 
 from spformer.models.pretrained import unwrapped_key
 
-from .card import PICTURE_NAME, _load_image, model_card, resolve_datasets, save_superpixel_picture
-from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder, spformer_variant
+from .card import (FAMILIES, FAMILY_NOUNS, PICTURE_NAME, ModelFamily, _load_image, model_card, model_family,
+                   resolve_datasets, save_superpixel_picture)
+from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder
 
-__all__ = ['save_pretrained', 'push_to_hub', 'save_config', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES']
+__all__ = ['save_pretrained', 'push_to_hub', 'save_config', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES',
+           'publishable_variant']
 
 README_NAME = 'README.md'
 # Exactly what save_pretrained writes and push_to_hub commits.
 PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME, PICTURE_NAME)
 # Construction arguments that choose how a model runs, not what it is: never exported.
 _RUNTIME_ARGS = ('attn_backend',)
+# Construction arguments that load weights the published file already holds (a segmenter's backbone): False.
+_WEIGHT_ARGS = ('backbone_pretrained',)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -53,20 +61,35 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.
     return out
 
 
-def _check_spformer(model: Any) -> nn.Module:
-    from spformer.models.spformer import SPFormer
+def _check_publishable(model: Any) -> Tuple[nn.Module, ModelFamily]:
+    """The model inside its wrappers, and its family; anything but an SPFormer classifier or an SP-Transformer
+    segmenter made by timm.create_model is refused naming both."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f'model must be an SPFormer (torch.nn.Module), got {type(model).__name__}')
+        raise TypeError(f'model must be {FAMILY_NOUNS} (torch.nn.Module), got {type(model).__name__}')
     inner = unwrap_model(model)
-    if not isinstance(inner, SPFormer):
+    family = model_family(inner)
+    if family is None:
         raise TypeError(
-            f'model must be an SPFormer made by timm.create_model (optionally inside DDP, torch.compile or '
+            f'model must be {FAMILY_NOUNS} made by timm.create_model (optionally inside DDP, torch.compile or '
             f'ModelEma), got {type(inner).__name__}')
     cfg = getattr(inner, 'pretrained_cfg', None)
     if not isinstance(cfg, dict) or not cfg.get('architecture'):
         raise ValueError('model has no pretrained_cfg["architecture"]: build it with timm.create_model(name, ...) '
                          'so config.json can name its variant')
-    return inner
+    return inner, family
+
+
+def publishable_variant(name: Any, argument: str = 'model_name') -> str:
+    """``name`` without its pretrained tag, checked to be a registered model of a published family: an SPFormer
+    classifier (``spformer_*``) or an SP-Transformer segmenter (``sp_transformer_*``)."""
+    if not isinstance(name, str):
+        raise TypeError(f'{argument} must be a model name string, got {type(name).__name__}')
+    if model_family(name) is None:
+        import timm
+        expected = '; '.join(f'{f.noun}s: {", ".join(timm.list_models(f"{f.prefix}*"))}' for f in FAMILIES)
+        raise ValueError(f'{argument}={name!r} is not an SPFormer variant nor an SP-Transformer variant (spformer.hub '
+                         f'publishes {" and ".join(f.noun + "s" for f in FAMILIES)}); expected one of the {expected}')
+    return name.split('.')[0]
 
 
 def _check_label_names(label_names, num_classes: int):
@@ -105,6 +128,9 @@ def save_config(
     config = json.loads(path.read_text())
     for key in _RUNTIME_ARGS:
         config.get('model_args', {}).pop(key, None)
+    for key in _WEIGHT_ARGS:
+        if key in config.get('model_args', {}):
+            config['model_args'][key] = False  # the weights published hold them
     pretrained_cfg = config.get('pretrained_cfg', {})
     if config.get('num_classes') == 1000 and list(datasets)[:1] == ['imagenet-1k']:
         pretrained_cfg['tag'] = 'in1k'
@@ -128,18 +154,19 @@ def save_pretrained(
         repo_id: Optional[str] = None,
         revision: Optional[str] = None,
 ) -> pathlib.Path:
-    """Write the Hub folder of an SPFormer: ``config.json``, ``model.safetensors``, ``README.md``, ``superpixels.png``.
+    """Write the Hub folder of a model: ``config.json``, ``model.safetensors``, ``README.md``, ``superpixels.png``.
 
     Args:
-        model: An SPFormer from ``timm.create_model`` (DDP / ``torch.compile`` / ``ModelEma`` wrappers are
-            removed, and never reach the key names).
+        model: An SPFormer classifier or an SP-Transformer segmenter from ``timm.create_model`` (DDP /
+            ``torch.compile`` / ``ModelEma`` wrappers are removed, and never reach the key names).
         save_directory: Folder to write (created if needed; other files in it are left alone).
         label_names: One name per class; default: the model's own, or ImageNet-1k's synsets for a
             1000-class model trained on ``imagenet-1k``.
         train_config: The effective training configuration (shown in the card).
-        metrics: Evaluation results, e.g. ``{'top1': 72.1, 'top5': 91.0, 'top1_ema': 72.4}``.
-        sample_image: Image for the superpixel picture: a path, PIL image or (H, W, 3) uint8 array;
-            default scikit-image's astronaut.
+        metrics: Evaluation results, e.g. ``{'top1': 72.1, 'top5': 91.0, 'top1_ema': 72.4}``, or a segmenter's
+            ``{'miou': 41.2, 'pixel_accuracy': 88.0, 'iou': {class name: IoU}}`` (train_segmentation.py's).
+        sample_image: Image for the picture: a path, PIL image or (H, W, 3) uint8 array; default
+            scikit-image's astronaut.
         datasets: Hub dataset ids for the card; default from ``train_config`` (``dataset`` key).
         ema: The weights are EMA weights (the card says so and reports the ``*_ema`` metrics).
         weights_note: Why these weights were chosen over the others of their run (shown in the card).
@@ -150,7 +177,7 @@ def save_pretrained(
     """
     import safetensors.torch
 
-    inner = _check_spformer(model)
+    inner, family = _check_publishable(model)
     train_config = _check_mapping(train_config, 'train_config')
     metrics = _check_mapping(metrics, 'metrics')
     label_names = _check_label_names(label_names, inner.num_classes)
@@ -171,11 +198,13 @@ def save_pretrained(
 
     arch = config['architecture']
     save_superpixel_picture(inner, save_directory / PICTURE_NAME, sample_image,
-                            title=f'{repo_id or arch}: superpixels per stage')
+                            title=f'{repo_id or arch}: {family.picture}', label_names=label_names)
+    facts = dict(backbone=getattr(inner, 'backbone_name', None), decoder=getattr(inner, 'decoder', None),
+                 token_stride=getattr(inner, 'token_stride', None)) if family.segmenter else None
     card = model_card(
         repo_id or 'ORG/NAME', config, num_params=sum(p.numel() for p in inner.parameters()),
         datasets=datasets, train_config=train_config, metrics=metrics, ema=ema, weights_note=weights_note,
-        revision=revision,
+        revision=revision, family=family, facts=facts,
         picture_image=("scikit-image's astronaut" if sample_image is None else
                        f'`{pathlib.Path(sample_image).name}`' if isinstance(sample_image, (str, pathlib.Path))
                        else 'a sample image'))
@@ -192,26 +221,30 @@ def _load_source(model_or_folder, *, ema: Optional[bool], model_name: Optional[s
             raise ValueError('model_name and ema are only for a .safetensors file or a folder, not for a model')
         return model_or_folder, {}
     if not isinstance(model_or_folder, (str, pathlib.Path)):
-        raise TypeError(f'model_or_folder must be an SPFormer, a training output folder or a .safetensors file, '
-                        f'got {type(model_or_folder).__name__}')
+        raise TypeError(f'model_or_folder must be a model ({FAMILY_NOUNS}), a training output folder or a '
+                        f'.safetensors file, got {type(model_or_folder).__name__}')
     if model_name is not None:
-        spformer_variant(model_name)  # publishing is for SPFormers: refuse others before loading anything
+        publishable_variant(model_name)  # refuse models of other families before loading anything
     path = pathlib.Path(model_or_folder)
     if not path.exists():
         raise FileNotFoundError(f'model_or_folder {str(model_or_folder)!r} is neither a folder nor a file')
     if path.is_dir():
         ckpt = read_checkpoint_folder(path)
         loaded = load_model(str(path), argument='checkpoint', model_name=model_name, ema=ema)
+        # The card says why these weights and not the others of the run only where there was a choice.
+        chose = ckpt.weights is not None and ckpt.ema_weights is not None
         return loaded.model, dict(label_names=ckpt.config.get('label_names'), train_config=ckpt.train_config,
-                                  metrics=ckpt.results, ema=loaded.choice.ema, weights_note=loaded.choice.reason,
-                                  weights_file=str(path / loaded.choice.file_name))
+                                  metrics=ckpt.results, ema=loaded.choice.ema,
+                                  weights_note=loaded.choice.reason if chose else None,
+                                  weights_file=str(path / loaded.choice.file_name),
+                                  weights_reason=loaded.choice.reason)
     if ema is not None:
         raise ValueError(f'ema={ema} chooses between the weights of a training folder; {path} is a single file')
     if model_name is not None:
         reference = f'{model_name}={path}'
     elif path.suffix == '.safetensors' and not (path.parent / CONFIG_NAME).is_file():
-        raise ValueError(f'a single weights file ({path}) needs model_name (the SPFormer variant it is for): '
-                         f'no {CONFIG_NAME} beside it names one')
+        raise ValueError(f'a single weights file ({path}) needs model_name (the SPFormer or SP-Transformer variant '
+                         f'it is for): no {CONFIG_NAME} beside it names one')
     else:
         reference = str(path)
     loaded = load_model(reference, argument='checkpoint')
@@ -234,12 +267,13 @@ def push_to_hub(
         datasets: Union[str, Sequence[str], None] = None,
         sample_image=None,
 ) -> str:
-    """Publish an SPFormer to the Hub repo ``repo_id`` in one commit; returns the commit URL.
+    """Publish an SPFormer classifier or an SP-Transformer segmenter to the Hub repo ``repo_id`` in one commit;
+    returns the commit URL.
 
     Args:
-        model_or_folder: An SPFormer model; a training output folder (``config.json``, ``model.safetensors``,
-            optional ``model_ema.safetensors``, ``train_config.yaml``, ``results.json``); or one
-            ``.safetensors`` file together with ``model_name``.
+        model_or_folder: A model; a training output folder (``config.json``, ``model.safetensors``,
+            optional ``model_ema.safetensors``, ``train_config.yaml``, ``results.json``: train_imagenet.py's or
+            train_segmentation.py's ``final/``); or one ``.safetensors`` file together with ``model_name``.
         repo_id: ``ORG/NAME``; created (``private`` or public) if it does not exist.
         revision: Branch to commit to (created from ``main`` if missing); default ``main``.
         token: Hub token; default the one ``huggingface_hub`` finds (``HF_TOKEN``, ``hf auth login``).
@@ -250,7 +284,7 @@ def push_to_hub(
             False the model weights. Whichever is published is named ``model.safetensors`` in the repo.
         model_name: The variant of a single ``.safetensors`` file; for a folder, the variant it must be.
         datasets: Hub dataset ids for the card (default from the training configuration).
-        sample_image: Image for the superpixel picture (default scikit-image's astronaut).
+        sample_image: Image for the picture (default scikit-image's astronaut).
 
     The commit holds exactly ``config.json``, ``model.safetensors``, ``README.md`` and ``superpixels.png``
     and deletes pickled weights (``*.bin``, ``*.pth``, ...) left in the repo; the card is always rewritten.
@@ -263,7 +297,7 @@ def push_to_hub(
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise ValueError(f'revision must be a branch name, got {revision!r}')
     model, found = _load_source(model_or_folder, ema=ema, model_name=model_name)
-    _check_spformer(model)
+    _check_publishable(model)
     if sample_image is not None:
         _load_image(sample_image)  # a bad picture fails here, before the repo is created
     api = HfApi(token=token, library_name='spformer', library_version=spformer.__version__)

@@ -165,9 +165,15 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, hub: bool = True) -
     g.add_argument('--log-with', default=None, help="Accelerate tracker, e.g. 'tensorboard'")
     g.add_argument('--no-plot', action='store_true', help='skip training_curves.png')
     if hub:
-        g.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
-        g.add_argument('--hub-private', action='store_true', help='create the --push-to-hub repo private')
+        add_hub_arguments(g)
     return g
+
+
+def add_hub_arguments(group) -> None:
+    """--push-to-hub ORG/NAME and --hub-private: publish final/ with spformer.hub at the end of the run (in
+    ``group``, a parser or an argument group)."""
+    group.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push final/ with spformer.hub')
+    group.add_argument('--hub-private', action='store_true', help='create the --push-to-hub repo private')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no training: score the weights of a final/ folder on the validation split (written to "
                         "FOLDER/eval_<whole_image|sliding_window>.json)")
     add_accelerate_arguments(p)
-    add_output_arguments(p, hub=False)
+    add_output_arguments(p)  # --output ... and --push-to-hub / --hub-private, as train_imagenet.py's
     return p
 
 
@@ -166,6 +166,9 @@ def check_args(args: argparse.Namespace) -> None:
             ('poly-power', args.poly_power, args.poly_power > 0, 'a value > 0')):
         if not ok:
             raise ConfigError(f'--{name}: got {value}; expected {expected}')
+    repo = args.push_to_hub
+    if repo is not None and (repo.count('/') != 1 or not all(repo.split('/'))):
+        raise ConfigError(f"--push-to-hub: got {repo!r}; expected a Hub repo id 'ORG/NAME'")
     parse_model_kwargs(args.model_kwargs)
     if args.output is None:
         args.output = str(Path('out') / args.model)
