@@ -1,5 +1,5 @@
-"""Training with Accelerate: the machinery of the training scripts (``train_imagenet.py``), which read top to
-bottom as Accelerate's examples do and import the rest from here.
+"""Training with Accelerate: the machinery of the training scripts (``train_imagenet.py``,
+``train_segmentation.py``), which read top to bottom as Accelerate's examples do and import the rest from here.
 
 The modules, in the order a run uses them:
 
@@ -15,6 +15,8 @@ The modules, in the order a run uses them:
     spformer.training.metrics      validation (top-1, top-5, loss), metrics.jsonl, training_curves.png
     spformer.training.export       final/: the weights, their EMA, configuration and results; the Hub client
     spformer.training.dump         SPFORMER_TRAIN_TEST_DUMP: the tests' record of what a run saw and computed
+    spformer.training.segmentation train_segmentation.py's flags, segmentation data and paired augmentation,
+                                   whole-image and sliding-window inference, mIoU validation, pictures
 
 Importing this package imports none of them, and none imports matplotlib until the curves are drawn.
 """
