@@ -3,13 +3,13 @@
 The fast backends run behind ``torch.library`` custom ops (kernels/functional.py), which
 ``torch.compile`` and ``torch.export`` keep as single nodes. An ONNX file cannot hold them (onnxruntime
 knows no ``spformer`` domain), so while ``torch.onnx.export`` traces a model (``dynamo=True`` or the
-TorchScript-based exporter) the ops run these functions instead and the graph records their standard
-ops: matmuls, pads, slices, max, exp, sums. They compute what the torch backend computes, in its
-cell-major form (docs/design.md §1.4): pixels viewed cell by cell, only the small superpixel grid
-gathered 3x3 (:func:`neighbors`, nine slices of a padded grid), superpixel results returned to the grid
-by the adjoint :func:`fold` -- never the dense H*W x h*w matrix of the reference backend, and no
-in-place op, no ``unfold``, no Python branch on a tensor size, so one exported graph serves every
-input size (dynamic height and width).
+TorchScript-based exporter) the ops run these functions instead and the graph records standard ops:
+pads, one gather per neighbourhood, matmuls, softmaxes. They compute what the torch backend computes, in
+its cell-major form (docs/design.md §1.4): pixels viewed cell by cell and the superpixel grid gathered 3x3
+(:func:`neighbors`); in the superpixel direction every superpixel gathers the pixels of its 3x3 cells (a 9x
+copy of the pixel tensors, small beside the reference backend's dense H*W x h*w matrix, which is never
+built) and takes an exact softmax over them. No in-place op, no Python branch on a tensor size: one
+exported graph serves every input size (dynamic height and width).
 
 :func:`decompositions` gives the same math as a decomposition table for the custom ops, for an
 ``ExportedProgram`` made by ``torch.export`` (whose graph holds the custom ops):
@@ -31,18 +31,30 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def neighbors(s: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # (an exported graph records even a no-op conversion)
+
+
+def neighbor_index(h, w, device) -> torch.Tensor:
+    """(h * w * 9,) positions, in an (h + 2) x (w + 2) grid padded by a cell, of the 9 neighbours of every cell
+    of an h x w grid, in ``OFFSETS`` order; computed in the graph from the grid's size (no constant that would
+    fix it), once per op for all its gathers."""
+    pitch = w + 2
+    offsets = torch.arange(3, device=device)
+    offsets = (offsets[:, None] * pitch + offsets[None, :]).reshape(9)  # (dy + 1) * pitch + dx + 1
+    cells = torch.arange(h, device=device)[:, None] * pitch + torch.arange(w, device=device)[None, :]
+    return (cells[:, :, None] + offsets).reshape(-1)
+
+
+def neighbors(s: torch.Tensor, fill: float = 0.0, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, h, w, *c) -> (N, h, w, 9, *c): entry k of cell (i, j) is cell (i, j) + ``OFFSETS[k]``, ``fill``
-    outside the grid. One gather from the grid padded by a cell, its indices computed in the graph from the
-    grid's size (no constant that would fix it)."""
+    outside the grid. One gather (``index``: :func:`neighbor_index`) from the grid padded by a cell."""
     N, h, w = s.shape[:3]
     rest = s.shape[3:]
+    if index is None:
+        index = neighbor_index(h, w, s.device)
     padded = F.pad(s.reshape(N, h, w, -1), (0, 0, 1, 1, 1, 1), value=fill)
     padded = padded.reshape(N, (h + 2) * (w + 2), padded.shape[-1])
-    k = torch.arange(9, device=s.device)
-    rows = torch.arange(h, device=s.device)[:, None, None] + k // 3  # padded row of cell row i + dy
-    cols = torch.arange(w, device=s.device)[None, :, None] + k % 3
-    index = (rows * (w + 2) + cols).reshape(-1)  # (h * w * 9,)
     return padded.index_select(1, index).reshape(N, h, w, 9, *rest)
 
 
@@ -78,7 +90,7 @@ def _pixel_rows(y: torch.Tensor, B: int, Mp: int) -> torch.Tensor:
 
 
 def pixel_probs(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], cell: int, scale: float,
-                cells: bool, normalize: bool = True) -> torch.Tensor:
+                cells: bool, normalize: bool = True, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cell-major probabilities (N, h, w, n, G * 9) of the pixels over the 9 superpixels around their cell,
     entry g * 9 + k for neighbour k of head g (the torch backend's layout); their logits (-inf for
     neighbours outside the grid) if not ``normalize``. In the inputs' accumulation dtype."""
@@ -86,13 +98,14 @@ def pixel_probs(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], 
     M, h, w, d = k.shape[1:]
     G = M // Mp
     dt = accumulate_dtype(q.dtype)
-    qc = pixels_to_cells(q.to(dt), cell, cells)  # (N, h, w, n, d)
-    kn = neighbors(_grouped(k.to(dt), Mp)).transpose(3, 4).reshape(B * Mp, h, w, G * 9, d)
+    index = neighbor_index(h, w, k.device) if index is None else index
+    qc = pixels_to_cells(_to(q, dt), cell, cells)  # (N, h, w, n, d)
+    kn = neighbors(_grouped(_to(k, dt), Mp), index=index).transpose(3, 4).reshape(B * Mp, h, w, G * 9, d)
     logits = torch.matmul(qc, kn.transpose(-1, -2)) * scale  # (N, h, w, n, G9)
     if bias is None:
         bias = k.new_zeros(B, M, h, w, dtype=dt)
     # -inf for neighbours outside the grid: the bias term doubles as the mask
-    pair_bias = neighbors(_grouped(bias.to(dt), Mp), fill=float('-inf')).transpose(3, 4)
+    pair_bias = neighbors(_grouped(_to(bias, dt), Mp), fill=float('-inf'), index=index).transpose(3, 4)
     logits = logits + pair_bias.reshape(B * Mp, h, w, 1, G * 9)
     if not normalize:
         return logits
@@ -107,13 +120,14 @@ def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     B, Mp = q.shape[:2]
     M, h, w, dv = v.shape[1:]
     G = M // Mp
-    probs = pixel_probs(q, k, bias, cell, scale, cells)  # (N, h, w, n, G9)
+    index = neighbor_index(h, w, v.device)
+    probs = pixel_probs(q, k, bias, cell, scale, cells, index=index)  # (N, h, w, n, G9)
     N, n = probs.shape[0], probs.shape[3]
     p = probs.reshape(N, h, w, n, G, 9).transpose(3, 4)  # (N, h, w, G, n, 9)
-    vn = neighbors(_grouped(v.to(probs.dtype), Mp)).transpose(3, 4)  # (N, h, w, G, 9, dv)
+    vn = neighbors(_grouped(_to(v, probs.dtype), Mp), index=index).transpose(3, 4)  # (N, h, w, G, 9, dv)
     out = torch.matmul(p, vn)  # (N, h, w, G, n, dv)
-    out = cells_to_pixels(_pixel_rows(out, B, Mp), B, M, cell, cells).to(q.dtype)
-    weights = cells_to_pixels(_pixel_rows(p, B, Mp), B, M, cell, cells).to(q.dtype)
+    out = _to(cells_to_pixels(_pixel_rows(out, B, Mp), B, M, cell, cells), q.dtype)
+    weights = _to(cells_to_pixels(_pixel_rows(p, B, Mp), B, M, cell, cells), q.dtype)
     return out, weights
 
 
@@ -126,7 +140,7 @@ def superpixel_association(q: torch.Tensor, k: torch.Tensor, bias: Optional[torc
     probs = pixel_probs(q, k, bias, cell, scale, cells, normalize=not logits)
     N, n = probs.shape[0], probs.shape[3]
     p = probs.reshape(N, h, w, n, G, 9).transpose(3, 4)
-    return cells_to_pixels(_pixel_rows(p, B, Mp), B, M, cell, cells).to(q.dtype)
+    return _to(cells_to_pixels(_pixel_rows(p, B, Mp), B, M, cell, cells), q.dtype)
 
 
 def _superpixel_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cell: int, scale: float, cells: bool):
@@ -137,17 +151,19 @@ def _superpixel_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cell:
     Mp = k.shape[1]
     G = M // Mp
     dt = accumulate_dtype(q.dtype)
-    kc = pixels_to_cells(k.to(dt), cell, cells)  # (N, h, w, n, d)
+    index = neighbor_index(h, w, q.device)
+    kc = pixels_to_cells(_to(k, dt), cell, cells)  # (N, h, w, n, d)
     N, n = kc.shape[0], kc.shape[3]
-    kw = neighbors(kc).reshape(N, h, w, 9 * n, d)
-    vw = kw if v is k else neighbors(pixels_to_cells(v.to(dt), cell, cells)).reshape(N, h, w, 9 * n, v.shape[-1])
-    outside = neighbors(kc.new_zeros(1, h, w, 1), fill=float('-inf'))  # (1, h, w, 9, 1): -inf outside the grid
-    mask = outside.expand(1, h, w, 9, n).reshape(1, h, w, 1, 9 * n)
-    logits = torch.matmul(_grouped(q.to(dt), Mp), kw.transpose(-1, -2)) * scale + mask  # (N, h, w, G, 9n)
+    kw = neighbors(kc, index=index).reshape(N, h, w, 9 * n, d)
+    vw = kw if v is k else neighbors(pixels_to_cells(_to(v, dt), cell, cells), index=index).reshape(
+        N, h, w, 9 * n, v.shape[-1])
+    outside = neighbors(kc.new_zeros(1, h, w, 1), fill=float('-inf'), index=index)  # (1, h, w, 9, 1)
+    mask = outside.expand(1, h, w, 9, n).reshape(1, h, w, 1, 9 * n)  # -inf for pixels outside the grid
+    logits = torch.matmul(_grouped(_to(q, dt), Mp), kw.transpose(-1, -2)) * scale + mask  # (N, h, w, G, 9n)
     weights = logits.softmax(dim=-1)
     out = torch.matmul(weights, vw)  # (N, h, w, G, dv)
     out = out.reshape(B, Mp, h, w, G, out.shape[-1]).movedim(1, 3).reshape(B, h, w, M, out.shape[-1])
-    return weights, out.to(q.dtype)
+    return weights, _to(out, q.dtype)
 
 
 def superpixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cell: int, scale: float,
@@ -174,15 +190,16 @@ def _pixel_attention_op(q, k, v, bias, cell, scale, backend, cells):
     B, Mp = q.shape[:2]
     M, h, w, dv = v.shape[1:]
     G = M // Mp
-    probs = pixel_probs(q, k, bias, cell, scale, cells)
+    index = neighbor_index(h, w, v.device)
+    probs = pixel_probs(q, k, bias, cell, scale, cells, index=index)
     N, n = probs.shape[0], probs.shape[3]
     p = probs.reshape(N, h, w, n, G, 9)
-    vn = neighbors(_grouped(v.to(probs.dtype), Mp)).transpose(3, 4)  # (N, h, w, G, 9, dv)
+    vn = neighbors(_grouped(_to(v, probs.dtype), Mp), index=index).transpose(3, 4)  # (N, h, w, G, 9, dv)
     out = torch.matmul(p.transpose(3, 4), vn)  # (N, h, w, G, n, dv)
     out = out.reshape(B, Mp, h, w, G, n, dv).permute(0, 2, 3, 5, 1, 4, 6).reshape(B, h, w, n, M, dv)
     if not cells:  # heads-last image layout (B, H, W, M, dv)
         out = out.reshape(B, h, w, cell, cell, M, dv).transpose(2, 3).reshape(B, h * cell, w * cell, M, dv)
-    return out.to(q.dtype), probs
+    return _to(out, q.dtype), probs
 
 
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
@@ -191,7 +208,7 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     ``ExportedProgram.run_decompositions``::
 
         ep = torch.export.export(model, (x,))
-        onnx_program = torch.onnx.export(ep.run_decompositions(spformer.kernels.decompositions()))
+        onnx_program = torch.onnx.export(ep.run_decompositions(spformer.kernels.decomposed.decompositions()))
     """
     return {  # (the ops are registered: importing this module imports spformer.kernels, which defines them)
         torch.ops.spformer.superpixel_attention.default: _superpixel_attention_op,

@@ -1,4 +1,4 @@
-"""Counting SPFormer's multiply-accumulates with fvcore, as ``torch.utils.flop_counter`` and the README table count them.
+"""Counting SPFormer's multiply-accumulates with fvcore as torch.utils.flop_counter and the README table count them.
 
 fvcore (``fvcore.nn.FlopCountAnalysis``) traces the model with ``torch.jit.trace`` and counts the ops it has
 a handle for. Out of the box it skips, with a warning, what SPFormer's cost is partly made of: the local

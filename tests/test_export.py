@@ -95,8 +95,8 @@ def test_torch_export_dynamic_size():
 
 
 def test_exported_program_decompositions():
-    """An ExportedProgram's custom ops decompose into standard ops (spformer.kernels.decompositions) with the
-    same outputs, probabilities included, in every head / layout configuration; such a program goes to ONNX."""
+    """An ExportedProgram's custom ops decompose into standard ops (spformer.kernels.decomposed.decompositions)
+    with the same outputs, probabilities included, in every head / layout configuration."""
     torch.manual_seed(0)
     table = decomposed.decompositions()
     for Mp, M, cells, bias in ((1, 2, False, True), (2, 2, True, False), (1, 3, True, True)):
@@ -176,7 +176,8 @@ def test_fx_features_of_hierarchical_models_at_every_index(grouping):
     indices = tuple(range(len(full.feature_info)))
     fx = timm.create_model('spformer_hier_tiny_sp16_224', features_only=True, feature_cls='fx', out_indices=indices,
                            **kwargs).eval()
-    fx.load_state_dict(full.state_dict(), strict=False)
+    missing, _ = fx.load_state_dict({f'graph_module.{k}': v for k, v in full.state_dict().items()}, strict=False)
+    assert not missing
     assert fx.feature_info.reduction() == [full.feature_info[i]['reduction'] for i in indices]
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -205,7 +206,8 @@ def test_fvcore_counts_what_the_table_counts(name):
         counted = analysis.total()
         plain = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         by_operator = analysis.by_operator()
-        assert plain.total() < 0.95 * expected
+        plain.total()
+        assert {'spformer::superpixel_attention', 'aten::scaled_dot_product_attention'} <= set(plain.unsupported_ops())
     assert counted == pytest.approx(expected, rel=1e-2)
     assert by_operator['superpixel_attention'] > 0 and by_operator['pixel_attention'] > 0
     assert by_operator['scaled_dot_product_attention'] > 0 and by_operator['baddbmm'] > 0

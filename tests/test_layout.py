@@ -164,6 +164,7 @@ LAYERS = {
     'spformer.layers': ('spformer.kernels',),
     'spformer.models': ('spformer.layers', 'spformer.kernels', 'spformer.allocator'),
     'spformer.sna': ('spformer.kernels',),
+    'spformer.flops': ('spformer.kernels',),  # fvcore handles written from the ops' FLOP formulas
     'spformer.pictures': (),
     'spformer.hub': ('spformer.models', 'spformer.kernels', 'spformer.pictures', *LEAVES),
     'spformer.eval': ('spformer.hub.checkpoint', 'spformer.pictures', *LEAVES),  # models only through loading
