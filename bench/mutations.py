@@ -297,8 +297,8 @@ MUTATIONS: List[Mutation] = [
              "a config.json describing another head size is trusted for the file next to it"),
 
     Mutation('hub-pretrained-tag-kept', 'hub', CHECKPOINT,
-             "    variant = name.split('.')[0]",
-             '    variant = name',
+             "    variant = name.split('.')[0]\n    names = timm.list_models('spformer_*')",
+             "    variant = name\n    names = timm.list_models('spformer_*')",
              "a model name with a pretrained tag (spformer_small_sp16_224.TAG) is not recognised as its variant"),
     Mutation('hub-recorded-choice-inverted', 'hub', CHECKPOINT,
              "                return WeightsChoice(recorded == 'ema', reason",
