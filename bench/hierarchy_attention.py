@@ -13,12 +13,13 @@
 2. **Training**: ``pvt_v2_b0`` and the three ``hierarchy_pvt_v2_b0_*`` models from scratch on a
    generated classification task (8 classes = 4 shapes (disc, square, triangle, ring) x 2 fill
    textures (stripes, dots) in two contrasting colours, random size, rotation, position, colours and
-   texture scale, on a noisy background of a random colour), all with the same budget: the same images in the same
-   order, steps, batch, AdamW schedule and seed. At 96 px every stage of PVTv2-b0's SRA keeps 3x3 = 9
-   keys, so the hierarchy models get 3x3 centres per stage (the same M). Reported: parameters,
-   MACs, seconds per step, train loss over the last 10% of steps, accuracy on 1000 held-out images.
+   texture scale, on a noisy background of a random colour), all with the same budget: per seed of
+   ``--seeds``, the same initialization seed, images in the same order, steps, batch and AdamW schedule.
+   At 96 px every stage of PVTv2-b0's SRA keeps 3x3 = 9 keys, so the hierarchy models get 3x3 centres
+   per stage (the same M). Reported: parameters, MACs, seconds per step, train loss over the last 10%
+   of steps and accuracy on 1000 held-out images, per seed.
 
-    python bench/hierarchy_attention.py                 # ~25 min on 2 shared CPU cores
+    python bench/hierarchy_attention.py                 # ~40 min on 2 shared CPU cores
     python bench/hierarchy_attention.py --steps 50 --rounds 2      # a quick look
     python bench/hierarchy_attention.py --doc           # also write the tables into docs/hierarchy_attention.md
 """
@@ -197,13 +198,14 @@ def build_model(name: str, size: int, seed: int):
     return timm.create_model(name, **kwargs)
 
 
-def train_and_eval(name, train_x, train_y, test_x, test_y, args):
-    model = build_model(name, args.size, args.seed)
+def train_and_eval(name, train_x, train_y, test_x, test_y, args, seed: int):
+    """Train ``name`` from the initialization of ``seed``, on the images in the order of ``seed``."""
+    model = build_model(name, args.size, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     losses = []
@@ -218,7 +220,7 @@ def train_and_eval(name, train_x, train_y, test_x, test_y, args):
         sched.step()
         losses.append(loss.item())
         if (step + 1) % max(1, args.steps // 5) == 0:
-            print(f'  {name} step {step + 1}: loss {statistics.mean(losses[-20:]):.3f}', flush=True)
+            print(f'  {name} seed {seed} step {step + 1}: loss {statistics.mean(losses[-20:]):.3f}', flush=True)
     seconds = time.perf_counter() - t0
     model.eval()
     correct = 0
@@ -230,12 +232,17 @@ def train_and_eval(name, train_x, train_y, test_x, test_y, args):
                 s_per_step=seconds / args.steps, loss=statistics.mean(tail), acc=correct / len(test_x))
 
 
-def training_table(rows) -> str:
-    lines = ['| model | params | GMACs / image | s / step | train loss (last 10%) | test accuracy |',
-             '|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f"| `{r['name']}` | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.3f} | {r['s_per_step']:.2f} "
-                     f"| {r['loss']:.3f} | {100 * r['acc']:.1f}% |")
+def training_table(results, seeds) -> str:
+    """One row per model: results[name] holds one result per seed."""
+    per_seed = ' / '.join(f'seed {s}' for s in seeds)
+    lines = [f'| model | params | GMACs / image | s / step | train loss (last 10%), {per_seed} '
+             f'| test accuracy, {per_seed} | mean test accuracy |', '|---|---|---|---|---|---|---|']
+    for name, runs in results.items():
+        losses = ' / '.join(f"{x['loss']:.3f}" for x in runs)
+        accs = ' / '.join(f"{100 * x['acc']:.1f}%" for x in runs)
+        lines.append(f"| `{name}` | {runs[0]['params'] / 1e6:.2f}M | {runs[0]['macs'] / 1e9:.3f} "
+                     f"| {statistics.mean(x['s_per_step'] for x in runs):.2f} | {losses} | {accs} "
+                     f"| {100 * statistics.mean(x['acc'] for x in runs):.1f}% |")
     return '\n'.join(lines)
 
 
@@ -254,7 +261,7 @@ def main(argv=None):
     p.add_argument('--no-train', action='store_true', help='the mixer benchmark only')
     p.add_argument('--threads', type=int, default=1,
                    help='intra-op threads (default 1: with other jobs on the cores, more threads spin and stall)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='one training run per model and seed')
     p.add_argument('--doc', nargs='?', default=None, metavar='PATH',
                    const=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DOC_PAGE),
                    help=f'write the tables between the <!-- MARKER:start/end --> lines of PATH (default: {DOC_PAGE})')
@@ -271,22 +278,24 @@ def main(argv=None):
              f'output; peak = live tensor bytes of one fwd + bwd (MemTracker). Hierarchy mixers: '
              f'{args.pool}×{args.pool} centres; MMACs from the cost model, checked equal to the flop counter.']
     if not args.no_train:
-        train_x, train_y = shape_images(args.train_images, args.size, seed=args.seed)
-        test_x, test_y = shape_images(args.test_images, args.size, seed=args.seed + 10_000)
-        results = []
-        for name in args.models:
-            results.append(train_and_eval(name, train_x, train_y, test_x, test_y, args))
-            r = results[-1]
-            print(f"{name}: loss {r['loss']:.3f}, test accuracy {100 * r['acc']:.1f}%, {r['s_per_step']:.2f} s/step",
-                  flush=True)
-        parts += ['', '### Training on generated shapes', '', training_table(results)]
+        train_x, train_y = shape_images(args.train_images, args.size, seed=0)
+        test_x, test_y = shape_images(args.test_images, args.size, seed=10_000)
+        results = {name: [] for name in args.models}
+        for seed in args.seeds:  # seed-major: a burst of load from other jobs spreads over the models
+            for name in args.models:
+                results[name].append(train_and_eval(name, train_x, train_y, test_x, test_y, args, seed))
+                r = results[name][-1]
+                print(f"{name} seed {seed}: loss {r['loss']:.3f}, test accuracy {100 * r['acc']:.1f}%, "
+                      f"{r['s_per_step']:.2f} s/step", flush=True)
+        parts += ['', '### Training on generated shapes', '', training_table(results, args.seeds)]
         notes.append(f'Training: {args.size} px, {len(SHAPES) * len(TEXTURES)} classes (4 shapes × 2 fill textures), '
-                     f'{args.train_images} generated training images in one fixed order ({args.steps} steps of '
-                     f'{args.train_batch} = {args.steps * args.train_batch / args.train_images:.1f} epochs), '
-                     f'{args.test_images} held-out images; AdamW lr {args.lr:g}, weight decay 0.05, '
-                     f'{max(1, args.steps // 10)} warm-up steps then cosine; no augmentation; seed {args.seed}, '
-                     f'one run per model; hierarchy models with {args.size // 32}×{args.size // 32} centres per '
-                     f'stage (= the keys of PVTv2-b0\'s SRA at this size).')
+                     f'{args.train_images} generated training images ({args.steps} steps of {args.train_batch} = '
+                     f'{args.steps * args.train_batch / args.train_images:.1f} epochs), {args.test_images} held-out '
+                     f'images; AdamW lr {args.lr:g}, weight decay 0.05, {max(1, args.steps // 10)} warm-up steps then '
+                     f'cosine; no augmentation; per seed, every model gets the same initialization seed and the same '
+                     f'image order; hierarchy models with {args.size // 32}×{args.size // 32} centres per stage (= the '
+                     f'keys of PVTv2-b0\'s SRA at this size). s / step: wall time with other jobs on the cores, '
+                     f'only roughly comparable.')
     elapsed = time.time() - t_start
     notes = [f'Command: `{command}` ({elapsed / 60:.0f} min).',
              f'Machine: {machine_info(args.threads)}; load average {os.getloadavg()[0]:.1f} at the end '
