@@ -207,15 +207,7 @@ class BSDS500(SegmentationDataset):
     label_kind = 'segment'
 
     def __init__(self, root: str, split: str = 'test'):
-        image_dir = os.path.join(root, 'images', split)
-        if not os.path.isdir(image_dir):
-            images = os.path.join(root, 'images')
-            have = sorted(d for d in _listdir(images) if os.path.isdir(os.path.join(images, d)))
-            raise DatasetError(f'BSDS500 split folder {image_dir} not found (split {split!r}); '
-                               f'splits in this folder: {", ".join(have) or "none"}')
-        names = _stems(image_dir, ('.jpg',))
-        if not names:
-            raise DatasetError(f'BSDS500 split folder {image_dir} holds no .jpg images')
+        names = _split_jpegs(os.path.join(root, 'images'), split, 'BSDS500')
         super().__init__(root, names, split, ignore_index=None)
         _require_pairs(self, 'image', self.image_path, 'ground truth .mat', self.label_path)
 
@@ -248,12 +240,7 @@ class Cityscapes(SegmentationDataset):
     class_names = CITYSCAPES_CLASSES
 
     def __init__(self, root: str, split: str = 'val', ignore_index: Optional[int] = 255):
-        image_dir = os.path.join(root, 'leftImg8bit', split)
-        if not os.path.isdir(image_dir):
-            have = sorted(d for d in _listdir(os.path.join(root, 'leftImg8bit'))
-                          if os.path.isdir(os.path.join(root, 'leftImg8bit', d)))
-            raise DatasetError(f'Cityscapes split folder {image_dir} not found (split {split!r}); '
-                               f'splits in this folder: {", ".join(have) or "none"}')
+        image_dir = _split_folder(os.path.join(root, 'leftImg8bit'), split, 'Cityscapes')
         suffix = '_leftImg8bit.png'
         names = sorted(f'{city}/{f[:-len(suffix)]}' for city in _listdir(image_dir)
                        if os.path.isdir(os.path.join(image_dir, city))
@@ -296,15 +283,7 @@ class ADE20K(SegmentationDataset):
 
     def __init__(self, root: str, split: str = 'validation', ignore_index: Optional[int] = 255):
         split = self.SPLITS.get(split, split)
-        image_dir = os.path.join(root, 'images', split)
-        if not os.path.isdir(image_dir):
-            have = sorted(d for d in _listdir(os.path.join(root, 'images'))
-                          if os.path.isdir(os.path.join(root, 'images', d)))
-            raise DatasetError(f'ADE20K split folder {image_dir} not found (split {split!r}); '
-                               f'splits in this folder: {", ".join(have) or "none"}')
-        names = _stems(image_dir, ('.jpg',))
-        if not names:
-            raise DatasetError(f'ADE20K split folder {image_dir} holds no .jpg images')
+        names = _split_jpegs(os.path.join(root, 'images'), split, 'ADE20K')
         if ignore_index is None:
             raise DatasetError('ignore_index=None: ADE20K needs an ignore label for its "other objects" (value 0)')
         super().__init__(root, names, split, ignore_index)
@@ -446,6 +425,25 @@ def _listdir(path: str) -> List[str]:
 
 def _stems(folder: str, extensions: Sequence[str]) -> List[str]:
     return sorted(os.path.splitext(f)[0] for f in _listdir(folder) if os.path.splitext(f)[1].lower() in extensions)
+
+
+def _split_folder(parent: str, split: str, dataset: str) -> str:
+    """``parent/split``, which must be a folder: else the error lists the splits ``parent`` holds."""
+    folder = os.path.join(parent, split)
+    if not os.path.isdir(folder):
+        have = sorted(d for d in _listdir(parent) if os.path.isdir(os.path.join(parent, d)))
+        raise DatasetError(f'{dataset} split folder {folder} not found (split {split!r}); '
+                           f'splits in this folder: {", ".join(have) or "none"}')
+    return folder
+
+
+def _split_jpegs(parent: str, split: str, dataset: str) -> List[str]:
+    """The ids of the ``.jpg`` images in ``parent/split`` (at least one)."""
+    folder = _split_folder(parent, split, dataset)
+    names = _stems(folder, ('.jpg',))
+    if not names:
+        raise DatasetError(f'{dataset} split folder {folder} holds no .jpg images')
+    return names
 
 
 def _require_pairs(dataset: SegmentationDataset, image_kind: str, image_path, label_kind: str, label_path) -> None:
