@@ -1,7 +1,7 @@
 """Hugging Face Hub tools, shipped as ``spformer.hub`` (``hub`` is another PyPI project's name).
 
-Publish trained SPFormer weights in timm's Hub format with a model card, and load them back the
-timm way (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` after ``import spformer``)::
+Publish trained weights (SPFormer classifiers and SP-Transformer segmenters) in timm's Hub format with a
+model card, and load them back the timm way (``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` after ``import spformer``)::
 
     from spformer.hub import load_model, save_pretrained, push_to_hub, load_checkpoint_folder
     loaded = load_model('out/run/final')                       # any model reference: name, hf-hub:, folder, file
