@@ -79,16 +79,15 @@ from timm.utils import ModelEmaV3
 
 from spformer.cli import debug_enabled  # (importing spformer registers the spformer_* models with timm)
 from spformer.images import ImageReadError
-from spformer.training.checkpoints import (TrainState, checkpoint_to_resume, claim_output, load_checkpoint,
-                                           save_checkpoint)
-from spformer.training.config import (ConfigError, build_parser, check_log_with, effective_config, mixup_active,
-                                      parse_args)
+from spformer.training.checkpoints import TrainState, checkpoint_to_resume, claim_output, resume_run, save_checkpoint
+from spformer.training.config import (ConfigError, build_accelerator, build_parser, check_log_with, effective_config,
+                                      mixup_active, parse_args)
 from spformer.training.data import (EpochShuffleSampler, SkippedImages, TransformedDataset, build_loaders,
                                     build_transforms, hf_sample, image_error_message, load_image_folder,
                                     load_sources, posterize_zero_bits_as_black)
 from spformer.training.dump import RunDump, tensor_digest
 from spformer.training.export import export_final, final_results, import_push_to_hub
-from spformer.training.metrics import MetricsLog, accuracy_text, evaluate, plot_curves, validate
+from spformer.training.metrics import MetricsLog, accuracy_text, evaluate, open_metrics_log, plot_curves, validate
 from spformer.training.model import broadcast_buffers, build_model, initial_weights
 from spformer.training.rng import rng_isolated
 
@@ -113,8 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     output = Path(args.output)
     push_to_hub = import_push_to_hub(args)  # fail now rather than after training
@@ -122,14 +120,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     check_log_with(args)
 
     # Accelerator: processes, devices, mixed precision, gradient accumulation, trackers, torch.compile.
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
-        log_with=args.log_with,
-        project_dir=str(output),
-        dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=args.compile_mode) if args.compile else None,
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = build_accelerator(args, output)
     if accelerator.distributed_type == DistributedType.FSDP and args.model_ema:
         raise ConfigError('--model-ema: ModelEmaV3 keeps a full copy of the weights and cannot follow FSDP shards; '
                           'expected --no-model-ema with FSDP')
@@ -211,17 +202,8 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
 
     # Resume: weights, optimizer, scaler, RNG states (Accelerate's files, all checked by checkpoint_to_resume
     # and unpickled weights-only), then the scheduler, EMA and the position in the data (JSON, safetensors).
-    set_seed(args.seed, device_specific=True)  # per-process drop path / Mixup draws
-    if args.resume and resume_from is None:
-        accelerator.print(f'--resume latest: no checkpoint under {output / "checkpoints"}, starting from scratch')
-    if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, state, scheduler, model_ema)
-    if args.log_with:
-        accelerator.init_trackers('spformer', config={k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
-    metrics = MetricsLog(accelerator, output / 'metrics.jsonl', state.update if resume_from else None)
-    if accelerator.is_main_process and resume_from is None and metrics.path.exists():
-        metrics.path.unlink()
+    resume_run(accelerator, args, output, resume_from, state, scheduler, model_ema)
+    metrics = open_metrics_log(accelerator, args, output, state.update if resume_from else None)
     checkpoint_root = output / 'checkpoints'
     dump = RunDump.from_environment()  # test-only (SPFORMER_TRAIN_TEST_DUMP)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)

@@ -61,12 +61,12 @@ from spformer.cli import debug_enabled  # (importing spformer registers the mode
 from spformer.errors import UserError
 from spformer.models.sp_transformer import topk_cross_entropy
 from spformer.pictures import superpixel_boundaries
-from spformer.training.checkpoints import TrainState, checkpoint_to_resume, claim_output, load_checkpoint, save_checkpoint
-from spformer.training.config import ConfigError, check_log_with, effective_config, parse_with_config
+from spformer.training.checkpoints import TrainState, checkpoint_to_resume, claim_output, resume_run, save_checkpoint
+from spformer.training.config import ConfigError, build_accelerator, check_log_with, effective_config, parse_with_config
 from spformer.training.data import EpochShuffleSampler, data_error_line
 from spformer.training.dump import RunDump
 from spformer.training.export import export_final, import_push_to_hub
-from spformer.training.metrics import MetricsLog, plot_curves
+from spformer.training.metrics import open_metrics_log, plot_curves
 from spformer.training.model import broadcast_buffers
 from spformer.training.rng import rng_isolated
 from spformer.training.segmentation import (DEFAULT_UPDATES, IGNORE_INDEX, PairedAugment, SegmentationSamples,
@@ -98,20 +98,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import TorchDynamoPlugin, set_seed
+    from accelerate.utils import set_seed
 
     output = Path(args.output)
     push_to_hub = import_push_to_hub(args)  # fail now rather than after training
     check_log_with(args)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
-        log_with=args.log_with,
-        project_dir=str(output),
-        dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=args.compile_mode) if args.compile else None,
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = build_accelerator(args, output)
     if args.evaluate:  # no training: score a final/ folder on the validation split
         _, val_source, class_names, num_classes = load_sources(args)
         results = evaluate_folder(args, accelerator, val_source, class_names, num_classes)
@@ -177,17 +169,8 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     accelerator.print(summary)
 
     # Resume: Accelerate's files (checked, unpickled weights-only), then the schedule and the position in the data.
-    set_seed(args.seed, device_specific=True)
-    if args.resume and resume_from is None:
-        accelerator.print(f'--resume latest: no checkpoint under {output / "checkpoints"}, starting from scratch')
-    if resume_from is not None:
-        load_checkpoint(accelerator, resume_from, state, scheduler, None)
-    if args.log_with:
-        accelerator.init_trackers('spformer', config={k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
-    metrics = MetricsLog(accelerator, output / 'metrics.jsonl', state.update if resume_from else None)
-    if accelerator.is_main_process and resume_from is None and metrics.path.exists():
-        metrics.path.unlink()
+    resume_run(accelerator, args, output, resume_from, state, scheduler)
+    metrics = open_metrics_log(accelerator, args, output, state.update if resume_from else None)
     dump = RunDump.from_environment()  # test-only (SPFORMER_TRAIN_TEST_DUMP)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
 

@@ -389,3 +389,16 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+def resume_run(accelerator, args, output: Path, resume_from: Optional[Path], state: TrainState, scheduler,
+               model_ema: Optional[ModelEmaV3] = None) -> None:
+    """Seed every process's own draws (drop path, Mixup), then load the checkpoint to resume from, if any:
+    Accelerate's files (checked by checkpoint_to_resume, unpickled weights-only), then the scheduler, the EMA
+    and the position in the data."""
+    from accelerate.utils import set_seed
+    set_seed(args.seed, device_specific=True)
+    if args.resume and resume_from is None:
+        accelerator.print(f'--resume latest: no checkpoint under {output / "checkpoints"}, starting from scratch')
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from, state, scheduler, model_ema)

@@ -346,3 +346,18 @@ def check_log_with(args: argparse.Namespace) -> None:
         if not is_tensorboard_available():
             raise ConfigError("--log-with: got 'tensorboard' but neither tensorboard nor tensorboardX is installed; "
                               'expected `pip install tensorboard` first')
+
+
+def build_accelerator(args: argparse.Namespace, output):
+    """The Accelerator of a training script: processes, devices, mixed precision, gradient accumulation,
+    trackers and torch.compile from the shared flags; the schedulers are stepped by hand, once per update."""
+    from accelerate import Accelerator
+    from accelerate.utils import TorchDynamoPlugin
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        log_with=args.log_with,
+        project_dir=str(output),
+        dynamo_plugin=TorchDynamoPlugin(backend='inductor', mode=args.compile_mode) if args.compile else None,
+        step_scheduler_with_optimizer=False,
+    )

@@ -126,3 +126,15 @@ def plot_curves(metrics: Path, out: Path, val_curves: Sequence[Tuple[str, str]] 
     ax_acc.set(xlabel=val_x, ylabel=val_label, title='validation')
     ax_acc.legend()
     fig.savefig(out, dpi=110)
+
+
+def open_metrics_log(accelerator, args, output: Path, resumed_at: Optional[int]) -> MetricsLog:
+    """metrics.jsonl (and the --log-with trackers): continued after update ``resumed_at`` when the run
+    resumes, else started afresh."""
+    if args.log_with:
+        accelerator.init_trackers('spformer', config={k: v for k, v in vars(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    metrics = MetricsLog(accelerator, output / 'metrics.jsonl', resumed_at)
+    if accelerator.is_main_process and resumed_at is None and metrics.path.exists():
+        metrics.path.unlink()
+    return metrics
