@@ -134,8 +134,8 @@ def main(argv=None):
     lines += ['', '</details>']
     notes = [
         f'Command: `{command}` ({elapsed / 60:.0f} min).',
-        f'Machine: {machine_info(args.threads)}; load average {os.getloadavg()[0]:.1f} at the end (other jobs shared '
-        'the cores: the training minutes are rough).',
+        f'Machine: {machine_info(args.threads)}; 1-min load average {os.getloadavg()[0]:.1f} at the end (a load above '
+        'the core count means other jobs shared the cores and the training minutes are rough).',
         f'Data: {args.train_images} training and {args.val_images} held-out validation scenes of '
         f'{args.size[0]}x{args.size[1]} (spformer.eval.street_scenes, seed {args.seed}).',
         f'Training (train_segmentation.py, both heads alike): sp_transformer_r18_cityscapes from a random init, '

@@ -33,6 +33,7 @@ backends (``tests/test_sp_tokenizer_bench.py`` checks it in float64).
 """
 import argparse
 import datetime
+import inspect
 import os
 import statistics
 import sys
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_table import git_revision, machine_info, replace_between_markers  # noqa: E402
 from spformer.kernels import NEIGHBOR_OFFSETS, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_attention  # noqa: E402
-from spformer.models.sp_transformer import TokenizerLayer  # noqa: E402
+from spformer.models.sp_transformer import SPTransformer, TokenizerLayer  # noqa: E402
 
 START = '<!-- sp-tokenizer:start -->'
 END = '<!-- sp-tokenizer:end -->'
@@ -55,6 +56,8 @@ DOC_PAGE = 'docs/segmentation.md'  # where the table lives, relative to the repo
 
 # Cityscapes: 1024x2048 input, pixel stride 8 -> 128x256 pixel features, cells of 4 -> 32x64 superpixels.
 CITYSCAPES = dict(batch=1, height=128, width=256, channels=256, cell=4, heads=2)
+# The tokenizer MLPs' hidden ratio the models are built with (SPTransformer's default).
+MODEL_MLP_RATIO = inspect.signature(SPTransformer).parameters['tokenizer_mlp_ratio'].default
 BACKENDS = ('auto', 'torch')
 
 
@@ -167,7 +170,7 @@ def from_layout(x: torch.Tensor, cell: int, layout: str) -> torch.Tensor:
     return x.reshape(B, h, w, cell, cell, C).transpose(2, 3).reshape(B, h * cell, w * cell, C)
 
 
-def make_layer(channels: int, heads: int, cell: int, mlp_ratio: float = 4., dtype=torch.float32,
+def make_layer(channels: int, heads: int, cell: int, mlp_ratio: float = MODEL_MLP_RATIO, dtype=torch.float32,
                seed: int = 0) -> TokenizerLayer:
     """A TokenizerLayer as SPTransformer builds it (eval), with random weights, biases and norms."""
     torch.manual_seed(seed)
@@ -283,10 +286,10 @@ def peak_mb(call: Callable[[], None]) -> float:
     return peak / 2 ** 20
 
 
-def build_cases(shape: Dict[str, int]) -> List[Dict]:
+def build_cases(shape: Dict[str, int], mlp_ratio: float = MODEL_MLP_RATIO) -> List[Dict]:
     """Per (part, variant): a forward closure (no_grad) and a forward + backward closure."""
     cell, heads = shape['cell'], shape['heads']
-    layer = make_layer(shape['channels'], heads, cell)
+    layer = make_layer(shape['channels'], heads, cell, mlp_ratio)
     inputs = make_inputs(shape['batch'], shape['height'], shape['width'], shape['channels'], cell)
     qkv = attention_inputs(layer, inputs)
     g = torch.Generator().manual_seed(2)
@@ -385,6 +388,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='torch intra-op threads (default: all cores)')
     p.add_argument('--height', type=int, default=CITYSCAPES['height'], help='pixel feature rows (default: %(default)s)')
     p.add_argument('--width', type=int, default=CITYSCAPES['width'], help='pixel feature columns (default: %(default)s)')
+    p.add_argument('--mlp-ratio', type=float, default=MODEL_MLP_RATIO,
+                   help="the tokenizer MLPs' hidden ratio (default: the models', %(default)s)")
     p.add_argument('--doc', '--readme', nargs='?', const=os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), DOC_PAGE), default=None, metavar='PATH',
         help=f'rewrite the table between the markers of PATH (default: {DOC_PAGE}, where it lives)')
@@ -402,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     worst = max(diffs.values())
     print(f'naive == ours on a small shape (fp32): max |difference| {worst:.1e} over {len(diffs)} outputs',
           file=sys.stderr)
-    cases = build_cases(shape)
+    cases = build_cases(shape, args.mlp_ratio)
     measure(cases, args.rounds, args.warmup)
     elapsed = time.perf_counter() - start
     load = f'{load_before:.1f} before, {os.getloadavg()[0]:.1f} after'
@@ -415,9 +420,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         format_table(cases),
         '',
         f'- Command: `{command}` ({datetime.date.today().isoformat()}, {revision}; {elapsed / 60:.0f} min).',
-        f'- Machine: {machine}; 1-min load average {load} (above the core count: other jobs shared the CPU).',
+        f'- Machine: {machine}; 1-min load average {load} (a load above the core count means other jobs shared the CPU).',
         f'- Shapes: one tokenizer layer at the Cityscapes configurations\' shapes: pixel features {H}x{W}x{C}, '
-        f'{h}x{w} superpixels, cells of {cell}x{cell}, {M} heads, MLP ratio 4, batch 1, fp32, eval. "The two '
+        f'{h}x{w} superpixels, cells of {cell}x{cell}, {M} heads, MLP ratio {args.mlp_ratio:g}, batch 1, fp32, eval. "The two '
         f'attentions": `superpixel_attention` + `pixel_attention` (or their naive forms) on the layer\'s '
         f'q/k/v, pixels already in the layout the implementation reads; "whole TokenizerLayer": norms, '
         f'projections, both attentions and both MLPs.',

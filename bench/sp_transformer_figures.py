@@ -4,9 +4,10 @@
     python bench/sp_transformer_figures.py --doc    # also write them into docs/segmentation.md (DOC_PAGE)
 
 Every registered ``sp_transformer_*`` configuration at its reference input (1024x2048 for the Cityscapes
-ones, 640x640 for ADE20K), the ResNet-50 and ConvNeXt-L Cityscapes models also without the tokenizer's
-MLPs (``tokenizer_mlp_ratio=0``: the parameter count the paper gives), and the paper's Table III ablation
-(ResNet-50, 1024x2048: 16x32 / 32x64 / 64x128 superpixels, 1 or 2 tokenizer layers).
+ones, 640x640 for ADE20K), the ResNet-50 and ConvNeXt-L Cityscapes models also with the tokenizer's MLPs at
+the blocks' ratio 4 and without them (``tokenizer_mlp_ratio`` 4 and 0, beside the default 1: the paper does not
+give their width, and these show how its sizes bound it), and the paper's Table III ablation (ResNet-50,
+1024x2048: 16x32 / 32x64 / 64x128 superpixels, 1 or 2 tokenizer layers) for the three.
 
 Counting: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2 = multiply-accumulates (GMACs), batch 1,
 inference, attention on the math SDPA backend: the convention of ``spformer.demo.count_macs`` and the
@@ -59,20 +60,17 @@ ABLATION_LAYERS = (1, 2)
 ORDER = ['sp_transformer_r50_cityscapes', 'sp_transformer_convnext_large_cityscapes', 'sp_transformer_r50_ade20k',
          'sp_transformer_convnext_large_ade20k', 'sp_transformer_r18_cityscapes',
          'sp_transformer_convnext_atto_cityscapes']
-NO_MLP = dict(tokenizer_mlp_ratio=0)  # the tokenizer without its MLPs (the paper's parameter count)
+# The tokenizer MLPs' width (the paper does not give it): the default, the blocks' ratio, none.
+DEFAULT = 'default (MLP ratio 1)'
+VARIANTS = {DEFAULT: {}, 'MLP ratio 4': dict(tokenizer_mlp_ratio=4), 'no MLP': dict(tokenizer_mlp_ratio=0)}
 PARTS = ('backbone', 'neck', 'tokenizer', 'blocks')
 
 
 def build(name: str, device: str = 'meta', **kwargs) -> torch.nn.Module:
-    """A model with ``timm.create_model`` on ``device`` (meta: shapes only), eval, parameters frozen.
-
-    Frozen because the counter's module tracker hooks every module's inputs that require grad, and the
-    superpixel queries enter the first tokenizer layer as an ``expand`` of a parameter: under
-    ``inference_mode`` / ``no_grad`` that view still requires grad but has no grad_fn, which the tracker
-    cannot hook (it raises). Freezing changes no count."""
+    """A model with ``timm.create_model`` on ``device`` (meta: shapes only), eval."""
     with torch.device(device):
         model = timm.create_model(name, **kwargs)
-    return model.eval().requires_grad_(False)
+    return model.eval()
 
 
 def count(model: torch.nn.Module, input_size: Tuple[int, int], device: str = 'meta') -> Dict[str, int]:
@@ -115,14 +113,14 @@ def _pct(ours: float, paper: float) -> str:
 
 
 def _variant(kwargs: Dict) -> str:
-    return 'no tokenizer MLP' if kwargs.get('tokenizer_mlp_ratio') == 0 else 'default'
+    return next(name for name, kw in VARIANTS.items() if kw == kwargs)
 
 
 def model_rows() -> List[Dict]:
     rows = []
     names = [n for n in ORDER if n in SEGMENTATION_CONFIGS] + sorted(set(SEGMENTATION_CONFIGS) - set(ORDER))
     for name in names:
-        for kwargs in ({}, NO_MLP) if name in PAPER else ({},):
+        for kwargs in VARIANTS.values() if name in PAPER else ({},):
             rows.append(describe(name, reference_size(name), **kwargs))
             print(f'  {name} {_variant(kwargs)}: {rows[-1]["macs"]["total"] / 1e9:.1f} GMACs', file=sys.stderr)
     return rows
@@ -181,41 +179,39 @@ def ablation_rows() -> List[Dict]:
         cell = size[0] // stride // grid[0]
         for layers in ABLATION_LAYERS:
             kw = dict(cell_size=cell, tokenizer_layers=layers)
-            default, no_mlp = describe(name, size, **kw), describe(name, size, **kw, **NO_MLP)
-            rows.append(dict(grid=grid, cell=cell, layers=layers, params=default['params'],
-                             params_no_mlp=no_mlp['params'], macs=default['macs']['total'],
-                             macs_no_mlp=no_mlp['macs']['total'], blocks=default['macs']['blocks'],
-                             paper=PAPER_ABLATION.get((grid, layers))))
-            print(f'  Table III {grid[0]}x{grid[1]}, {layers} layer(s): {rows[-1]["macs"] / 1e9:.1f} / '
-                  f'{rows[-1]["macs_no_mlp"] / 1e9:.1f} GMACs', file=sys.stderr)
+            counted = {v: describe(name, size, **kw, **vkw) for v, vkw in VARIANTS.items()}
+            rows.append(dict(grid=grid, cell=cell, layers=layers, params={v: c['params'] for v, c in counted.items()},
+                             macs={v: c['macs']['total'] for v, c in counted.items()},
+                             blocks=counted[DEFAULT]['macs']['blocks'], paper=PAPER_ABLATION.get((grid, layers))))
+            print(f'  Table III {grid[0]}x{grid[1]}, {layers} layer(s): '
+                  + ' / '.join(f'{m / 1e9:.1f}' for m in rows[-1]['macs'].values()) + ' GMACs', file=sys.stderr)
     return rows
 
 
 def format_ablation(rows: List[Dict]) -> str:
-    lines = ['| superpixels | cell (pixel features) | tokenizer layers | params (M) | GMACs | Δ | '
-             'params, no tokenizer MLP (M) | GMACs, no tokenizer MLP | Δ | paper G (Table III) |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    """One row per (grid, layers): params (M) / GMACs / Δ for each tokenizer variant, and the paper's G."""
+    lines = ['| superpixels | cell (pixel features) | tokenizer layers | '
+             + ' | '.join(f'{v}: params (M) | GMACs | Δ' for v in VARIANTS) + ' | paper G (Table III) |',
+             '|---|---:|---:|' + '---:|---:|---:|' * len(VARIANTS) + '---:|']
     for r in rows:
         paper = r['paper']
-        d1 = _pct(r['macs'] / 1e9, paper) if paper else ''
-        d2 = _pct(r['macs_no_mlp'] / 1e9, paper) if paper else ''
+        cells = ' | '.join(f"{r['params'][v] / 1e6:.1f} | {r['macs'][v] / 1e9:.1f} | "
+                           f"{_pct(r['macs'][v] / 1e9, paper) if paper else ''}" for v in VARIANTS)
         if (r['grid'], r['layers']) in PAPER_ABLATION_PAIR:
             shown = ' or '.join(str(v) for v in PAPER_PAIR_VALUES) + ' (†)'
         else:
             shown = str(paper) if paper else '—'
-        lines.append(f"| {r['grid'][0]}x{r['grid'][1]} | {r['cell']}x{r['cell']} | {r['layers']} | "
-                     f"{r['params'] / 1e6:.1f} | {r['macs'] / 1e9:.1f} | {d1} | {r['params_no_mlp'] / 1e6:.1f} | "
-                     f"{r['macs_no_mlp'] / 1e9:.1f} | {d2} | {shown} |")
+        lines.append(f"| {r['grid'][0]}x{r['grid'][1]} | {r['cell']}x{r['cell']} | {r['layers']} | {cells} | {shown} |")
     return '\n'.join(lines)
 
 
 def ordering(rows: List[Dict]) -> Dict[str, Dict[str, bool]]:
     """Whether our counts rise with the grid (at 2 layers) and with the layers (at each grid), as the paper's do
     (its 16x32 grid and its single layer both cost less than its 32x64, 2-layer model, whichever of 234 / 240 G
-    each is, and its 64x128 grid more), for both tokenizer variants."""
+    each is, and its 64x128 grid more), for each tokenizer variant."""
     result = {}
-    for key in ('macs', 'macs_no_mlp'):
-        by = {(r['grid'], r['layers']): r[key] for r in rows}
+    for key in VARIANTS:
+        by = {(r['grid'], r['layers']): r['macs'][key] for r in rows}
         grids = all(by[(a, 2)] < by[(b, 2)] for a, b in zip(ABLATION_GRIDS, ABLATION_GRIDS[1:]))
         layers = all(by[(g, 1)] < by[(g, 2)] for g in ABLATION_GRIDS)
         result[key] = dict(grids=grids, layers=layers)
@@ -265,30 +261,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta, real, check_size = cpu_check()
     count_macs_r50 = count_macs(build('sp_transformer_r50_cityscapes'),
                                 torch.empty(1, 3, 1024, 2048, device='meta'))[0]
-    r50 = next(m for m in models if m['name'] == 'sp_transformer_r50_cityscapes' and not m['kwargs'])
-    r50_no_mlp = next(m for m in models if m['name'] == 'sp_transformer_r50_cityscapes' and m['kwargs'])
-    assert count_macs_r50 == r50['macs']['total'], (count_macs_r50, r50['macs']['total'])
+    r50 = {_variant(m['kwargs']): m for m in models if m['name'] == 'sp_transformer_r50_cityscapes'}
+    assert count_macs_r50 == r50[DEFAULT]['macs']['total'], (count_macs_r50, r50[DEFAULT]['macs']['total'])
     elapsed = time.perf_counter() - start
 
     def yes(b: bool) -> str:
         return 'yes' if b else 'NO'
 
-    def order_line(key: str, what: str) -> str:
+    def order_line(key: str) -> str:
         o = order[key]
-        return (f'{what}: 16x32 < 32x64 < 64x128 superpixels (2 layers) {yes(o["grids"])}; 1 layer < 2 layers '
+        return (f'{key}: 16x32 < 32x64 < 64x128 superpixels (2 layers) {yes(o["grids"])}; 1 layer < 2 layers '
                 f'(every grid) {yes(o["layers"])}')
 
     by = {(r['grid'], r['layers']): r for r in ablation}
-    grid_saving = (by[((32, 64), 2)]['macs'] - by[((16, 32), 2)]['macs']) / 1e9
+    grid_saving = (by[((32, 64), 2)]['macs'][DEFAULT] - by[((16, 32), 2)]['macs'][DEFAULT]) / 1e9
     grid_saving_blocks = (by[((32, 64), 2)]['blocks'] - by[((16, 32), 2)]['blocks']) / 1e9
     pair = [by[c] for c in PAPER_ABLATION_PAIR]
     fits = []
     for values in (PAPER_PAIR_VALUES, PAPER_PAIR_VALUES[::-1]):
         fits.append(', '.join(f"{r['grid'][0]}x{r['grid'][1]} / {r['layers']} layer{'s' if r['layers'] > 1 else ''} "
-                              f"-> {v}: {_pct(r['macs'] / 1e9, v)} ({_pct(r['macs_no_mlp'] / 1e9, v)} without MLP)"
+                              f"-> {v}: " + ' / '.join(_pct(r['macs'][k] / 1e9, v) for k in VARIANTS)
                               for r, v in zip(pair, values)))
-    layer_saving = (by[((32, 64), 2)]['macs'] - by[((32, 64), 1)]['macs']) / 1e9
-    layer_saving_no_mlp = (by[((32, 64), 2)]['macs_no_mlp'] - by[((32, 64), 1)]['macs_no_mlp']) / 1e9
+    layer_saving = ', '.join(f"{(by[((32, 64), 2)]['macs'][k] - by[((32, 64), 1)]['macs'][k]) / 1e9:.1f} GMACs {k}"
+                             for k in VARIANTS)
+    r50_mlp_params = (r50[DEFAULT]['params'] - r50['no MLP']['params']) / 1e6
     args_shown = ' '.join(argv if argv is not None else sys.argv[1:])
     command = f'python bench/sp_transformer_figures.py {args_shown}'.rstrip()
     block = '\n'.join([
@@ -309,35 +305,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         'inference, attention on the math SDPA backend: the convention of `spformer.demo.count_macs` and the '
         "README's model table (the totals agree with `count_macs`). Counted: convolutions, matmuls, attention, "
         'and the local attention ops through their registered formulas; not counted: normalizations, '
-        'activations, softmaxes, resampling, element-wise ops. Parameters are frozen for counting (it changes '
-        'no count): the counter\'s module tracker cannot hook the superpixel queries\' `expand`ed view under '
-        '`inference_mode`, so `count_macs` on an unfrozen `SPTransformer` raises.',
+        'activations, softmaxes, resampling, element-wise ops.',
         "- The paper's G are multiply-accumulates as well: the plain ResNet-50 classifier alone is "
         f"{convention[0]['macs'][(1024, 2048)] / 1e9:.0f} GMACs = {2 * convention[0]['macs'][(1024, 2048)] / 1e9:.0f} "
         'GFLOPs at 1024x2048, more than the paper\'s 253 G for the whole model if these were FLOPs (and '
         '4.1 GMACs at 224x224 is the figure usually quoted as ResNet-50\'s "4.1 GFLOPs").',
         '- Paper columns: copied from the paper, not measured (it gives no ADE20K or small-backbone figures '
-        'to set beside ours). Δ = ours / paper - 1. The tokenizer column: `default` is the registered '
-        'configuration (an MLP of ratio 4 on both tokenizer paths); `no tokenizer MLP` is '
-        '`tokenizer_mlp_ratio=0`, the variant whose parameters match the paper\'s.',
+        'to set beside ours). Δ = ours / paper - 1. The tokenizer column: the width of the MLPs on the tokenizer\'s '
+        'two paths (`tokenizer_mlp_ratio`), which the paper does not give: `default` is the registered '
+        'configuration (ratio 1), `MLP ratio 4` the blocks\' ratio, `no MLP` attention only.',
         f'- Table III: the grid is changed through the cell size (the pixel features stay at stride 8, '
         f'128x256); `superpixels` at 1024x2048. 253 G is the paper\'s main model (32x64, 2 layers) and 404 G '
         f'its largest grid. (†) The paper\'s text was not at hand here (only its abstract could be read), so '
         f'which of 234 and 240 G is the 16x32 grid and which the single tokenizer layer is not known here; '
-        f'either order: {fits[0]}; or {fits[1]}. Here the 16x32 grid saves '
-        f'{grid_saving:.1f} GMACs ({grid_saving_blocks:.1f} of them in the ViT blocks: 4x fewer tokens), one '
-        f'tokenizer layer fewer {layer_saving:.1f} GMACs with the MLPs and {layer_saving_no_mlp:.1f} without.',
+        f'either order (Δ for ' + ' / '.join(VARIANTS) + f'): {fits[0]}; or {fits[1]}. Here the 16x32 grid saves '
+        f'{grid_saving:.1f} GMACs ({grid_saving_blocks:.1f} of them in the ViT blocks: 4x fewer tokens) and one '
+        f'tokenizer layer fewer {layer_saving}.',
         '- Ordering: in the paper more superpixels and more tokenizer layers cost more (its 16x32 grid and its '
         'single layer both below 253 G, whichever is which, its 64x128 grid above). Here: '
-        + order_line('macs', 'default tokenizer') + '; ' + order_line('macs_no_mlp', 'no tokenizer MLP') + '.',
-        '- Acceptance (params within 5 %, MACs within 15 % of the paper\'s): ' + acceptance(models) + ' The '
-        'registered ResNet-50 configuration has the paper\'s MACs with the tokenizer MLPs\' '
-        f'{(r50["params"] - r50_no_mlp["params"]) / 1e6:.1f}M parameters more; without them the parameters fit '
-        f'and {(253e9 - r50_no_mlp["macs"]["total"]) / 1e9:.0f} GMACs are missing. The paper does not describe '
-        'its neck and tokenizer layers closely enough to say where its ResNet-50 model spends them: anything '
-        'that costs MACs without parameters would close the gap (e.g. the neck or the tokenizer at a finer '
-        'pixel stride, or a dilated backbone stage), and none of it is stated. `SPTransformer`\'s docstring '
-        'lists the choices made here.',
+        + '; '.join(order_line(k) for k in VARIANTS) + '.',
+        '- Acceptance (params within 5 %, MACs within 15 % of the paper\'s): ' + acceptance(models) + ' Why '
+        'ratio 1 is the default: the ResNet-50 model\'s backbone, neck, superpixel queries and blocks are fixed '
+        'by the paper\'s description, and what is left of its 29M parameters and 253 G bounds the tokenizer\'s '
+        f'MLPs: at ratio 4 they add {(r50["MLP ratio 4"]["params"] - r50["no MLP"]["params"]) / 1e6:.1f}M '
+        'parameters (over 5 % above 29M), without them '
+        f'{(253e9 - r50["no MLP"]["macs"]["total"]) / 1e9:.0f} GMACs are missing (over 15 % below 253 G); ratio 1 '
+        f'adds {r50_mlp_params:.1f}M and {(r50[DEFAULT]["macs"]["total"] - r50["no MLP"]["macs"]["total"]) / 1e9:.0f} '
+        'GMACs, within both. The paper does not describe its neck and tokenizer layers closely enough to say '
+        'where its model spends the rest (anything costing MACs without parameters would close the gap: the '
+        'neck at a finer stride, a dilated backbone stage); `SPTransformer`\'s docstring lists the choices made '
+        'here.',
         '- What this does not show: speed (MACs are not time: the local attention and the association are '
         'memory-bound), memory, or accuracy.',
     ])

@@ -13,12 +13,10 @@
     FILE.safetensors                   a weights file next to the config.json that names its model
 
 Loading goes through timm (``local-dir:`` configs, ``pretrained_cfg_overlay=dict(file=...)``, the
-model's ``checkpoint_filter_fn``; the SPFormer factory reads a file's head size and position-embedding
-grid itself, so a fine-tuned file loads with its own class count and input size). A weights file takes
-the construction arguments of the ``config.json`` beside it that describes it (its ``model_args``, as
-timm's ``local-dir:`` loader does), and an SP-Transformer file without one the reference input its
-superpixel queries were made for. What is added here
-is what timm lacks: the EMA choice, refusing pickles, a config that names another variant refused
+model's ``checkpoint_filter_fn``; our factories, SPFormer's and SP-Transformer's, read a file's head size
+and token grid themselves, so a fine-tuned file loads with its own class count and input size). A weights
+file takes the construction arguments of the ``config.json`` beside it that describes it (its
+``model_args``, as timm's ``local-dir:`` loader does). What is added here is what timm lacks: the EMA choice, refusing pickles, a config that names another variant refused
 naming both, and errors that name the argument the user passed.
 """
 import contextlib
@@ -439,36 +437,17 @@ def _close_models(name: str) -> str:
 
 def _file_kwargs(name: str, info: CheckpointTensors, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """create_model kwargs that load ``info.path``: the file; unless given, the construction arguments
-    (``model_args``) of the config.json beside it that describes it (a segmenter's neck or decoder, ...), for an
-    SP-Transformer without one the reference input its superpixel queries were made for, and for timm models
-    other than SPFormer (whose factory reads the file itself) its head size."""
+    (``model_args``) of the config.json beside it that describes it (a segmenter's neck or decoder, ...), and for
+    timm models other than ours (whose factories read the file themselves: its head size, the input its token
+    grid was made for, its config's arguments) its head size."""
     import timm
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(info.path))
     kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
-    variant = name.split('.')[0]
-    if info.architecture == variant:
-        for key, value in (info.config.get('model_args') or {}).items():
-            kwargs.setdefault(key, tuple(value) if isinstance(value, list) else value)
-    if 'img_size' not in kwargs:
-        kwargs.update(_segmenter_input(variant, info, kwargs))
+    for key, value in info.model_args_for(name.split('.')[0]).items():
+        kwargs.setdefault(key, value)
     cfg = timm.models.get_pretrained_cfg(name)
     classifier = cfg.classifier if cfg is not None else None
     if not name.startswith('spformer_') and 'num_classes' not in kwargs and isinstance(classifier, str) \
             and f'{classifier}.weight' in info.shapes:
         kwargs['num_classes'] = overlay['num_classes'] = info.shapes[f'{classifier}.weight'][0]
     return kwargs
-
-
-def _segmenter_input(variant: str, info: CheckpointTensors, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """``img_size`` of an SP-Transformer file: its superpixel queries' grid (1, h, w, C) times the token stride
-    (pixel_stride x cell_size of the kwargs, else the variant's configuration, else SPTransformer's defaults);
-    without it timm would build the configuration's reference input and resample the queries to its grid."""
-    import inspect
-    from spformer.models.sp_transformer import SEGMENTATION_CONFIGS, SPTransformer
-    queries = info.shapes.get('sp_queries')
-    if variant not in SEGMENTATION_CONFIGS or queries is None or len(queries) != 4:
-        return {}
-    defaults = {k: p.default for k, p in inspect.signature(SPTransformer.__init__).parameters.items()}
-    args = dict(defaults, **SEGMENTATION_CONFIGS[variant], **kwargs)
-    stride = args['pixel_stride'] * args['cell_size']
-    return dict(img_size=(queries[1] * stride, queries[2] * stride))

@@ -28,7 +28,8 @@ tokens (tokens pooled to a grid of super tokens, self-attention over them, upsam
      identically 1**. The queries, the keys and the q / k parameters then take no part (their
      gradients are exactly 0) and the block is pool -> (LayerNorm, MHSA) -> v -> proj -> nearest
      upsample (pixel row y reads centre row ``y * S_h // H``, which is F.interpolate's 'nearest' rule
-     and always a centre whose pooling region holds the pixel). Kept for comparison (it is the
+     and always a centre whose pooling region holds the pixel); with ``attn_drop > 0`` in training, that
+     one weight is dropped or scaled by 1 / (1 - p), as dropout does to any attention weight. Kept for comparison (it is the
      "each region attends only its own centre" case of the hierarchy design); ``'local'`` is its
      non-degenerate local form.
 

@@ -79,11 +79,15 @@ def _checkpoint_file(cfg: Dict[str, Any]) -> Optional[str]:
     return file
 
 
-def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """kwargs for a model that takes a local ``.safetensors`` file as it is: its head size (``num_classes``
-    unless given: the head is then re-initialised, as timm does) and the image size its position
-    embeddings were made for (``img_size`` unless given: they are then resampled), and the cfg that
-    tells timm the checkpoint's head size (else timm loads a head of another size and fails)."""
+def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any],
+                       defaults: Dict[str, Any]) -> Dict[str, Any]:
+    """kwargs for a model that takes a local ``.safetensors`` file as it is, each unless given: the construction
+    arguments of the ``config.json`` beside it when that describes this variant (as timm's ``local-dir:`` loader
+    reads them), its head size (``num_classes``; a given one re-initialises the head, as timm does) and the
+    input size its token grid was made for (``img_size``: SPFormer's position embeddings, SP-Transformer's
+    superpixel queries; a given one resamples them); and the cfg that tells timm the checkpoint's head size (else
+    timm loads a head of another size and fails). ``defaults`` are the registered configuration's arguments:
+    the file's override them, the caller's override both."""
     file = _checkpoint_file(cfg)
     if file is None or not file.endswith('.safetensors'):
         return kwargs
@@ -92,10 +96,17 @@ def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]
         raise _weights_unavailable(variant, cfg, missing) from missing
     info = checkpoint_tensor_info(file, classifier=cfg.get('classifier') or 'head')
     kwargs = dict(kwargs)
+    for key, value in info.model_args_for(variant).items():
+        kwargs.setdefault(key, value)
     kwargs.setdefault('num_classes', info.num_classes)
-    stride = kwargs.get('stem_stride', 4) * kwargs.get('cell_size', 4)
-    made_for = None if info.grid is None else (info.grid[0] * stride, info.grid[1] * stride)
-    if made_for is not None:
+    args = dict(defaults, **kwargs)
+    made_for = None
+    if info.grid is not None:
+        if 'sp_queries' in info.shapes:  # SP-Transformer: token stride = pixel stride x cell
+            stride = args.get('pixel_stride', 8) * args.get('cell_size', 4)
+        else:  # SPFormer
+            stride = args.get('stem_stride', 4) * args.get('cell_size', 4)
+        made_for = (info.grid[0] * stride, info.grid[1] * stride)
         kwargs.setdefault('img_size', made_for)
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     overlay['num_classes'] = info.num_classes  # what the file holds, whatever a cfg says
@@ -124,12 +135,14 @@ def _describe_built_model(model: nn.Module) -> None:
 
 
 def build_model_with_weights(model_cls: type, variant: str, pretrained: bool, pretrained_filter_fn: Callable,
-                             feature_cfg: Dict[str, Any], **kwargs) -> nn.Module:
+                             feature_cfg: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None,
+                             **kwargs) -> nn.Module:
     """timm's ``build_model_with_cfg`` with what ``pretrained=True`` needs here: a registered name with no
     published weights, a missing local file or an unreachable (or offline) Hub raise
     :class:`PretrainedWeightsUnavailable` saying how to load your own, instead of timm's warning and a
     random init; a local ``.safetensors`` file is taken as it is (its head size and image size, see
-    :func:`_fit_to_checkpoint`); and the built model's ``pretrained_cfg`` describes it as built."""
+    :func:`_fit_to_checkpoint`); and the built model's ``pretrained_cfg`` describes it as built. ``defaults``: the
+    registered configuration's arguments, which ``kwargs`` and a local weights file's own override."""
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
     from timm.models._builder import resolve_pretrained_cfg
     cfg = None
@@ -141,7 +154,8 @@ def build_model_with_weights(model_cls: type, variant: str, pretrained: bool, pr
             raise PretrainedWeightsUnavailable(
                 f'pretrained=True: no weights are published for {name} yet (see the model table in README.md). '
                 + _how_to_load_your_own(variant))
-        kwargs = _fit_to_checkpoint(variant, cfg, kwargs)
+        kwargs = _fit_to_checkpoint(variant, cfg, kwargs, defaults or {})
+    kwargs = dict(defaults or {}, **kwargs)
     try:
         model = build_model_with_cfg(
             model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg, **kwargs)
@@ -186,12 +200,19 @@ class CheckpointTensors:
     path: pathlib.Path
     shapes: Dict[str, Tuple[int, ...]]  # keys without DDP / torch.compile prefixes
     num_classes: int  # rows of the classifier (0: saved without one)
-    grid: Optional[Tuple[int, int]]  # SPFormer token grid of its position embeddings (square), or None
+    grid: Optional[Tuple[int, int]]  # token grid: SPFormer's position embeddings, SP-Transformer's queries; or None
     config: Optional[Dict[str, Any]]  # the timm config.json next to it, when it describes this file
 
     @property
     def architecture(self) -> Optional[str]:
         return (self.config or {}).get('architecture')
+
+    def model_args_for(self, variant: str) -> Dict[str, Any]:
+        """The construction arguments (``model_args``) of the config.json beside the file when it describes
+        ``variant`` (JSON lists as tuples), else none."""
+        if self.architecture != variant or not isinstance(self.config.get('model_args'), dict):
+            return {}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in self.config['model_args'].items()}
 
     @property
     def label_names(self) -> Optional[List[str]]:
@@ -200,16 +221,18 @@ class CheckpointTensors:
 
 
 def checkpoint_tensor_info(path: PathLike, classifier: str = 'head') -> CheckpointTensors:
-    """Head size and SPFormer token grid of a ``.safetensors`` file (from its header: no tensor is read),
+    """Head size and token grid of a ``.safetensors`` file (from its header: no tensor is read),
     and the ``config.json`` beside it when that names a timm architecture with this head size."""
     path = pathlib.Path(path)
     shapes = _safetensors_shapes(path)
     head = shapes.get(f'{classifier}.weight')
     num_classes = head[0] if head is not None and len(head) == 2 else 0
     grid = None
-    pos = shapes.get('stages.0.pos_embed')
+    pos, queries = shapes.get('stages.0.pos_embed'), shapes.get('sp_queries')
     if pos is not None and len(pos) == 3 and math.isqrt(pos[1]) ** 2 == pos[1]:
         grid = (math.isqrt(pos[1]),) * 2
+    elif queries is not None and len(queries) == 4:  # SP-Transformer: (1, h, w, C)
+        grid = (queries[1], queries[2])
     config = None
     config_file = path.parent / CONFIG_NAME
     if config_file.is_file():
