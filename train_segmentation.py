@@ -60,7 +60,7 @@ from timm.scheduler import PolyLRScheduler
 from spformer.cli import debug_enabled  # (importing spformer registers the models with timm)
 from spformer.errors import UserError
 from spformer.models.sp_transformer import topk_cross_entropy
-from spformer.pictures import superpixel_boundaries
+from spformer.pictures import save_panels
 from spformer.training.checkpoints import TrainState, checkpoint_to_resume, claim_output, resume_run, save_checkpoint
 from spformer.training.config import ConfigError, build_accelerator, check_log_with, effective_config, parse_with_config
 from spformer.training.data import EpochShuffleSampler, data_error_line
@@ -71,8 +71,7 @@ from spformer.training.model import broadcast_buffers
 from spformer.training.rng import rng_isolated
 from spformer.training.segmentation import (DEFAULT_UPDATES, IGNORE_INDEX, PairedAugment, SegmentationSamples,
                                             build_model, build_parser, check_args, evaluate_folder, iou_table,
-                                            load_sources,
-                                            one_line, param_groups, picture_rows, prediction_panels, save_panels,
+                                            load_sources, one_line, param_groups, picture_rows, prediction_panels,
                                             validate)
 
 PROG = 'train_segmentation.py'
@@ -182,7 +181,7 @@ def train(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                           f'{results["pixel_accuracy"]:.2f}  ({results["inference"]}, {len(val_set)} images)')
         if accelerator.is_main_process and args.picture_images:
             rows = picture_rows(unwrapped, val_set, args.picture_images, args, stride, accelerator.device)
-            save_panels(output / 'predictions.png', prediction_panels(rows, num_classes, superpixel_boundaries),
+            save_panels(output / 'predictions.png', prediction_panels(rows, num_classes),
                         title=f'{args.model}, update {state.update}: val mIoU {results["miou"]:.1f}')
         model.train()
         return results

@@ -36,8 +36,8 @@ from spformer.eval.datasets import CITYSCAPES_CLASSES, open_dataset  # noqa: E40
 from spformer.eval.metrics import achievable_segmentation_accuracy, boundary_map, boundary_recall  # noqa: E402
 from spformer.eval.segmentation_metrics import ConfusionMatrix  # noqa: E402
 from spformer.eval.street_scenes import write_street_scenes  # noqa: E402
-from spformer.pictures import superpixel_boundaries  # noqa: E402
-from spformer.training.segmentation import colourize, padded_size, palette, predict_whole, save_panels  # noqa: E402
+from spformer.pictures import class_palette, colourize, save_panels, superpixel_boundaries  # noqa: E402
+from spformer.training.segmentation import padded_size, predict_whole  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_PAGE = 'docs/segmentation.md'  # where the table lives, relative to the repository root (--doc writes there)
@@ -150,7 +150,7 @@ def main(argv=None):
     table = '\n'.join(lines) + '\n\n' + '\n'.join(f'- {n}' for n in notes)
     print()
     print(table)
-    colours = palette(19)
+    colours = class_palette(19)
     panels = []
     for row in rows:
         panel = {'image': row['image'], 'ground truth': colourize(row['label'], colours)}

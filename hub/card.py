@@ -468,14 +468,6 @@ def save_superpixel_picture(model: torch.nn.Module, path, image=None, title: Opt
     return pathlib.Path(path)
 
 
-def _class_colours(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8: matplotlib's tab20 for up to 20 classes, fixed random colours beyond."""
-    from matplotlib import colormaps
-    if num_classes <= 20:
-        return (np.asarray(colormaps['tab20'].colors[:num_classes]) * 255).round().astype(np.uint8)
-    return np.random.default_rng(0).integers(40, 256, (num_classes, 3)).astype(np.uint8)
-
-
 def _save_segmentation_picture(model: torch.nn.Module, path, image=None, title: Optional[str] = None,
                                label_names: Optional[Sequence[str]] = None) -> pathlib.Path:
     """A segmenter's picture (see :func:`save_superpixel_picture`): input, predicted classes, superpixels."""
@@ -483,7 +475,7 @@ def _save_segmentation_picture(model: torch.nn.Module, path, image=None, title: 
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     from PIL import Image, ImageOps
-    from spformer.pictures import superpixel_boundaries, tensor_to_image
+    from spformer.pictures import class_palette, superpixel_boundaries, tensor_to_image
 
     cfg = model.pretrained_cfg
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
@@ -502,7 +494,7 @@ def _save_segmentation_picture(model: torch.nn.Module, path, image=None, title: 
         model.train(was_training)
     img = tensor_to_image(x[0], mean, std)  # the crop the model saw
     classes = out['logits'][0].float().argmax(0).cpu().numpy()
-    colours = _class_colours(model.num_classes)
+    colours = class_palette(model.num_classes)
     names = label_names if label_names is not None else cfg.get('label_names')
     names = list(names) if names is not None and len(names) == model.num_classes else None
     scale = max(1, -(-320 // W))  # panels at least 320 px wide, so 1-px boundaries stay thin

@@ -6,6 +6,9 @@
 association head (small panels); :func:`save_stages_figure` draws per-stage label dicts (as
 :meth:`spformer.eval.ModelSuperpixels.stages` returns them); :func:`save_comparison_figure` puts several
 segmentations of one image side by side with its ground truth (``spformer-eval-superpixels`` pictures).
+Class maps: :func:`class_palette` (one set of class colours for training pictures, model cards and
+benchmarks), :func:`colourize`, and :func:`save_panels` (a grid of RGB panels, e.g. image, ground truth,
+predictions, superpixels).
 
 Nothing here loads models, reads datasets or parses arguments; matplotlib is imported only when a
 figure is drawn. The ``spformer-visualize`` command is :mod:`spformer.visualize`.
@@ -18,7 +21,13 @@ from skimage.segmentation import mark_boundaries
 
 
 __all__ = ['superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure', 'save_stages_figure',
-           'save_comparison_figure']
+           'save_comparison_figure', 'class_palette', 'colourize', 'save_panels', 'CITYSCAPES_COLOURS']
+
+# The Cityscapes benchmark's colours of its 19 training ids (cityscapesscripts' labels.py).
+CITYSCAPES_COLOURS = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                      (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                      (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
+IGNORE_COLOUR = (0, 0, 0)  # label 255, the ignore label
 
 
 def superpixel_boundaries(
@@ -216,3 +225,45 @@ def _show(ax, img, text, fontsize=9):
     ax.imshow(img, interpolation='nearest')
     ax.set_title(text, fontsize=fontsize, pad=3)
     ax.set_axis_off()
+
+
+def class_palette(num_classes: int) -> np.ndarray:
+    """(max(256, num_classes), 3) uint8 colours of class ids: Cityscapes' for 19 classes, matplotlib's tab20 for up
+    to 20 others, fixed random ones (seeded, the same every call) beyond; id 255 (the ignore label) black when it
+    is not a class."""
+    colours = np.random.default_rng(0).integers(40, 256, (max(256, num_classes), 3)).astype(np.uint8)
+    if num_classes == len(CITYSCAPES_COLOURS):
+        colours[:num_classes] = CITYSCAPES_COLOURS
+    elif num_classes <= 20:
+        from matplotlib import colormaps
+        colours[:num_classes] = (np.asarray(colormaps['tab20'].colors[:num_classes]) * 255).round()
+    if num_classes <= 255:
+        colours[255] = IGNORE_COLOUR
+    return colours
+
+
+def colourize(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours (:func:`class_palette`); ids outside the palette clipped to it."""
+    return colours[np.clip(labels, 0, len(colours) - 1)]
+
+
+def save_panels(path, rows: List[Dict[str, np.ndarray]], title: Optional[str] = None) -> None:
+    """One PNG of RGB panels: a row per entry, a column per key (its title), e.g. image, ground truth,
+    prediction, superpixels. Panels of one row share its first panel's size."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    H, W = next(iter(rows[0].values())).shape[:2]
+    scale = 3.2 / W
+    fig, _ = _figure((max(4, len(columns) * W * scale), len(rows) * H * scale + 0.6))
+    fig.set_layout_engine('constrained')
+    axes = np.atleast_2d(fig.subplots(len(rows), len(columns), squeeze=False))
+    for r, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            ax = axes[r, c]
+            ax.axis('off')
+            if column in row:
+                ax.imshow(row[column], interpolation='nearest')
+            if r == 0:
+                ax.set_title(column, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110)

@@ -168,7 +168,8 @@ LAYERS = {
     'spformer.pictures': (),
     'spformer.hub': ('spformer.models', 'spformer.kernels', 'spformer.pictures', *LEAVES),
     'spformer.eval': ('spformer.hub.checkpoint', 'spformer.pictures', *LEAVES),  # models only through loading
-    'spformer.training': ('spformer.models', 'spformer.kernels', 'spformer.hub', 'spformer.eval', *LEAVES),
+    'spformer.training': ('spformer.models', 'spformer.kernels', 'spformer.hub', 'spformer.eval', 'spformer.pictures',
+                          *LEAVES),
 }
 
 
@@ -231,5 +232,6 @@ def test_the_old_module_names_still_work():
         assert getattr(old_eval, name) is getattr(spformer.eval.cli if name == 'main' else spformer.eval, name), name
     for name in old_datasets.__all__:
         assert getattr(old_datasets, name) is getattr(spformer.eval.datasets, name), name
-    for name in spformer.pictures.__all__:  # the drawing functions at spformer.visualize, their old home
+    for name in ('superpixel_boundaries', 'tensor_to_image', 'stage_labels', 'save_superpixel_figure',
+                 'save_stages_figure', 'save_comparison_figure'):  # the drawing functions at their old home
         assert getattr(spformer.visualize, name) is getattr(spformer.pictures, name), name

@@ -359,3 +359,20 @@ def test_hugging_face_dataset_saved_to_disk_with_sliding_window_validation(scene
     assert results['inference'] == 'sliding window' and results['samples'] == 3
     assert list(results['iou']) == list(CITYSCAPES_CLASSES)
     assert [r['update'] for r in read_jsonl(out / 'metrics.jsonl') if r['kind'] == 'train'] == [1, 2]  # 12 / 4 per epoch
+
+
+def test_class_palette_is_one_set_of_distinct_colours():
+    """spformer.pictures.class_palette, used by the training pictures, the Hub card and the benchmark: Cityscapes'
+    own colours for its 19 classes (values from cityscapesscripts' labels.py, by hand), distinct colours for other
+    counts, black for the ignore label, and colourize looks them up."""
+    from spformer.pictures import class_palette, colourize
+    cityscapes = class_palette(19)
+    assert tuple(cityscapes[0]) == (128, 64, 128) and tuple(cityscapes[10]) == (70, 130, 180)  # road, sky
+    assert tuple(cityscapes[13]) == (0, 0, 142) and tuple(cityscapes[255]) == (0, 0, 0)  # car, ignore
+    for n in (2, 5, 20, 150, 300):
+        colours = class_palette(n)
+        assert colours.dtype == np.uint8 and len(colours) == max(256, n)
+        assert len({tuple(c) for c in colours[:n]}) == n, n  # distinguishable classes
+        assert np.array_equal(colours, class_palette(n))  # the same every call
+    labels = np.array([[0, 1], [255, 18]])
+    assert np.array_equal(colourize(labels, cityscapes), cityscapes[labels])

@@ -15,7 +15,7 @@ import ast
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import timm
@@ -28,6 +28,7 @@ from spformer.eval.datasets import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASS
 from spformer.eval.segmentation_metrics import ConfusionMatrix, iou_per_class, mean_iou, pixel_accuracy
 from spformer.kernels.functional import BACKENDS
 from spformer.models.sp_transformer import list_segmentation_models
+from spformer.pictures import class_palette, colourize, superpixel_boundaries
 from spformer.training.config import (ConfigError, add_accelerate_arguments, add_data_arguments,
                                       add_output_arguments)
 from spformer.training.rng import key_seed, rng_isolated
@@ -36,10 +37,6 @@ IGNORE_INDEX = 255
 LAYOUT_CLASSES = {'cityscapes': CITYSCAPES_CLASSES, 'ade20k': ADE20K_CLASSES, 'voc': VOC_CLASSES}
 DEFAULT_VAL_SPLITS = {'cityscapes': 'val', 'ade20k': 'validation', 'voc': 'val', 'folder': 'val'}
 DEFAULT_UPDATES = 60000
-# Cityscapes' colours of its 19 train ids (cityscapesscripts' labels.py).
-CITYSCAPES_PALETTE = ((128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-                      (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-                      (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 
 
 class LabelError(UserError):
@@ -580,41 +577,6 @@ def picture_rows(model: nn.Module, val_set: SegmentationSamples, count: int, arg
     return rows
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """(256, 3) uint8 colours of the class ids: Cityscapes' for 19 classes, fixed random ones otherwise; 255 black."""
-    colours = np.random.default_rng(0).integers(40, 256, (256, 3)).astype(np.uint8)
-    if num_classes == len(CITYSCAPES_PALETTE):
-        colours[:num_classes] = CITYSCAPES_PALETTE
-    colours[IGNORE_INDEX] = 0
-    return colours
-
-
-def colourize(label: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    return colours[np.clip(label, 0, 255)]
-
-
-def save_panels(path: Path, rows: List[Dict[str, np.ndarray]], title: Optional[str] = None) -> None:
-    """One PNG of RGB panels: a row per entry, a column per key (its title), e.g. image, ground truth,
-    prediction, superpixels (matplotlib is imported here only)."""
-    from matplotlib.figure import Figure
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    H, W = next(iter(rows[0].values())).shape[:2]
-    scale = 3.2 / W * 1.0
-    fig = Figure(figsize=(max(4, len(columns) * W * scale), len(rows) * H * scale + 0.6), layout='constrained')
-    axes = np.atleast_2d(fig.subplots(len(rows), len(columns), squeeze=False))
-    for r, row in enumerate(rows):
-        for c, column in enumerate(columns):
-            ax = axes[r, c]
-            ax.axis('off')
-            if column in row:
-                ax.imshow(row[column], interpolation='nearest')
-            if r == 0:
-                ax.set_title(column, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-
-
 def iou_table(results: Dict[str, Any]) -> str:
     """The per-class IoU of validate's results as a Markdown table, then mIoU and pixel accuracy."""
     lines = ['| class | IoU |', '|---|---:|']
@@ -624,16 +586,15 @@ def iou_table(results: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def prediction_panels(rows: List[Dict[str, np.ndarray]], num_classes: int,
-                      boundaries: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> List[Dict[str, np.ndarray]]:
-    """picture_rows as save_panels rows: image, ground truth, prediction (class colours) and the superpixels drawn
-    on the image by `boundaries` (spformer.pictures.superpixel_boundaries, passed by the script)."""
-    colours = palette(num_classes)
+def prediction_panels(rows: List[Dict[str, np.ndarray]], num_classes: int) -> List[Dict[str, np.ndarray]]:
+    """picture_rows as spformer.pictures.save_panels rows: image, ground truth, prediction (class colours) and the
+    superpixels drawn on the image."""
+    colours = class_palette(num_classes)
     out = []
     for row in rows:
         panel = {'image': row['image'], 'ground truth': colourize(row['label'], colours),
                  'prediction': colourize(row['prediction'], colours)}
         if row['superpixels'] is not None:
-            panel['superpixels'] = boundaries(row['image'], row['superpixels'])
+            panel['superpixels'] = superpixel_boundaries(row['image'], row['superpixels'])
         out.append(panel)
     return out
