@@ -608,3 +608,27 @@ def test_association_logits_are_not_rounded_to_bf16_under_autocast():
     finite = logits[torch.isfinite(logits)]
     assert logits.dtype == torch.float32 and parts.superpixels.dtype == torch.bfloat16  # autocast was on
     assert (finite.bfloat16().float() != finite).float().mean() > 0.9
+
+
+def test_speed_benchmark_runs_from_the_command_line(tmp_path):
+    """bench/sp_transformer_speed.py (the GPU check of .ci/gpu) the way a person runs it, in a fresh process: a CPU
+    smoke run prints one row per backend and kind with images/s = batch * 1000 / ms, and --device cuda on a
+    machine without CUDA stops with a one-line usage error instead of a traceback."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'bench' / 'sp_transformer_speed.py'
+    run = subprocess.run([sys.executable, str(script), '--device', 'cpu', '--model', 'sp_transformer_r18_cityscapes',
+                          '--size', '64', '128', '--batch-size', '2', '--dtype', 'float32', '--runs', '1',
+                          '--warmup', '0', '--backends', 'torch'], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith('| `sp_transformer_r18_cityscapes`')]
+    assert [r.split('|')[4].strip() for r in rows] == ['inference', 'training step']
+    for row in rows:
+        ms, per_s = (float(c) for c in row.split('|')[5:7])
+        assert ms > 0 and abs(per_s - 2000 / ms) <= 0.051 + 1e-3 * per_s
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and 'Traceback' not in run.stderr
+        assert re.search(r'--device cuda: no CUDA device here', run.stderr)
