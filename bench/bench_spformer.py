@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from model_table import machine_info, replace_between_markers  # bench/ is on sys.path when run as a script
+from model_table import machine_info, write_between_markers  # bench/ is on sys.path when run as a script
 
 
 def _peak_tensor_mb(step, *tracked) -> float:
@@ -378,10 +378,7 @@ def main(argv=None):
              f"{no_trim['infer'][spf]['ratio']:.2f}x, train-step throughput {no_trim['train'][spf]['ratio']:.2f}x "
              f"(interleaved, two threads); inference {cpu_no_trim[spf]['ratio']:.2f}x on one thread in CPU time")
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, '\n'.join(lines) + '\n', README_START, README_END))
+        write_between_markers(args.doc, '\n'.join(lines) + '\n', README_START, README_END)
         print(f'updated {args.doc}')
     if args.only == 'cuda' or (args.only is None and torch.cuda.is_available()):
         if not torch.cuda.is_available():

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import machine_info, replace_between_markers  # noqa: E402
+from model_table import machine_info, write_between_markers  # noqa: E402
 from spformer.kernels import superpixel_labels  # noqa: E402
 from spformer.sna import SimpleDenoiser  # noqa: E402
 
@@ -261,11 +261,8 @@ def main(argv=None):
     print()
     print(table)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, table, f'<!-- {args.marker}:start -->',
-                                            f'<!-- {args.marker}:end -->'))
+        write_between_markers(args.doc, table, f'<!-- {args.marker}:start -->',
+                                            f'<!-- {args.marker}:end -->')
         print(f'\nwrote the table into {args.doc}')
 
 

@@ -40,7 +40,7 @@ from timm.models.pvt_v2 import Attention as PvtAttention
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import machine_info, replace_between_markers  # noqa: E402
+from model_table import machine_info, write_between_markers  # noqa: E402
 import spformer  # noqa: E402,F401  (registers the hierarchy_pvt_v2_b0_* models)
 from spformer.layers import HierarchyAttention, hierarchy_attention_macs, linear_sra_macs, sra_macs  # noqa: E402
 
@@ -304,11 +304,8 @@ def main(argv=None):
     print()
     print(table)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, table, f'<!-- {args.marker}:start -->',
-                                            f'<!-- {args.marker}:end -->'))
+        write_between_markers(args.doc, table, f'<!-- {args.marker}:start -->',
+                                            f'<!-- {args.marker}:end -->')
         print(f'\nwrote the tables into {args.doc}')
 
 

@@ -75,6 +75,15 @@ def replace_between_markers(text: str, content: str, start: str = START, end: st
     return text[:i] + '\n' + content.strip('\n') + '\n' + text[j:]
 
 
+def write_between_markers(path: str, content: str, start: str = START, end: str = END) -> None:
+    """Rewrite what lies between the marker lines of the page at ``path`` (:func:`replace_between_markers`): the
+    new text is made before the file is opened for writing, so a page without its markers is left as it was."""
+    with open(path) as f:
+        text = replace_between_markers(f.read(), content, start, end)
+    with open(path, 'w') as f:
+        f.write(text)
+
+
 def machine_info(threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -223,10 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(block)
     print(f'({time.perf_counter() - start:.0f} s)', file=sys.stderr)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, block))
+        write_between_markers(args.doc, block)
         print(f'updated {args.doc}', file=sys.stderr)
     return 0
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import machine_info, replace_between_markers  # noqa: E402
+from model_table import machine_info, write_between_markers  # noqa: E402
 import timm  # noqa: E402
 from spformer.eval.datasets import CITYSCAPES_CLASSES, open_dataset  # noqa: E402
 from spformer.eval.metrics import achievable_segmentation_accuracy, boundary_map, boundary_recall  # noqa: E402
@@ -161,10 +161,7 @@ def main(argv=None):
         panels.append(panel)
     save_panels(out / 'segmentation_scenes.png', panels)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, table, f'<!-- {args.marker}:start -->', f'<!-- {args.marker}:end -->'))
+        write_between_markers(args.doc, table, f'<!-- {args.marker}:start -->', f'<!-- {args.marker}:end -->')
         save_panels(ROOT / PICTURE, panels)
         print(f'\nwrote the table into {args.doc} and the picture {PICTURE}')
 

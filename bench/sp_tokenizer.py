@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import git_revision, machine_info, replace_between_markers  # noqa: E402
+from model_table import git_revision, machine_info, write_between_markers  # noqa: E402
 from spformer.kernels import NEIGHBOR_OFFSETS, image_to_cells, native_pixel_layout, pixel_attention, \
     superpixel_attention  # noqa: E402
 from spformer.models.sp_transformer import SPTransformer, TokenizerLayer  # noqa: E402
@@ -444,10 +444,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(block)
     print(f'({elapsed:.0f} s)', file=sys.stderr)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, block, START, END))
+        write_between_markers(args.doc, block, START, END)
         print(f'updated {args.doc}', file=sys.stderr)
     return 0
 

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import git_revision, machine_info, replace_between_markers  # noqa: E402
+from model_table import git_revision, machine_info, write_between_markers  # noqa: E402
 import spformer  # noqa: E402,F401  (registers the models)
 from spformer.demo import count_macs  # noqa: E402
 from spformer.models.sp_transformer import SEGMENTATION_CONFIGS  # noqa: E402
@@ -314,8 +314,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         'to set beside ours). Δ = ours / paper - 1. The tokenizer column: the width of the MLPs on the tokenizer\'s '
         'two paths (`tokenizer_mlp_ratio`), which the paper does not give: `default` is the registered '
         'configuration (ratio 1), `MLP ratio 4` the blocks\' ratio, `no MLP` attention only.',
-        f'- Table III: the grid is changed through the cell size (the pixel features stay at stride 8, '
-        f'128x256); `superpixels` at 1024x2048. 253 G is the paper\'s main model (32x64, 2 layers) and 404 G '
+        '- Table III: the grid is changed through the cell size (the pixel features stay at stride 8, '
+        '128x256); `superpixels` at 1024x2048. 253 G is the paper\'s main model (32x64, 2 layers) and 404 G '
         f'its largest grid. (†) The paper\'s text was not at hand here (only its abstract could be read), so '
         f'which of 234 and 240 G is the 16x32 grid and which the single tokenizer layer is not known here; '
         f'either order (Δ for ' + ' / '.join(VARIANTS) + f'): {fits[0]}; or {fits[1]}. Here the 16x32 grid saves '
@@ -341,10 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(block)
     print(f'({elapsed:.0f} s)', file=sys.stderr)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, block, START, END))
+        write_between_markers(args.doc, block, START, END)
         print(f'updated {args.doc}', file=sys.stderr)
     return 0
 

@@ -32,7 +32,7 @@ import timm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model_table import git_revision, machine_info, replace_between_markers  # noqa: E402
+from model_table import git_revision, machine_info, write_between_markers  # noqa: E402
 import spformer  # noqa: E402,F401  (registers the models)
 from spformer.models.sp_transformer import topk_cross_entropy  # noqa: E402
 
@@ -153,10 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ])
     print(block)
     if args.doc:
-        with open(args.doc) as f:
-            text = f.read()
-        with open(args.doc, 'w') as f:
-            f.write(replace_between_markers(text, block, START, END))
+        write_between_markers(args.doc, block, START, END)
         print(f'updated {args.doc}', file=sys.stderr)
     return 0
 

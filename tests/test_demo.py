@@ -77,6 +77,20 @@ def test_readme_table_replacement():
         mt.replace_between_markers(f'{mt.END}\n{mt.START}\n', 'x')
 
 
+def test_writing_a_table_into_a_page_without_markers_leaves_the_page_alone(tmp_path):
+    """The benchmarks' --doc writer: the page is read, the text made, and only then the file opened for writing
+    (opening first would truncate the page before the missing markers are noticed)."""
+    mt = _load_model_table()
+    page = tmp_path / 'page.md'
+    page.write_text('# a page someone wrote\n\nno markers\n')
+    with pytest.raises(ValueError, match='exactly once'):
+        mt.write_between_markers(str(page), '| a |')
+    assert page.read_text() == '# a page someone wrote\n\nno markers\n'
+    page.write_text(f'x\n{mt.START}\nold\n{mt.END}\n')
+    mt.write_between_markers(str(page), '| a |')
+    assert page.read_text() == f'x\n{mt.START}\n| a |\n{mt.END}\n'
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors a user can fix: one line naming the file or argument, before the model is built
 # ---------------------------------------------------------------------------------------------

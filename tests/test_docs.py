@@ -196,7 +196,7 @@ def table_scripts(root: Path = ROOT) -> Dict[str, dict]:
     scripts = {}
     for script in sorted((root / 'bench').glob('*.py')):
         source = script.read_text(encoding='utf-8')
-        if not re.search(r'\breplace_between_markers\(\s*text\b', source):
+        if not re.search(r'\bwrite_between_markers\(', source):
             continue  # does not write a page
         page = re.search(r"^DOC_PAGE\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
         literal = {n for n, _ in _MARKER.findall(source)}
@@ -393,7 +393,7 @@ def test_checker_catches_misplaced_tables(tmp_path):
     (tmp_path / 'bench').mkdir()
     (tmp_path / 'bench' / 'table.py').write_text(
         "DOC_PAGE = 'docs/guide.md'\nSTART = '<!-- tab:start -->'\n"
-        "def main():\n    text = ''\n    replace_between_markers(text, 'x')\n", encoding='utf-8')
+        "def main():\n    text = ''\n    write_between_markers('page.md', 'x')\n", encoding='utf-8')
     block = '<!-- tab:start -->\n- Command: `python bench/table.py --doc`\n<!-- tab:end -->\n'
     # Where the script writes: clean.
     root = _planted_repo(tmp_path, GOOD_README, {'guide.md': GOOD_GUIDE + block})
