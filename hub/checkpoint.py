@@ -25,7 +25,7 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -36,7 +36,7 @@ from spformer.models.pretrained import (
 
 __all__ = [
     'CheckpointFolder', 'read_checkpoint_folder', 'load_checkpoint_folder', 'load_safetensors_checkpoint',
-    'spformer_variant', 'CONFIG_NAME', 'WEIGHTS_NAME', 'EMA_WEIGHTS_NAME', 'TRAIN_CONFIG_NAME', 'RESULTS_NAME',
+    'spformer_variant', 'our_variant', 'OUR_FAMILIES', 'CONFIG_NAME', 'WEIGHTS_NAME', 'EMA_WEIGHTS_NAME', 'TRAIN_CONFIG_NAME', 'RESULTS_NAME',
     'PICKLE_PATTERNS', 'hub_http_client', 'WeightsChoice', 'choose_weights', 'load_model', 'LoadedModel',
     'ModelReferenceError', 'checkpoint_tensor_info', 'CheckpointTensors', 'weights_source',
 ]
@@ -51,16 +51,31 @@ PICKLE_PATTERNS = ('*.bin', '*.pth', '*.pt', '*.pth.tar', '*.ckpt', '*.pkl', '*.
 PathLike = Union[str, pathlib.Path]
 
 
-def spformer_variant(name: str, argument: str = 'model_name') -> str:
-    """``name`` without its pretrained tag, checked to be a registered SPFormer variant."""
+# The model families of this library, by the prefix of their registered timm names: their factories read a weights
+# file's head size and token grid themselves, and spformer.hub publishes them.
+OUR_FAMILIES = {'spformer_': 'SPFormer', 'sp_transformer_': 'SP-Transformer'}
+
+
+def our_variant(name: Any, argument: str = 'model_name', families: Sequence[str] = tuple(OUR_FAMILIES),
+                why: str = '') -> str:
+    """``name`` without its pretrained tag, checked to be a registered variant of ``families`` (prefixes of
+    :data:`OUR_FAMILIES`); the error names ``argument``, the families, ``why`` and the registered names."""
     import timm
     if not isinstance(name, str):
         raise TypeError(f'{argument} must be a model name string, got {type(name).__name__}')
     variant = name.split('.')[0]
-    names = timm.list_models('spformer_*')
-    if variant not in names:
-        raise ValueError(f'{argument}={name!r} is not an SPFormer variant; expected one of: {", ".join(names)}')
+    registered = {prefix: timm.list_models(f'{prefix}*') for prefix in families}
+    if not any(variant in names for names in registered.values()):
+        nouns = [f'{OUR_FAMILIES[prefix]} variant' for prefix in families]
+        expected = '; '.join(f'{OUR_FAMILIES[prefix]} variants: {", ".join(names)}'
+                             for prefix, names in registered.items())
+        raise ValueError(f'{argument}={name!r} is not an {" nor an ".join(nouns)}{why}; expected one of the {expected}')
     return variant
+
+
+def spformer_variant(name: str, argument: str = 'model_name') -> str:
+    """``name`` without its pretrained tag, checked to be a registered SPFormer variant."""
+    return our_variant(name, argument, families=('spformer_',))
 
 
 @dataclass(frozen=True)
@@ -217,12 +232,13 @@ def load_safetensors_checkpoint(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> torch.nn.Module:
-    """Load a bare ``.safetensors`` state dict into ``model_name``.
+    """Load a bare ``.safetensors`` state dict into ``model_name``, an SPFormer or SP-Transformer variant.
 
     ``num_classes`` defaults to the checkpoint's classifier (0 without one) and ``img_size`` to the
-    one its position embeddings were made for (square token grids), so the weights load unchanged
-    instead of having their head dropped or position embeddings resampled. Tensors made for another
-    variant are refused by the model's ``checkpoint_filter_fn``, naming both.
+    one its token grid was made for (SPFormer's position embeddings, SP-Transformer's superpixel queries),
+    so the weights load unchanged instead of having their head dropped or their grid resampled; the
+    construction arguments come from a ``config.json`` beside the file that names ``model_name``. Tensors
+    made for another variant are refused by the model's ``checkpoint_filter_fn``, naming both.
     """
     import timm
     path = pathlib.Path(path)
@@ -230,8 +246,8 @@ def load_safetensors_checkpoint(
         raise ValueError(f'checkpoint {str(path)!r} must be a .safetensors file (pickled weights are never loaded)')
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {str(path)!r} is not a file')
-    variant = spformer_variant(model_name)
-    # The SPFormer factory takes num_classes and img_size from the file when they are not given.
+    variant = our_variant(model_name)
+    # Our factories take num_classes and img_size from the file when they are not given.
     for key, value in (('num_classes', num_classes), ('img_size', img_size)):
         if value is not None:
             kwargs[key] = value

@@ -22,7 +22,7 @@ from spformer.models.pretrained import unwrapped_key
 
 from .card import (FAMILIES, FAMILY_NOUNS, PICTURE_NAME, ModelFamily, _load_image, model_card, model_family,
                    resolve_datasets, save_superpixel_picture)
-from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, read_checkpoint_folder
+from .checkpoint import CONFIG_NAME, PICKLE_PATTERNS, WEIGHTS_NAME, load_model, our_variant, read_checkpoint_folder
 
 __all__ = ['save_pretrained', 'push_to_hub', 'save_config', 'unwrap_model', 'clean_state_dict', 'PUBLISHED_FILES',
            'publishable_variant']
@@ -82,14 +82,7 @@ def _check_publishable(model: Any) -> Tuple[nn.Module, ModelFamily]:
 def publishable_variant(name: Any, argument: str = 'model_name') -> str:
     """``name`` without its pretrained tag, checked to be a registered model of a published family: an SPFormer
     classifier (``spformer_*``) or an SP-Transformer segmenter (``sp_transformer_*``)."""
-    if not isinstance(name, str):
-        raise TypeError(f'{argument} must be a model name string, got {type(name).__name__}')
-    if model_family(name) is None:
-        import timm
-        expected = '; '.join(f'{f.noun}s: {", ".join(timm.list_models(f"{f.prefix}*"))}' for f in FAMILIES)
-        raise ValueError(f'{argument}={name!r} is not an SPFormer variant nor an SP-Transformer variant (spformer.hub '
-                         f'publishes {" and ".join(f.noun + "s" for f in FAMILIES)}); expected one of the {expected}')
-    return name.split('.')[0]
+    return our_variant(name, argument, why=f' (spformer.hub publishes {" and ".join(f.noun + "s" for f in FAMILIES)})')
 
 
 def _check_label_names(label_names, num_classes: int):

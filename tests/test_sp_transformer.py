@@ -571,6 +571,13 @@ def test_a_weights_file_loads_through_timm_as_it_was_saved(tmp_path):
         bigger = timm.create_model('sp_transformer_r18_cityscapes', pretrained=True, pretrained_cfg_overlay=overlay,
                                    img_size=(128, 256)).eval()
         assert bigger.grid_size == (4, 8) and bigger.pretrained_cfg['input_size'] == (3, 128, 256)
+        # spformer.hub's loader of a bare file takes segmenters too (the config.json beside it still applies)
+        from spformer.hub import load_safetensors_checkpoint
+        loaded = load_safetensors_checkpoint(tmp_path / 'model.safetensors', 'sp_transformer_r18_cityscapes').eval()
+        torch.testing.assert_close(loaded(x), want)
+    with pytest.raises(ValueError, match=r"model_name='resnet18' is not an SPFormer variant nor an SP-Transformer "
+                                         r"variant; expected one of the SPFormer variants: .*SP-Transformer variants: "):
+        load_safetensors_checkpoint(tmp_path / 'model.safetensors', 'resnet18')
 
 
 def test_parameter_groups_run_from_input_to_output():
