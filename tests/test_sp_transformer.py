@@ -389,7 +389,8 @@ def test_bad_inputs_are_named(tmp_path):
         model(torch.randn(1, 1, 64, 128))
     with pytest.raises(ValueError, match="backbone must be the name of a timm model.*got 'resnet_nope'"):
         _tiny(backbone='resnet_nope')
-    with pytest.raises(ValueError, match=r"backbone='spformer_small_sp32_224' has feature levels at strides \[8, 32"):
+    with pytest.raises(ValueError, match=r"backbone='spformer_small_sp32_224' has feature levels at strides "
+                                         r"\[8, 16, 32, 64\]"):
         _tiny(backbone='spformer_small_sp32_224')
     for name in ('weights.pth', 'weights.pt', 'weights.bin', 'weights.ckpt', 'weights.pkl'):
         (tmp_path / name).write_bytes(b'not read')
@@ -639,3 +640,27 @@ def test_speed_benchmark_runs_from_the_command_line(tmp_path):
         run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
         assert run.returncode == 2 and 'Traceback' not in run.stderr
         assert re.search(r'--device cuda: no CUDA device here', run.stderr)
+
+
+
+def test_an_spformer_backbone_feeds_its_feature_pyramid():
+    """backbone='spformer_tiny_sp16_224' (the issue's "and SPFormer itself"): the segmenter reads the pyramid's levels
+    of strides 4, 8 and 32, which equal SPFormer's own forward_pyramid levels 0, 1 and 3 with the same weights;
+    other input sizes work with dynamic_img_size, and gradients reach the SPFormer's parameters."""
+    torch.manual_seed(0)
+    model = _tiny(backbone='spformer_tiny_sp16_224', backbone_kwargs=dict(dynamic_img_size=True))
+    assert model.backbone.feature_info.reduction() == [4, 8, 32]
+    spformer_model = timm.create_model('spformer_tiny_sp16_224', dynamic_img_size=True).eval()
+    missing, unexpected = spformer_model.load_state_dict(model.backbone.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(('head', 'fc_norm')) for k in missing), (missing, unexpected)
+    model.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        want = spformer_model.forward_pyramid(x)
+        got = model.backbone(x)
+    for level, (g, w) in enumerate(zip(got, (want[0], want[1], want[3]))):
+        torch.testing.assert_close(g, w, msg=f'level {level}')
+    model.train()
+    model(torch.randn(1, 3, 96, 128)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.backbone.named_parameters()
+               if 'stages.2' in n and n.endswith('weight')), 'no gradient in the last SPFormer stage'

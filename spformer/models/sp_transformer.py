@@ -73,29 +73,30 @@ def _check_backbone_name(backbone) -> str:
     return backbone
 
 
-def _backbone_reductions(backbone: str, **kwargs) -> List[int]:
-    """The strides of every feature level of a timm model (its ``feature_info``), read from a build on the
-    meta device (no memory, no init)."""
+def _backbone_features(backbone: str, **kwargs) -> Tuple[List[int], Dict[str, Any]]:
+    """The strides of the feature levels of ``timm.create_model(backbone, features_only=True, **kwargs)`` (what
+    the segmenter builds), read from a build on the meta device (no memory, no init); and the kwargs that keep
+    those levels when ``out_indices`` is given too: SPFormer's feature pyramid (strides 4, 8, 16, 32) is its
+    ``features_only`` default only without ``out_indices``, so it is asked for by name (``feature_pyramid``)."""
     try:
         with torch.device('meta'):
-            model = timm.create_model(backbone, pretrained=False, **kwargs)
-        info = model.feature_info
-        return [int(level['reduction']) for level in info] if isinstance(info, list) else list(info.reduction())
-    except Exception:  # a model that cannot be built on meta, or keeps no feature_info: ask its feature wrapper
-        model = timm.create_model(backbone, pretrained=False, features_only=True, **kwargs)
-        return list(model.feature_info.reduction())
+            features = timm.create_model(backbone, pretrained=False, features_only=True, **kwargs)
+    except Exception:  # a model that cannot be built on meta
+        features = timm.create_model(backbone, pretrained=False, features_only=True, **kwargs)
+    pyramid = getattr(getattr(features, 'model', None), 'feature_pyramid', False) is True
+    return list(features.feature_info.reduction()), (dict(feature_pyramid=True) if pyramid else {})
 
 
 def backbone_levels(backbone: str, reductions: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
     """The ``feature_info`` indices SPTransformer reads from ``backbone``: the levels of strides 2 (or 4
     where there is no stride-2 level), 8 and 32 (the deepest level of each stride when several share it).
 
-    Raises a ValueError naming ``backbone`` and its strides where one is missing (e.g. SPFormer, whose
-    pixel stream and superpixel tokens are at strides 4 and 16, or 8 and 32 for its /32 variants).
+    Raises a ValueError naming ``backbone`` and its strides where one is missing (e.g. the /32 SPFormers,
+    whose feature pyramid is at strides 8, 16, 32 and 64).
     """
     _check_backbone_name(backbone)
     if reductions is None:
-        reductions = _backbone_reductions(backbone)
+        reductions = _backbone_features(backbone)[0]
     last = {r: i for i, r in enumerate(reductions)}  # the deepest level of each stride
     fine = last.get(2, last.get(4))
     if fine is None or 8 not in last or 32 not in last:
@@ -340,8 +341,10 @@ class SPTransformer(nn.Module):
     (so that they are compared on the same inputs).
 
     Backbones: any timm model with feature levels at strides 2 or 4, 8 and 32 (``backbone_levels``):
-    ResNets, ConvNeXts, ... SPFormer cannot serve: its feature levels are the pixel stream and the
-    superpixel tokens (strides 4 and 16, or 8 and 32 for the /32 variants), never 2 or 4, 8 and 32.
+    ResNets, ConvNeXts, ..., and the /16 SPFormers through their feature pyramid (strides 4, 8, 16, 32: the
+    pixel stream, the superpixel tokens and two levels made from them; pass ``backbone_kwargs=
+    dict(dynamic_img_size=True)`` or the ``img_size`` for inputs other than 224x224). The /32 and /56
+    SPFormers have no level finer than stride 8 and are refused.
     """
 
     def __init__(
@@ -435,10 +438,12 @@ class SPTransformer(nn.Module):
         _check_backbone_name(backbone)
         weights = _backbone_weights(backbone_pretrained)
         backbone_kwargs = dict(backbone_kwargs or {})
-        out_indices = backbone_levels(backbone, _backbone_reductions(backbone, in_chans=in_chans, **backbone_kwargs))
+        reductions, keep_levels = _backbone_features(backbone, in_chans=in_chans, **backbone_kwargs)
+        out_indices = backbone_levels(backbone, reductions)
         self.backbone_name = backbone
         self.backbone = timm.create_model(backbone, features_only=True, out_indices=out_indices, in_chans=in_chans,
-                                          **weights, **{k: v for k, v in dd.items() if v is not None}, **backbone_kwargs)
+                                          **weights, **{k: v for k, v in dd.items() if v is not None},
+                                          **dict(keep_levels, **backbone_kwargs))
         reductions = list(self.backbone.feature_info.reduction())
         self.neck = HypercolumnNeck(self.backbone.feature_info.channels(), reductions, neck_dim, pixel_stride, **dd)
 
