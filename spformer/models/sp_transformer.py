@@ -332,8 +332,8 @@ class SPTransformer(nn.Module):
       ``bench/sp_transformer_figures.py`` prints all three ratios.
     - Association: single head, q = Linear(LN(P) + e_p), k = Linear(LN(S) + e_s) of the tokenizer's outputs,
       logits scaled by neck_dim^-0.5; computed in (at least) float32 from there on.
-    - Blocks: timm ViT ``Block`` (qkv bias, GELU MLP, no LayerScale), ``block_heads`` = 8 (head dim 32 at
-      256 channels), stochastic depth rising linearly over tokenizer layers and blocks to ``drop_path_rate``.
+    - Blocks: timm ViT ``Block`` (qkv bias, GELU MLP, no LayerScale), ``block_heads`` = 4 as in the paper (head
+      dim 64 at 256 channels), stochastic depth rising linearly over tokenizer layers and blocks to ``drop_path_rate``.
     - Hard superpixels: argmax of the upsampled association logits, the own cell's raised by
       ``spformer.kernels.OWN_CELL_MARGIN`` (near-ties go to the own cell), as SPFormer draws them.
 
@@ -362,7 +362,7 @@ class SPTransformer(nn.Module):
             tokenizer_layers: int = 2,
             tokenizer_heads: int = 2,
             num_blocks: int = 4,
-            block_heads: int = 8,
+            block_heads: int = 4,
             mlp_ratio: float = 4.,
             tokenizer_mlp_ratio: float = 1.,
             drop_rate: float = 0.,
