@@ -13,12 +13,14 @@ of the ground truth's, pooled over the images); and, for the superpixel model, i
 boundary recall and achievable segmentation accuracy (spformer.eval.metrics) beside the fixed grid of the
 same cells (the superpixels' initial grid: the token stride's squares).
 
-    python bench/segmentation_scenes.py              # about 10-15 min on 2 CPU cores
+    python bench/segmentation_scenes.py              # about 20 min on 2 CPU cores
     python bench/segmentation_scenes.py --doc        # also write the table into docs/segmentation.md (DOC_PAGE)
                                                      # and the picture docs/segmentation_scenes.png
 """
 import argparse
 import json
+import shlex
+import shutil
 import os
 import subprocess
 import sys
@@ -51,13 +53,13 @@ def main(argv=None):
     p.add_argument('--val-images', type=int, default=40)
     p.add_argument('--size', type=int, nargs=2, default=[128, 256], help='H W of the scenes')
     p.add_argument('--crop-size', type=int, nargs=2, default=[96, 192], help='training crops')
-    p.add_argument('--updates', type=int, default=400)
-    p.add_argument('--warmup-updates', type=int, default=40)
+    p.add_argument('--updates', type=int, default=1200)
+    p.add_argument('--warmup-updates', type=int, default=120)
     p.add_argument('--batch-size', type=int, default=4)
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--backbone-lr-scale', type=float, default=1.0,
                    help="the backbone's lr factor (1: it starts from a random init here, not from ImageNet weights)")
-    p.add_argument('--model-kwargs', default='pixel_stride=4 cell_size=4 neck_dim=128 num_blocks=2 block_heads=4 '
+    p.add_argument('--model-kwargs', default='pixel_stride=4 cell_size=2 neck_dim=128 num_blocks=2 block_heads=4 '
                                              'img_size=(96,192)')
     p.add_argument('--threads', type=int, default=1,
                    help='intra-op threads (default 1: with other jobs on the cores, more threads spin and stall)')
@@ -69,8 +71,7 @@ def main(argv=None):
                         f'where it lives) and the picture to {PICTURE}')
     p.add_argument('--marker', default='segmentation-scenes', help='marker name in the page')
     args = p.parse_args(argv)
-    command = 'python bench/segmentation_scenes.py' + ''.join(
-        f' {a}' for a in (argv if argv is not None else sys.argv[1:]))
+    command = shlex.join(['python', 'bench/segmentation_scenes.py', *(argv if argv is not None else sys.argv[1:])])
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     scenes = out / f'scenes_{args.size[0]}x{args.size[1]}_seed{args.seed}'
@@ -79,26 +80,25 @@ def main(argv=None):
             write_street_scenes(str(scenes), n, args.size, seed=args.seed, split=split)
 
     t_start = time.time()
-    seconds = {}
+    seconds, fresh = {}, set()  # fresh: trained by this invocation (a finished run is reused)
     for head in args.heads:
         run = out / f'run_{head}'
         t0 = time.time()
-        cmd = [sys.executable, str(ROOT / 'train_segmentation.py'), '--data-dir', str(scenes), '--layout', 'cityscapes',
-               '--model', 'sp_transformer_r18_cityscapes', '--backbone-pretrained', 'none', '--decoder', head,
-               '--model-kwargs', args.model_kwargs, '--crop-size', *map(str, args.crop_size),
-               '--batch-size', str(args.batch_size), '--updates', str(args.updates),
-               '--warmup-updates', str(args.warmup_updates), '--lr', str(args.lr),
-               '--backbone-lr-scale', str(args.backbone_lr_scale), '--seed', str(args.seed), '--workers', '1',
-               '--eval-every', '0', '--checkpoint-every', '0', '--picture-images', '2', '--log-interval', '25',
+        flags = training_flags(args, head)
+        cmd = [sys.executable, str(ROOT / 'train_segmentation.py'), '--data-dir', str(scenes), *flags,
                '--output', str(run)]
         timing = run / 'bench_training_seconds.json'
-        if not timing.is_file():  # (a finished run is not trained again: delete --out to start over)
+        recorded = json.loads(timing.read_text()) if timing.is_file() else None
+        # A finished run is reused only when it was trained with these flags; otherwise it is trained again.
+        if not (isinstance(recorded, dict) and recorded.get('flags') == flags):
+            shutil.rmtree(run, ignore_errors=True)
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE='1')
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f'{" ".join(cmd)}\nexited {proc.returncode}\n{proc.stderr[-4000:]}')
-            timing.write_text(json.dumps(time.time() - t0))
-        seconds[head] = json.loads(timing.read_text())
+            timing.write_text(json.dumps(dict(seconds=time.time() - t0, flags=flags)))
+            fresh.add(head)
+        seconds[head] = json.loads(timing.read_text())['seconds']
         print(f'{head}: trained in {seconds[head] / 60:.1f} min', flush=True)
 
     dataset = open_dataset(str(scenes), 'cityscapes', 'val')
@@ -109,7 +109,7 @@ def main(argv=None):
         scores[head]['params'] = sum(p.numel() for p in model.parameters())
         scores[head]['train_min'] = seconds[head] / 60
         grid = model.token_stride
-    elapsed = time.time() - t_start
+    evaluation = time.time() - t_start - sum(s for h, s in seconds.items() if h in fresh)
 
     lines = ['| head | params | mIoU | pixel acc. | boundary F (2 px) | boundary P / R | training (min) |',
              '|---|---:|---:|---:|---:|---:|---:|']
@@ -133,7 +133,8 @@ def main(argv=None):
                                                  for h in args.heads) + ' |')
     lines += ['', '</details>']
     notes = [
-        f'Command: `{command}` ({elapsed / 60:.0f} min).',
+        f'Command: `{command}` ({(sum(seconds.values()) + evaluation) / 60:.0f} min: training '
+        + ' + '.join(f'{seconds[h] / 60:.1f}' for h in args.heads) + f', evaluation {evaluation / 60:.1f}).',
         f'Machine: {machine_info(args.threads)}; 1-min load average {os.getloadavg()[0]:.1f} at the end (a load above '
         'the core count means other jobs shared the cores and the training minutes are rough).',
         f'Data: {args.train_images} training and {args.val_images} held-out validation scenes of '
@@ -157,13 +158,24 @@ def main(argv=None):
         for head in args.heads:
             panel[HEADS[head].split(' (')[0]] = colourize(row[head], colours)
         if 'superpixels' in row:
-            panel['learned superpixels'] = superpixel_boundaries(row['image'], row['superpixels'])
+            panel['learned superpixels'] = superpixel_boundaries(row['image'], row['superpixels'], scale=4)
         panels.append(panel)
     save_panels(out / 'segmentation_scenes.png', panels)
     if args.doc:
         write_between_markers(args.doc, table, f'<!-- {args.marker}:start -->', f'<!-- {args.marker}:end -->')
         save_panels(ROOT / PICTURE, panels)
         print(f'\nwrote the table into {args.doc} and the picture {PICTURE}')
+
+
+def training_flags(args, head: str) -> list:
+    """train_segmentation.py's flags for one head, but for where the data and the run are: what a run depends on
+    (a finished run whose recorded flags differ is trained again)."""
+    return ['--layout', 'cityscapes', '--model', 'sp_transformer_r18_cityscapes', '--backbone-pretrained', 'none',
+            '--decoder', head, '--model-kwargs', args.model_kwargs, '--crop-size', *map(str, args.crop_size),
+            '--batch-size', str(args.batch_size), '--updates', str(args.updates),
+            '--warmup-updates', str(args.warmup_updates), '--lr', str(args.lr),
+            '--backbone-lr-scale', str(args.backbone_lr_scale), '--seed', str(args.seed), '--workers', '1',
+            '--eval-every', '0', '--checkpoint-every', '0', '--picture-images', '2', '--log-interval', '25']
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ def superpixel_boundaries(
         labels: np.ndarray,
         color: Tuple[float, float, float] = (1.0, 1.0, 0.0),
         mode: str = 'inner',
+        scale: int = 1,
 ) -> np.ndarray:
     """Draw the boundaries of a label map onto an image.
 
@@ -43,16 +44,23 @@ def superpixel_boundaries(
         labels: (H, W) integer label map (e.g. ``forward_superpixels(x)[i]['labels'][b]``).
         color: RGB boundary colour in [0, 1].
         mode: boundary mode of :func:`skimage.segmentation.find_boundaries`.
+        scale: draw on the image and labels enlarged this many times (nearest): the lines stay 1-2 output
+            pixels wide, so small superpixels of a small image still show their insides.
 
     Returns:
-        (H, W, 3) uint8 image with the boundaries drawn.
+        (H * scale, W * scale, 3) uint8 image with the boundaries drawn.
     """
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f'scale must be an int >= 1, got {scale!r}')
     image = np.asarray(image)
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f'image must be (H, W, 3) RGB, got shape {image.shape}')
     if labels.shape != image.shape[:2]:
         raise ValueError(f'labels {labels.shape} must have the image size {image.shape[:2]}')
+    if scale > 1:
+        image = image.repeat(scale, 0).repeat(scale, 1)
+        labels = labels.repeat(scale, 0).repeat(scale, 1)
     drawn = mark_boundaries(image, labels, color=color, mode=mode)  # float in [0, 1]
     return (drawn * 255).round().clip(0, 255).astype(np.uint8)
 

@@ -63,6 +63,16 @@ def test_superpixel_boundaries_marks_label_edges():
     red = (drawn[..., 0] == 255) & (drawn[..., 1] == 0)
     assert red[:, 3:5].any(axis=1).all()  # a boundary in every row, between the two labels
     assert not red[:, :3].any() and not red[:, 5:].any()
+    # scale=4: drawn on the 4x nearest enlargement, the line as thin in output pixels (one pixel per row, beside
+    # x = 16), the rest of the enlarged image untouched; a bad scale is named
+    image[2, 1] = (10, 200, 30)
+    big = superpixel_boundaries(image, labels, color=(1, 0, 0), scale=4)
+    assert big.shape == (32, 32, 3)
+    red = (big[..., 0] == 255) & (big[..., 1] == 0)
+    assert red[:, 15:17].any(axis=1).all() and red.sum() == 32
+    assert (big[8:12, 4:8] == (10, 200, 30)).all()
+    with pytest.raises(ValueError, match='scale must be an int >= 1, got 0'):
+        superpixel_boundaries(image, labels, scale=0)
 
 
 def test_readme_table_replacement():

@@ -595,6 +595,8 @@ def prediction_panels(rows: List[Dict[str, np.ndarray]], num_classes: int) -> Li
         panel = {'image': row['image'], 'ground truth': colourize(row['label'], colours),
                  'prediction': colourize(row['prediction'], colours)}
         if row['superpixels'] is not None:
-            panel['superpixels'] = superpixel_boundaries(row['image'], row['superpixels'])
+            # drawn enlarged so that the lines stay thin beside the insides of small superpixels
+            scale = max(1, -(-512 // row['image'].shape[1]))
+            panel['superpixels'] = superpixel_boundaries(row['image'], row['superpixels'], scale=scale)
         out.append(panel)
     return out
