@@ -1,7 +1,7 @@
 """Mutation check: plant plausible single bugs, one at a time, and see which the test suite catches.
 
     python bench/mutations.py                      # every mutation, each against its area's tests
-    python bench/mutations.py --area metrics       # one area (model, training, metrics, readers, hub, images)
+    python bench/mutations.py --area metrics       # one area (model, training, metrics, readers, hub, images, segmentation)
     python bench/mutations.py --only model-pos-embed-twice --full   # against the whole default suite
     python bench/mutations.py --only ID --tests tests/test_hier.py   # a quick check against chosen tests
     python bench/mutations.py --list               # the catalogue, without running anything
@@ -59,6 +59,7 @@ AREAS: Dict[str, List[str]] = {
     'readers': ['tests/test_datasets.py', 'tests/test_superpixel_eval.py', 'tests/test_images.py'],
     'images': ['tests/test_images.py', 'tests/test_datasets.py'],
     'hub': ['tests/test_hub.py', 'tests/test_walkthrough.py'],
+    'segmentation': ['tests/test_sp_transformer.py', 'tests/test_train_segmentation.py', 'tests/test_hub_segmentation.py'],
 }
 
 MODEL = 'spformer/models/spformer.py'
@@ -70,6 +71,7 @@ PRETRAINED = 'spformer/models/pretrained.py'
 IMAGES = 'spformer/images.py'
 CHECKPOINT = 'hub/checkpoint.py'
 TRAIN = 'train_imagenet.py'
+SEGMENTER = 'spformer/models/sp_transformer.py'
 
 MUTATIONS: List[Mutation] = [
     # ---- model wiring ------------------------------------------------------------------------------------
@@ -297,8 +299,8 @@ MUTATIONS: List[Mutation] = [
              "a config.json describing another head size is trusted for the file next to it"),
 
     Mutation('hub-pretrained-tag-kept', 'hub', CHECKPOINT,
-             "    variant = name.split('.')[0]\n    names = timm.list_models('spformer_*')",
-             "    variant = name\n    names = timm.list_models('spformer_*')",
+             "    variant = name.split('.')[0]\n    registered = {prefix:",
+             "    variant = name\n    registered = {prefix:",
              "a model name with a pretrained tag (spformer_small_sp16_224.TAG) is not recognised as its variant"),
     Mutation('hub-recorded-choice-inverted', 'hub', CHECKPOINT,
              "                return WeightsChoice(recorded == 'ema', reason",
@@ -328,6 +330,40 @@ MUTATIONS: List[Mutation] = [
              '    if len(label_names) != num_classes:',
              '    if False:',
              'label names of another length than the head are published'),
+    # SP-Transformer (issue 22 and its review)
+    Mutation('seg-topk-per-batch', 'segmentation', SEGMENTER,
+             '    loss = loss.masked_fill(~valid, -1.0).flatten(1)',
+             '    loss = loss.masked_fill(~valid, -1.0).flatten()[None]',
+             "the top-20 % pixels are chosen over the whole batch, not per image (deeplab2's rule)"),
+    Mutation('seg-miou-absent-class-as-zero', 'segmentation', 'spformer/eval/segmentation_metrics.py',
+             '    return tp / (c.sum(0) + c.sum(1) - tp)',
+             '    return (tp / (c.sum(0) + c.sum(1) - tp)).nan_to_num(0.0)',
+             'a class absent from ground truth and prediction counts as IoU 0 in the mIoU'),
+    Mutation('seg-association-rounded-under-autocast', 'segmentation', SEGMENTER,
+             '        with autocast_disabled(q.device.type):\n            logits = superpixel_association(',
+             '        with torch.autocast(q.device.type, dtype=torch.bfloat16, enabled=torch.is_autocast_enabled('
+             'q.device.type)):\n            logits = superpixel_association(',
+             'the association logits are computed under the caller\'s bf16 autocast (rounded to bf16)'),
+    Mutation('seg-groups-interleaved', 'segmentation', SEGMENTER,
+             "            tokenizer=rf'^tokenizer\\.{index}',\n            blocks=rf'^blocks\\.{index}',",
+             "            blocks=[(rf'^tokenizer\\.{index}', (1,)), (rf'^blocks\\.{index}', (3,))],",
+             'layer-decay groups interleave tokenizer layers and blocks (the original group_matcher)'),
+    Mutation('seg-spformer-pyramid-lost', 'segmentation', SEGMENTER,
+             "(dict(feature_pyramid=True) if pyramid else {})",
+             "{}",
+             "an SPFormer backbone built with out_indices loses its feature pyramid (levels of the wrong strides)"),
+    Mutation('seg-tokenizer-mlp-default-4', 'segmentation', SEGMENTER,
+             '            tokenizer_mlp_ratio: float = 1.,',
+             '            tokenizer_mlp_ratio: float = 4.,',
+             "the tokenizer MLPs' default width changes without the documented sizes"),
+    Mutation('seg-weights-file-grid-ignored', 'segmentation', PRETRAINED,
+             '        grid = (queries[1], queries[2])',
+             '        grid = None',
+             "an SP-Transformer weights file loaded through timm gets the registered input size, its queries resampled"),
+    Mutation('seg-palette-ignore-coloured', 'segmentation', 'spformer/pictures.py',
+             '        colours[255] = IGNORE_COLOUR',
+             '        pass',
+             'the ignore label (255) is drawn in a class-like colour'),
     # ---- training ------------------------------------------------------------------------------------------
     Mutation('training-issue20-lr-per-epoch', 'training', TRAIN,
              '            scheduler.step_update(num_updates=state.update)',

@@ -289,7 +289,8 @@ def test_other_models_are_refused_naming_both_families(fake_hub, tmp_path):  # n
     file = tmp_path / 'vit.safetensors'
     safetensors.torch.save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(file))
     with pytest.raises(ValueError, match=r"model_name='test_vit' is not an SPFormer variant nor an SP-Transformer "
-                                         r"variant .*SPFormer classifiers: spformer_.*SP-Transformer segmenters: "
+                                         r"variant \(spformer.hub publishes SPFormer classifiers and SP-Transformer segmenters\); expected one of "
+                                         r"the SPFormer variants: spformer_.*SP-Transformer variants: "
                                          rf".*{MODEL}"):
         push_to_hub(file, 'o/n', model_name='test_vit', token=TOKEN)
     with pytest.raises(SystemExit, match="model_name='resnet18' is not an SPFormer variant nor an SP-Transformer"):
