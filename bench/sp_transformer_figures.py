@@ -4,7 +4,8 @@
     python bench/sp_transformer_figures.py --doc    # also write them into docs/segmentation.md (DOC_PAGE)
 
 Every registered ``sp_transformer_*`` configuration at its reference input (1024x2048 for the Cityscapes
-ones, 640x640 for ADE20K), the ResNet-50 and ConvNeXt-L Cityscapes models also with the tokenizer's MLPs at
+ones, 640x640 for ADE20K), the three with published sizes (ResNet-50 and ConvNeXt-L Cityscapes, ResNet-50
+ADE20K) also with the tokenizer's MLPs at
 the blocks' ratio 4 and without them (``tokenizer_mlp_ratio`` 4 and 0, beside the default 1: the paper does not
 give their width, and these show how its sizes bound it), and the paper's Table III ablation (ResNet-50,
 1024x2048: 16x32 / 32x64 / 64x128 superpixels, 1 or 2 tokenizer layers) for the three.
@@ -44,10 +45,12 @@ END = '<!-- sp-transformer-figures:end -->'
 DOC_PAGE = 'docs/segmentation.md'  # where the tables live, relative to the repository root (--doc writes there)
 
 # The paper's figures (Zhu, Mei et al., "Superpixel Transformers for Efficient Semantic Segmentation", IROS 2023):
-# (params in M, G multiply-accumulates) of the Cityscapes models at 1024x2048.
+# (params in M, G multiply-accumulates) of the Cityscapes models at 1024x2048 and of the ResNet-50 ADE20K model (at
+# its 640x640 crops, the input size these counts take for it).
 PAPER = {
     'sp_transformer_r50_cityscapes': (29, 253),
     'sp_transformer_convnext_large_cityscapes': (202, 1557),
+    'sp_transformer_r50_ade20k': (29, 78),
 }
 # Table III (ResNet-50, Cityscapes, 1024x2048): (superpixel grid, tokenizer layers) -> G. 253 G is the main model
 # (32x64, 2 layers) and 404 G the largest grid; which of 234 and 240 G is the 16x32 grid and which the single
@@ -310,8 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{convention[0]['macs'][(1024, 2048)] / 1e9:.0f} GMACs = {2 * convention[0]['macs'][(1024, 2048)] / 1e9:.0f} "
         'GFLOPs at 1024x2048, more than the paper\'s 253 G for the whole model if these were FLOPs (and '
         '4.1 GMACs at 224x224 is the figure usually quoted as ResNet-50\'s "4.1 GFLOPs").',
-        '- Paper columns: copied from the paper, not measured (it gives no ADE20K or small-backbone figures '
-        'to set beside ours). Δ = ours / paper - 1. The tokenizer column: the width of the MLPs on the tokenizer\'s '
+        '- Paper columns: copied from the paper, not measured (it gives no ConvNeXt-L ADE20K or small-backbone '
+        'figures to set beside ours; its ADE20K input size is taken to be the 640x640 crop). Δ = ours / paper - 1. The tokenizer column: the width of the MLPs on the tokenizer\'s '
         'two paths (`tokenizer_mlp_ratio`), which the paper does not give: `default` is the registered '
         'configuration (ratio 1), `MLP ratio 4` the blocks\' ratio, `no MLP` attention only.',
         '- Table III: the grid is changed through the cell size (the pixel features stay at stride 8, '
