@@ -4,11 +4,11 @@
     python bench/sp_transformer_figures.py --doc    # also write them into docs/segmentation.md (DOC_PAGE)
 
 Every registered ``sp_transformer_*`` configuration at its reference input (1024x2048 for the Cityscapes
-ones, 640x640 for ADE20K), the three with published sizes (ResNet-50 and ConvNeXt-L Cityscapes, ResNet-50
-ADE20K) also with the tokenizer's MLPs at
-the blocks' ratio 4 and without them (``tokenizer_mlp_ratio`` 4 and 0, beside the default 1: the paper does not
-give their width, and these show how its sizes bound it), and the paper's Table III ablation (ResNet-50,
-1024x2048: 16x32 / 32x64 / 64x128 superpixels, 1 or 2 tokenizer layers) for the three.
+ones, 640x640 for ADE20K); the three with published sizes (ResNet-50 and ConvNeXt-L Cityscapes, ResNet-50
+ADE20K) also with the tokenizer's MLPs at the blocks' ratio 4 and without them (``tokenizer_mlp_ratio`` 4 and 0,
+beside the default 1: the paper does not give their width, and these show how its sizes bound it); and the
+paper's Table III ablation (ResNet-50, 1024x2048: 16x32 / 32x64 / 64x128 superpixels, 1 or 2 tokenizer layers)
+for the three widths.
 
 Counting: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2 = multiply-accumulates (GMACs), batch 1,
 inference, attention on the math SDPA backend: the convention of ``spformer.demo.count_macs`` and the
