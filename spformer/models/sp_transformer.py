@@ -33,6 +33,7 @@ Model names: ``sp_transformer_{backbone}_{dataset}`` (:data:`SEGMENTATION_CONFIG
 :func:`topk_cross_entropy`; mIoU is in :mod:`spformer.eval.segmentation_metrics`.
 """
 import os
+from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -45,7 +46,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, resample_abs_pos_embed, trun
 from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from spformer.kernels import NEIGHBOR_OFFSETS, OWN_CELL_MARGIN, cells_to_image, image_to_cells, native_pixel_layout, \
     pixel_attention, superpixel_association, superpixel_attention, superpixel_labels, upsample_association
@@ -477,17 +478,11 @@ class SPTransformer(nn.Module):
             self.head = nn.Linear(C, num_classes, **dd)
             for p in (self.sp_queries, self.sp_pos_embed, self.sp_pos_periodic, self.pixel_pos_periodic):
                 trunc_normal_(p, std=.02)
-        # Only the decoder's layers: the backbone keeps its own init (or its pretrained weights).
+        # Only the decoder's layers: the backbone keeps its own init (or its pretrained weights). timm's ViT init
+        # (Linear: truncated normal 0.02, zero bias); the other layers keep PyTorch's (needs_reset=False).
         for name, module in self.named_children():
             if name != 'backbone':
-                module.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+                module.apply(partial(init_weights_vit_timm, needs_reset=False))
 
     # --- timm / training interface -----------------------------------------------------------------
 
