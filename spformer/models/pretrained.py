@@ -12,6 +12,7 @@
 This module imports no model: the model file (:mod:`spformer.models.spformer`) passes its class and
 checkpoint filter in, and the Hub tools build on it, so the data flows one way (models -> hub).
 """
+import inspect
 import json
 import math
 import os
@@ -79,7 +80,7 @@ def _checkpoint_file(cfg: Dict[str, Any]) -> Optional[str]:
     return file
 
 
-def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any],
+def _fit_to_checkpoint(model_cls: type, variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any],
                        defaults: Dict[str, Any]) -> Dict[str, Any]:
     """kwargs for a model that takes a local ``.safetensors`` file as it is, each unless given: the construction
     arguments of the ``config.json`` beside it when that describes this variant (as timm's ``local-dir:`` loader
@@ -87,7 +88,7 @@ def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]
     input size its token grid was made for (``img_size``: SPFormer's position embeddings, SP-Transformer's
     superpixel queries; a given one resamples them); and the cfg that tells timm the checkpoint's head size (else
     timm loads a head of another size and fails). ``defaults`` are the registered configuration's arguments:
-    the file's override them, the caller's override both."""
+    the file's override them, the caller's override both; ``model_cls``'s own defaults fill in the rest."""
     file = _checkpoint_file(cfg)
     if file is None or not file.endswith('.safetensors'):
         return kwargs
@@ -99,13 +100,12 @@ def _fit_to_checkpoint(variant: str, cfg: Dict[str, Any], kwargs: Dict[str, Any]
     for key, value in info.model_args_for(variant).items():
         kwargs.setdefault(key, value)
     kwargs.setdefault('num_classes', info.num_classes)
-    args = dict(defaults, **kwargs)
+    signature = inspect.signature(model_cls).parameters
+    args = {**{k: p.default for k, p in signature.items() if p.default is not p.empty}, **defaults, **kwargs}
     made_for = None
     if info.grid is not None:
-        if 'sp_queries' in info.shapes:  # SP-Transformer: token stride = pixel stride x cell
-            stride = args.get('pixel_stride', 8) * args.get('cell_size', 4)
-        else:  # SPFormer
-            stride = args.get('stem_stride', 4) * args.get('cell_size', 4)
+        # token stride: SP-Transformer's pixel stride x cell, SPFormer's stem stride x cell
+        stride = args['pixel_stride' if 'sp_queries' in info.shapes else 'stem_stride'] * args['cell_size']
         made_for = (info.grid[0] * stride, info.grid[1] * stride)
         kwargs.setdefault('img_size', made_for)
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
@@ -154,7 +154,7 @@ def build_model_with_weights(model_cls: type, variant: str, pretrained: bool, pr
             raise PretrainedWeightsUnavailable(
                 f'pretrained=True: no weights are published for {name} yet (see the model table in README.md). '
                 + _how_to_load_your_own(variant))
-        kwargs = _fit_to_checkpoint(variant, cfg, kwargs, defaults or {})
+        kwargs = _fit_to_checkpoint(model_cls, variant, cfg, kwargs, defaults or {})
     kwargs = dict(defaults or {}, **kwargs)
     try:
         model = build_model_with_cfg(
