@@ -19,6 +19,17 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 
 
+def script_env(**overrides) -> dict:
+    """The environment of a training script run in a fresh process by a test: this one, with one intra-op thread,
+    the Hub offline, unbuffered output, and none of the scripts' test hooks (SPFORMER_TRAIN_TEST_*) unless
+    ``overrides`` set them (values as strings)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    env.pop('SPFORMER_TRAIN_TEST_KILL_AT', None)
+    env.pop('SPFORMER_TRAIN_TEST_DUMP', None)
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
 TRITON_NO_DEVICE = 'TRITON_INTERPRET is not 1 and there is no CUDA device to run the Triton kernels on'
 
 

@@ -1,6 +1,5 @@
 """train_imagenet.py on CPU: learning, exact resume, crash safety, two processes, datasets, export, errors."""
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -17,6 +16,8 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+
+from conftest import script_env
 
 CLASSES = ('red_circle', 'green_square', 'blue_triangle', 'yellow_bar')
 
@@ -63,11 +64,7 @@ MODEL = 'spformer_tiny_sp16_224'
 
 
 def run_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS='1', TRITON_INTERPRET='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
-    env.pop('SPFORMER_TRAIN_TEST_KILL_AT', None)
-    env.pop('SPFORMER_TRAIN_TEST_DUMP', None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return script_env(**{'TRITON_INTERPRET': '1', **extra})
 
 
 def run(cmd, env=None, timeout=240, expect_rc=0) -> subprocess.CompletedProcess:

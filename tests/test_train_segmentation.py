@@ -2,7 +2,6 @@
 schedule, whole-image and sliding-window inference, paired augmentation, bad input, a Hugging Face dataset."""
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import script_env
 from spformer.eval.datasets import CITYSCAPES_CLASSES, open_dataset
 from spformer.eval.street_scenes import render_street_scene, street_scenes_hf, write_street_scenes
 from spformer.training.segmentation import (PairedAugment, SegmentationSamples, param_groups, predict_sliding,
@@ -28,11 +28,7 @@ UPDATES, WARMUP = 8, 3
 
 
 def run_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', PYTHONUNBUFFERED='1')
-    env.pop('SPFORMER_TRAIN_TEST_KILL_AT', None)
-    env.pop('SPFORMER_TRAIN_TEST_DUMP', None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return script_env(**{'HF_DATASETS_OFFLINE': '1', **extra})
 
 
 def run(args, env=None, expect_rc=0, timeout=300) -> subprocess.CompletedProcess:
