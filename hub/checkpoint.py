@@ -452,18 +452,19 @@ def _close_models(name: str) -> str:
 
 
 def _file_kwargs(name: str, info: CheckpointTensors, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """create_model kwargs that load ``info.path``: the file; unless given, the construction arguments
-    (``model_args``) of the config.json beside it that describes it (a segmenter's neck or decoder, ...), and for
-    timm models other than ours (whose factories read the file themselves: its head size, the input its token
-    grid was made for, its config's arguments) its head size."""
+    """create_model kwargs that load ``info.path``: the file; and for timm models other than ours, unless given,
+    the construction arguments (``model_args``) of the config.json beside it that describes it and its head size.
+    Our factories read all of that from the file themselves (``spformer.models.pretrained``), with the input
+    size its token grid was made for."""
     import timm
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(info.path))
     kwargs = dict(kwargs, pretrained_cfg_overlay=overlay)
+    if name.startswith(tuple(OUR_FAMILIES)):
+        return kwargs
     for key, value in info.model_args_for(name.split('.')[0]).items():
         kwargs.setdefault(key, value)
     cfg = timm.models.get_pretrained_cfg(name)
     classifier = cfg.classifier if cfg is not None else None
-    if not name.startswith('spformer_') and 'num_classes' not in kwargs and isinstance(classifier, str) \
-            and f'{classifier}.weight' in info.shapes:
+    if 'num_classes' not in kwargs and isinstance(classifier, str) and f'{classifier}.weight' in info.shapes:
         kwargs['num_classes'] = overlay['num_classes'] = info.shapes[f'{classifier}.weight'][0]
     return kwargs

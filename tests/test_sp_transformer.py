@@ -563,11 +563,13 @@ def test_a_weights_file_loads_through_timm_as_it_was_saved(tmp_path):
         assert loaded.pretrained_cfg['input_size'] == (3, 64, 128)
         torch.testing.assert_close(loaded(x), want)
         # with the config.json beside it: nothing to repeat
-        save_config(saved, tmp_path / 'config.json')
+        written = save_config(saved, tmp_path / 'config.json')
         loaded = timm.create_model('sp_transformer_r18_cityscapes', pretrained=True,
                                    pretrained_cfg_overlay=overlay).eval()
         assert (loaded.neck_dim, loaded.num_classes, loaded.img_size) == (32, 5, (64, 128))
         torch.testing.assert_close(loaded(x), want)
+        # and it remembers how it was built: saved again, its config.json rebuilds the same architecture
+        assert save_config(loaded, tmp_path / 'again.json')['model_args'] == written['model_args']
         # a given input size resamples the queries to its grid
         bigger = timm.create_model('sp_transformer_r18_cityscapes', pretrained=True, pretrained_cfg_overlay=overlay,
                                    img_size=(128, 256)).eval()

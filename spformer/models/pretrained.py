@@ -154,7 +154,11 @@ def build_model_with_weights(model_cls: type, variant: str, pretrained: bool, pr
             raise PretrainedWeightsUnavailable(
                 f'pretrained=True: no weights are published for {name} yet (see the model table in README.md). '
                 + _how_to_load_your_own(variant))
+        given = kwargs
         kwargs = _fit_to_checkpoint(model_cls, variant, cfg, kwargs, defaults or {})
+        from_file = {k: v for k, v in kwargs.items() if k not in given and k != 'pretrained_cfg_overlay'}
+    else:
+        from_file = {}
     kwargs = dict(defaults or {}, **kwargs)
     try:
         model = build_model_with_cfg(
@@ -164,6 +168,10 @@ def build_model_with_weights(model_cls: type, variant: str, pretrained: bool, pr
         if not pretrained:
             raise
         raise _weights_unavailable(variant, cfg, e) from e
+    if from_file:
+        # timm records the create_model arguments to rebuild the model (config.json's model_args when it is saved
+        # again); the arguments taken from the weights file and its config.json belong there too
+        model._model_args = {**getattr(model, '_model_args', {}), **from_file}
     _describe_built_model(model)
     return model
 
